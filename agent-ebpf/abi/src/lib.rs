@@ -1,0 +1,113 @@
+//! The map ABI shared by the eBPF datapath (`agent-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]` plain old data with explicit padding, so the kernel side and
+//! user space agree on the layout byte for byte. Nothing else belongs in this crate.
+#![no_std]
+
+/// Largest number of CIDR entries per trie (and of ports, which live in a bitmap anyway).
+pub const MAX_CIDRS: u32 = 65_536;
+/// Control-plane endpoints that a fault must never match (invariant: the agent never cuts its
+/// own control channel).
+pub const MAX_EXCLUDED: u32 = 64;
+/// One bit per port: 65,536 bits.
+pub const PORT_BITMAP_WORDS: usize = 2048;
+
+/// `Rule::probability_*` are fractions of 2^32: 0 never, `PROBABILITY_ONE` always.
+pub const PROBABILITY_ONE: u64 = 1 << 32;
+
+pub const ACTION_DROP: u32 = 1;
+pub const ACTION_CORRUPT: u32 = 2;
+
+/// The rule has remote CIDRs: a packet matches only if its remote address is in the trie of its
+/// family (an empty trie for the other family then matches nothing).
+pub const MATCH_REMOTE: u32 = 1 << 0;
+/// The rule has local CIDRs, likewise.
+pub const MATCH_LOCAL: u32 = 1 << 1;
+/// The rule has ports: a packet matches if its source or destination port is in the bitmap.
+pub const MATCH_PORTS: u32 = 1 << 2;
+
+pub const PROTO_ALL: u32 = 0;
+pub const PROTO_TCP: u32 = 6;
+pub const PROTO_UDP: u32 = 17;
+/// ICMP for IPv4 and ICMPv6 for IPv6.
+pub const PROTO_ICMP: u32 = 1;
+
+/// What one loaded fault does. Index 0 of the `RULE` array.
+///
+/// Whether a matched packet is affected follows a two-state Markov chain (the simple
+/// Gilbert model): after an affected packet the chance is `probability_after_hit`, otherwise
+/// `probability_after_miss`. Independent loss sets both to p; correlation c gives
+/// `p + c(1-p)` and `p(1-c)`, which keeps the mean at p with lag-1 correlation c.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub action: u32,
+    pub match_flags: u32,
+    pub protocol: u32,
+    /// Offset of the IP header in the frame: 14 on Ethernet, 0 on L3 devices (tun, wireguard).
+    pub l3_offset: u32,
+    pub probability_after_hit: u64,
+    pub probability_after_miss: u64,
+}
+
+/// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    pub seen: u64,
+    pub matched: u64,
+    pub affected: u64,
+    /// 1 if the last matched packet on this CPU was affected.
+    pub last_affected: u64,
+}
+
+/// Ports as a bitmap so a lookup costs the same for one port or a range of 65,536.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PortBitmap {
+    pub words: [u32; PORT_BITMAP_WORDS],
+}
+
+impl PortBitmap {
+    pub const fn empty() -> Self {
+        Self { words: [0; PORT_BITMAP_WORDS] }
+    }
+
+    pub fn set_range(&mut self, first: u16, last: u16) {
+        let mut p = first as u32;
+        while p <= last as u32 {
+            self.words[(p >> 5) as usize] |= 1 << (p & 31);
+            p += 1;
+        }
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        let word = (port >> 5) as usize & (PORT_BITMAP_WORDS - 1);
+        self.words[word] & (1 << (port & 31)) != 0
+    }
+}
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// An address and port excluded from every fault (the agent's control traffic). IPv4 addresses
+/// use the first four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all four are repr(C) with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::PortBitmap {}
+    unsafe impl aya::Pod for super::Endpoint {}
+}

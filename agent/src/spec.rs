@@ -1,0 +1,444 @@
+//! What a fault is, independent of how it is applied: kind, target, duration. Parsing and
+//! validation of user input live here, once, for the CLI and the gRPC boundary alike.
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Bad input: names the field and the rule it broke. Printed as one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {rule}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub rule: String,
+}
+
+pub fn invalid(field: &'static str, rule: impl Into<String>) -> InvalidInput {
+    InvalidInput { field, rule: rule.into() }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Drop `percent` of matched packets; `correlation` (percent) makes losses bursty.
+    Loss { percent: f64, correlation: f64 },
+    /// Flip one payload bit in `percent` of matched packets.
+    Corrupt { percent: f64 },
+    /// Drop every matched packet.
+    Partition,
+}
+
+impl FaultKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultKind::Loss { .. } => "loss",
+            FaultKind::Corrupt { .. } => "corrupt",
+            FaultKind::Partition => "partition",
+        }
+    }
+}
+
+/// Which network namespace the target interface lives in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetnsRef {
+    /// The caller's own namespace (only when asked for explicitly, by giving no netns flag).
+    Current,
+    /// A netns file: `/run/netns/NAME` for a name, or any path given.
+    Path(PathBuf),
+    /// The namespace of a process.
+    Pid(u32),
+}
+
+impl NetnsRef {
+    /// `NAME` means `/run/netns/NAME`; anything with a `/` is a path.
+    pub fn named(name_or_path: &str) -> Result<Self, InvalidInput> {
+        if name_or_path.is_empty() {
+            return Err(invalid("--netns", "must be a name or a path"));
+        }
+        if name_or_path.contains('/') {
+            Ok(NetnsRef::Path(PathBuf::from(name_or_path)))
+        } else {
+            Ok(NetnsRef::Path(PathBuf::from("/run/netns").join(name_or_path)))
+        }
+    }
+
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            NetnsRef::Current => None,
+            NetnsRef::Path(p) => Some(p.clone()),
+            NetnsRef::Pid(pid) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetnsRef::Current => write!(f, "current netns"),
+            NetnsRef::Path(p) => write!(f, "netns {}", p.display()),
+            NetnsRef::Pid(pid) => write!(f, "netns of pid {pid}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = InvalidInput;
+    /// `10.0.0.0/8`, `fd00::/64`, or a bare address (a /32 or /128). Host bits must be zero,
+    /// so a typo like `10.0.0.1/8` is caught rather than silently widened.
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        let bad = || format!("`{s}` is not a CIDR (e.g. 10.0.0.0/24 or fd00::/64)");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| invalid("CIDR", bad()))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                invalid("CIDR", format!("prefix of `{s}` must be between 0 and {max}"))
+            })?,
+            None => max,
+        };
+        let cidr = Cidr { addr, prefix };
+        if cidr.network_bytes() != cidr.addr_bytes() {
+            return Err(invalid("CIDR", format!("`{s}` has host bits set beyond /{prefix}")));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    pub fn addr_bytes(&self) -> Vec<u8> {
+        match self.addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+
+    fn network_bytes(&self) -> Vec<u8> {
+        let mut b = self.addr_bytes();
+        for (i, byte) in b.iter_mut().enumerate() {
+            let keep = (self.prefix as usize).saturating_sub(i * 8).min(8);
+            *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+        }
+        b
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        let port = |p: &str| {
+            p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                invalid("--port", format!("`{s}` must be a port 1-65535 or a range A-B"))
+            })
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(invalid("--port", format!("range `{s}` must be ascending")));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    All,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl FromStr for Protocol {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "" | "all" => Ok(Protocol::All),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            _ => Err(invalid("--protocol", format!("`{s}` must be one of tcp, udp, icmp, all"))),
+        }
+    }
+}
+
+/// Relative to the target interface: egress is traffic leaving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Egress,
+    Ingress,
+    Both,
+}
+
+impl Direction {
+    pub fn egress(self) -> bool {
+        matches!(self, Direction::Egress | Direction::Both)
+    }
+    pub fn ingress(self) -> bool {
+        matches!(self, Direction::Ingress | Direction::Both)
+    }
+}
+
+impl FromStr for Direction {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "" | "egress" => Ok(Direction::Egress),
+            "ingress" => Ok(Direction::Ingress),
+            "both" => Ok(Direction::Both),
+            _ => Err(invalid("--direction", format!("`{s}` must be egress, ingress or both"))),
+        }
+    }
+}
+
+/// Which packets a fault touches. `remote` CIDRs are the far end (the destination of egress
+/// packets, the source of ingress ones), `local` the near end, so `--dest X --direction both`
+/// cuts X off in both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub netns: NetnsRef,
+    pub interface: String,
+    pub remote: Vec<Cidr>,
+    pub local: Vec<Cidr>,
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultSpec {
+    pub kind: FaultKind,
+    pub target: Target,
+    #[serde(with = "duration_ms")]
+    pub duration: Duration,
+}
+
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+impl FaultSpec {
+    /// Checks everything that can be checked without the kernel.
+    pub fn validate(&self, max_duration: Duration) -> Result<(), InvalidInput> {
+        let percent = |field: &'static str, p: f64| {
+            if p.is_finite() && (0.0..=100.0).contains(&p) {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("must be between 0 and 100 (got {p})")))
+            }
+        };
+        match self.kind {
+            FaultKind::Loss { percent: p, correlation } => {
+                percent("--percent", p)?;
+                percent("--correlation", correlation)?;
+            }
+            FaultKind::Corrupt { percent: p } => percent("--percent", p)?,
+            FaultKind::Partition => {}
+        }
+        let iface = &self.target.interface;
+        if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
+            return Err(invalid("--interface", format!("`{iface}` is not an interface name")));
+        }
+        if let NetnsRef::Pid(0) = self.target.netns {
+            return Err(invalid("--pid", "must be a process id greater than 0"));
+        }
+        if self.duration.is_zero() {
+            return Err(invalid("--duration", "must be greater than 0"));
+        }
+        if self.duration > max_duration {
+            return Err(invalid(
+                "--duration",
+                format!(
+                    "must be at most {} (the agent's maximum; got {})",
+                    format_duration(max_duration),
+                    format_duration(self.duration)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1m30s`. A bare number is refused: its unit is a guess.
+pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
+    let bad = || invalid("--duration", format!("`{s}` must look like 30s, 5m, 1h30m or 500ms"));
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Parses repeated CIDR flags, naming the flag in errors.
+pub fn parse_cidrs(field: &'static str, values: &[String]) -> Result<Vec<Cidr>, InvalidInput> {
+    values
+        .iter()
+        .map(|v| v.parse::<Cidr>().map_err(|e| InvalidInput { field, rule: e.rule }))
+        .collect()
+}
+
+pub fn parse_ports(values: &[String]) -> Result<Vec<PortRange>, InvalidInput> {
+    values.iter().map(|v| v.parse()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().prefix, 8);
+        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().prefix, 32);
+        assert_eq!("fd00:213::/64".parse::<Cidr>().unwrap().prefix, 64);
+        assert!("10.0.0.1/8".parse::<Cidr>().is_err(), "host bits");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        assert!("banana".parse::<Cidr>().is_err());
+        let e = parse_cidrs("--dest", &["1.2.3.4/40".into()]).unwrap_err();
+        assert_eq!(e.field, "--dest");
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!("80".parse::<PortRange>().unwrap(), PortRange { first: 80, last: 80 });
+        assert_eq!("1-65535".parse::<PortRange>().unwrap(), PortRange { first: 1, last: 65535 });
+        assert!("0".parse::<PortRange>().is_err());
+        assert!("65536".parse::<PortRange>().is_err());
+        assert!("90-80".parse::<PortRange>().is_err());
+        assert!("http".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        for bad in ["", "30", "s", "1x", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    fn spec(kind: FaultKind, duration: Duration) -> FaultSpec {
+        FaultSpec {
+            kind,
+            target: Target {
+                netns: NetnsRef::Current,
+                interface: "veth0".into(),
+                remote: vec![],
+                local: vec![],
+                ports: vec![],
+                protocol: Protocol::All,
+                direction: Direction::Egress,
+            },
+            duration,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let max = DEFAULT_MAX_DURATION;
+        let s = spec(FaultKind::Loss { percent: 150.0, correlation: 0.0 }, DEFAULT_DURATION);
+        assert_eq!(s.validate(max).unwrap_err().field, "--percent");
+        let s = spec(FaultKind::Loss { percent: 10.0, correlation: -1.0 }, DEFAULT_DURATION);
+        assert_eq!(s.validate(max).unwrap_err().field, "--correlation");
+        let s = spec(FaultKind::Corrupt { percent: f64::NAN }, DEFAULT_DURATION);
+        assert_eq!(s.validate(max).unwrap_err().field, "--percent");
+        let s = spec(FaultKind::Partition, Duration::ZERO);
+        assert_eq!(s.validate(max).unwrap_err().field, "--duration");
+        let s = spec(FaultKind::Partition, max + Duration::from_secs(1));
+        assert_eq!(s.validate(max).unwrap_err().field, "--duration");
+        assert!(spec(FaultKind::Partition, max).validate(max).is_ok());
+        let mut s = spec(FaultKind::Partition, DEFAULT_DURATION);
+        s.target.interface = "a-very-long-interface-name".into();
+        assert_eq!(s.validate(max).unwrap_err().field, "--interface");
+    }
+
+    #[test]
+    fn netns_names() {
+        assert_eq!(NetnsRef::named("a").unwrap(), NetnsRef::Path("/run/netns/a".into()));
+        assert_eq!(NetnsRef::named("/x/y").unwrap(), NetnsRef::Path("/x/y".into()));
+    }
+}
