@@ -1,1 +1,13 @@
+//! The chaos fault engine, used in-process by `chaosctl --local` and served by the `chaos-agent`
+//! daemon. See ARCHITECTURE.md for the map.
+pub mod caps;
+pub mod datapath;
+pub mod engine;
+pub mod journal;
+pub mod netlink;
+pub mod netns;
+pub mod server;
+pub mod spec;
 
+pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};
+pub use spec::{FaultKind, FaultSpec, InvalidInput, Target};

@@ -16,7 +16,10 @@ pub struct InvalidInput {
 }
 
 pub fn invalid(field: &'static str, rule: impl Into<String>) -> InvalidInput {
-    InvalidInput { field, rule: rule.into() }
+    InvalidInput {
+        field,
+        rule: rule.into(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,7 +64,9 @@ impl NetnsRef {
         if name_or_path.contains('/') {
             Ok(NetnsRef::Path(PathBuf::from(name_or_path)))
         } else {
-            Ok(NetnsRef::Path(PathBuf::from("/run/netns").join(name_or_path)))
+            Ok(NetnsRef::Path(
+                PathBuf::from("/run/netns").join(name_or_path),
+            ))
         }
     }
 
@@ -104,13 +109,19 @@ impl FromStr for Cidr {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                invalid("CIDR", format!("prefix of `{s}` must be between 0 and {max}"))
+                invalid(
+                    "CIDR",
+                    format!("prefix of `{s}` must be between 0 and {max}"),
+                )
             })?,
             None => max,
         };
         let cidr = Cidr { addr, prefix };
         if cidr.network_bytes() != cidr.addr_bytes() {
-            return Err(invalid("CIDR", format!("`{s}` has host bits set beyond /{prefix}")));
+            return Err(invalid(
+                "CIDR",
+                format!("`{s}` has host bits set beyond /{prefix}"),
+            ));
         }
         Ok(cidr)
     }
@@ -150,9 +161,16 @@ impl FromStr for PortRange {
     type Err = InvalidInput;
     fn from_str(s: &str) -> Result<Self, InvalidInput> {
         let port = |p: &str| {
-            p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                invalid("--port", format!("`{s}` must be a port 1-65535 or a range A-B"))
-            })
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "--port",
+                        format!("`{s}` must be a port 1-65535 or a range A-B"),
+                    )
+                })
         };
         let (first, last) = match s.split_once('-') {
             Some((a, b)) => (port(a)?, port(b)?),
@@ -193,7 +211,10 @@ impl FromStr for Protocol {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
             "icmp" => Ok(Protocol::Icmp),
-            _ => Err(invalid("--protocol", format!("`{s}` must be one of tcp, udp, icmp, all"))),
+            _ => Err(invalid(
+                "--protocol",
+                format!("`{s}` must be one of tcp, udp, icmp, all"),
+            )),
         }
     }
 }
@@ -224,7 +245,10 @@ impl FromStr for Direction {
             "" | "egress" => Ok(Direction::Egress),
             "ingress" => Ok(Direction::Ingress),
             "both" => Ok(Direction::Both),
-            _ => Err(invalid("--direction", format!("`{s}` must be egress, ingress or both"))),
+            _ => Err(invalid(
+                "--direction",
+                format!("`{s}` must be egress, ingress or both"),
+            )),
         }
     }
 }
@@ -261,11 +285,17 @@ impl FaultSpec {
             if p.is_finite() && (0.0..=100.0).contains(&p) {
                 Ok(())
             } else {
-                Err(invalid(field, format!("must be between 0 and 100 (got {p})")))
+                Err(invalid(
+                    field,
+                    format!("must be between 0 and 100 (got {p})"),
+                ))
             }
         };
         match self.kind {
-            FaultKind::Loss { percent: p, correlation } => {
+            FaultKind::Loss {
+                percent: p,
+                correlation,
+            } => {
                 percent("--percent", p)?;
                 percent("--correlation", correlation)?;
             }
@@ -274,7 +304,10 @@ impl FaultSpec {
         }
         let iface = &self.target.interface;
         if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
-            return Err(invalid("--interface", format!("`{iface}` is not an interface name")));
+            return Err(invalid(
+                "--interface",
+                format!("`{iface}` is not an interface name"),
+            ));
         }
         if let NetnsRef::Pid(0) = self.target.netns {
             return Err(invalid("--pid", "must be a process id greater than 0"));
@@ -298,7 +331,12 @@ impl FaultSpec {
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, `1m30s`. A bare number is refused: its unit is a guess.
 pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
-    let bad = || invalid("--duration", format!("`{s}` must look like 30s, 5m, 1h30m or 500ms"));
+    let bad = || {
+        invalid(
+            "--duration",
+            format!("`{s}` must look like 30s, 5m, 1h30m or 500ms"),
+        )
+    };
     let mut total = Duration::ZERO;
     let mut rest = s.trim();
     if rest.is_empty() {
@@ -311,7 +349,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -327,11 +367,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
 
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)
@@ -353,7 +393,12 @@ mod duration_ms {
 pub fn parse_cidrs(field: &'static str, values: &[String]) -> Result<Vec<Cidr>, InvalidInput> {
     values
         .iter()
-        .map(|v| v.parse::<Cidr>().map_err(|e| InvalidInput { field, rule: e.rule }))
+        .map(|v| {
+            v.parse::<Cidr>().map_err(|e| InvalidInput {
+                field,
+                rule: e.rule,
+            })
+        })
         .collect()
 }
 
@@ -380,8 +425,20 @@ mod tests {
 
     #[test]
     fn ports() {
-        assert_eq!("80".parse::<PortRange>().unwrap(), PortRange { first: 80, last: 80 });
-        assert_eq!("1-65535".parse::<PortRange>().unwrap(), PortRange { first: 1, last: 65535 });
+        assert_eq!(
+            "80".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 80,
+                last: 80
+            }
+        );
+        assert_eq!(
+            "1-65535".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 1,
+                last: 65535
+            }
+        );
         assert!("0".parse::<PortRange>().is_err());
         assert!("65536".parse::<PortRange>().is_err());
         assert!("90-80".parse::<PortRange>().is_err());
@@ -420,9 +477,21 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let max = DEFAULT_MAX_DURATION;
-        let s = spec(FaultKind::Loss { percent: 150.0, correlation: 0.0 }, DEFAULT_DURATION);
+        let s = spec(
+            FaultKind::Loss {
+                percent: 150.0,
+                correlation: 0.0,
+            },
+            DEFAULT_DURATION,
+        );
         assert_eq!(s.validate(max).unwrap_err().field, "--percent");
-        let s = spec(FaultKind::Loss { percent: 10.0, correlation: -1.0 }, DEFAULT_DURATION);
+        let s = spec(
+            FaultKind::Loss {
+                percent: 10.0,
+                correlation: -1.0,
+            },
+            DEFAULT_DURATION,
+        );
         assert_eq!(s.validate(max).unwrap_err().field, "--correlation");
         let s = spec(FaultKind::Corrupt { percent: f64::NAN }, DEFAULT_DURATION);
         assert_eq!(s.validate(max).unwrap_err().field, "--percent");
@@ -438,7 +507,13 @@ mod tests {
 
     #[test]
     fn netns_names() {
-        assert_eq!(NetnsRef::named("a").unwrap(), NetnsRef::Path("/run/netns/a".into()));
-        assert_eq!(NetnsRef::named("/x/y").unwrap(), NetnsRef::Path("/x/y".into()));
+        assert_eq!(
+            NetnsRef::named("a").unwrap(),
+            NetnsRef::Path("/run/netns/a".into())
+        );
+        assert_eq!(
+            NetnsRef::named("/x/y").unwrap(),
+            NetnsRef::Path("/x/y".into())
+        );
     }
 }

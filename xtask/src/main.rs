@@ -101,8 +101,13 @@ fn check_ebpf(root: &Path) -> Result<()> {
 
 fn build_ebpf(root: &Path) -> Result<()> {
     let toolchain = std::env::var("CHAOS_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
-    let vv = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
-    if !vv.contains(&format!("commit-date: {NIGHTLY_COMMIT_DATE}")) || !vv.contains("LLVM version: 22")
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
+    if !vv.contains(&format!("commit-date: {NIGHTLY_COMMIT_DATE}"))
+        || !vv.contains("LLVM version: 22")
     {
         bail!(
             "toolchain `{toolchain}` is not the pinned nightly ({NIGHTLY_COMMIT_DATE}, LLVM 22) \
@@ -115,7 +120,11 @@ fn build_ebpf(root: &Path) -> Result<()> {
     )?;
     let lv = output(Command::new(&linker).arg("--version"))?;
     if !lv.contains(BPF_LINKER_VERSION) {
-        bail!("{} is `{}`, need bpf-linker {BPF_LINKER_VERSION}", linker.display(), lv.trim());
+        bail!(
+            "{} is `{}`, need bpf-linker {BPF_LINKER_VERSION}",
+            linker.display(),
+            lv.trim()
+        );
     }
     let dir = root.join("agent-ebpf");
     let cargo_home = std::env::var("CARGO_HOME")

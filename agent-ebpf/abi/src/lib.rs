@@ -70,7 +70,9 @@ pub struct PortBitmap {
 
 impl PortBitmap {
     pub const fn empty() -> Self {
-        Self { words: [0; PORT_BITMAP_WORDS] }
+        Self {
+            words: [0; PORT_BITMAP_WORDS],
+        }
     }
 
     pub fn set_range(&mut self, first: u16, last: u16) {

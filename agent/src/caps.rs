@@ -1,0 +1,173 @@
+//! What this kernel can do, detected rather than assumed (invariant 6). Qdisc kinds are probed
+//! by creating one in a throwaway network namespace on a thread of its own.
+use crate::netlink;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub present: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Backend {
+    pub name: &'static str,
+    pub available: bool,
+    pub fault_kinds: Vec<&'static str>,
+    /// Why it is unavailable and how to get it.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub arch: &'static str,
+    pub kernel: String,
+    pub features: Vec<Feature>,
+    pub backends: Vec<Backend>,
+}
+
+impl Capabilities {
+    pub fn has(&self, name: &str) -> bool {
+        self.features.iter().any(|f| f.name == name && f.present)
+    }
+}
+
+/// The fault kinds this build serves through the eBPF datapath.
+pub const EBPF_KINDS: &[&str] = &["loss", "corrupt", "partition"];
+
+pub fn detect() -> Capabilities {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut features = Vec::new();
+    let tcx = crate::datapath::has_tcx();
+    features.push(Feature {
+        name: "tcx",
+        present: tcx,
+        detail: "BPF links on tc hooks (kernel >= 6.6)".into(),
+    });
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    features.push(Feature {
+        name: "btf",
+        present: btf,
+        detail: "/sys/kernel/btf/vmlinux".into(),
+    });
+
+    let probed = std::thread::spawn(|| -> Result<Vec<(&'static str, bool)>, String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        let mut out = vec![("clsact", aya::programs::tc::qdisc_add_clsact("lo").is_ok())];
+        for kind in ["netem", "fq", "tbf", "htb"] {
+            out.push((
+                kind,
+                netlink::qdisc_kind_exists(kind).map_err(|e| format!("probe {kind}: {e}"))?,
+            ));
+        }
+        Ok(out)
+    })
+    .join()
+    .unwrap_or_else(|_| Err("probe thread panicked".into()));
+    match probed {
+        Ok(found) => {
+            for (name, present) in found {
+                let detail = match name {
+                    "clsact" => "sch_ingress: clsact hooks for tc BPF filters".to_string(),
+                    _ => format!("qdisc sch_{name}"),
+                };
+                features.push(Feature {
+                    name,
+                    present,
+                    detail,
+                });
+            }
+        }
+        Err(e) => {
+            for name in ["clsact", "netem", "fq", "tbf", "htb"] {
+                features.push(Feature {
+                    name,
+                    present: false,
+                    detail: format!("not probed: {e}"),
+                });
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let v1: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup")).then(|| f.get(1).copied().unwrap_or(""))
+        })
+        .collect();
+    let v2 = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"));
+    features.push(Feature {
+        name: "cgroup-v1",
+        present: !v1.is_empty(),
+        detail: format!("{} controllers mounted", v1.len()),
+    });
+    features.push(Feature {
+        name: "cgroup-v2",
+        present: v2.is_some(),
+        detail: v2
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("not mounted")
+            .to_string(),
+    });
+
+    let mut caps = Capabilities {
+        arch: std::env::consts::ARCH,
+        kernel,
+        features,
+        backends: Vec::new(),
+    };
+    let ebpf = |name, present: bool, missing: &str| Backend {
+        name,
+        available: present,
+        fault_kinds: EBPF_KINDS.to_vec(),
+        reason: if present {
+            String::new()
+        } else {
+            missing.to_string()
+        },
+    };
+    caps.backends.push(ebpf(
+        "ebpf/tcx",
+        caps.has("tcx"),
+        "needs kernel >= 6.6 (clsact is used instead)",
+    ));
+    caps.backends.push(ebpf(
+        "ebpf/clsact",
+        caps.has("clsact"),
+        "sch_ingress missing: modprobe sch_ingress cls_bpf (CONFIG_NET_SCH_INGRESS)",
+    ));
+    let planned = |name, feature: &str, module: &str, kinds: Vec<&'static str>, has: bool| {
+        Backend {
+            name,
+            available: false,
+            fault_kinds: kinds,
+            reason: if has {
+                format!("{feature} present; this backend is not in this build yet")
+            } else {
+                format!(
+                    "{module} missing: modprobe {module}, or install the distro's extra kernel modules package"
+                )
+            },
+        }
+    };
+    let has_netem = caps.has("netem");
+    let has_fq = caps.has("fq");
+    caps.backends.push(planned(
+        "netem",
+        "netem",
+        "sch_netem",
+        vec!["latency", "jitter", "reorder", "duplicate"],
+        has_netem,
+    ));
+    caps.backends
+        .push(planned("edt/fq", "fq", "sch_fq", vec!["latency"], has_fq));
+    caps
+}

@@ -1,0 +1,517 @@
+//! The eBPF datapath: loads one copy of `chaos.bpf.o` per fault, fills its maps from the
+//! fault's target and attaches its classifiers to the target interface.
+//!
+//! Everything here that names an interface runs inside the target namespace (the caller puts
+//! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
+use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, Protocol, invalid};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::programs::links::Link as _;
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use chaos_abi::{
+    ACTION_CORRUPT, ACTION_DROP, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
+    MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    PortBitmap, Rule,
+};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+
+/// The datapath object, built by `cargo xtask build-ebpf` and checked against its sources.
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/chaos.bpf.o");
+
+/// Filters we add to a clsact qdisc carry this handle, so they are recognisably ours.
+pub const CLSACT_HANDLE: u32 = 0xC4A0_0001;
+/// Our clsact priorities are `CLSACT_PRIORITY_BASE + slot`: below 49152 (the kernel's first
+/// automatic priority) so we run before filters added without a priority.
+pub const CLSACT_PRIORITY_BASE: u16 = 0x0C00;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("{context}: {message}")]
+    Kernel { context: String, message: String },
+}
+
+fn kernel(context: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error>) -> DatapathError {
+    let context = context.into();
+    move |e| {
+        // aya's errors nest the useful part (the verifier log, errno) in their sources.
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        DatapathError::Kernel { context, message }
+    }
+}
+
+macro_rules! ctx {
+    ($e:expr, $($arg:tt)+) => {
+        $e.map_err(|e| kernel(format!($($arg)+))(Box::new(e)))
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    Egress,
+    Ingress,
+}
+
+impl Hook {
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Egress => TcAttachType::Egress,
+            Hook::Ingress => TcAttachType::Ingress,
+        }
+    }
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Egress => "chaos_egress",
+            Hook::Ingress => "chaos_ingress",
+        }
+    }
+}
+
+/// TCX links are owned by a file descriptor and die with the process (kernel >= 6.6); clsact
+/// filters persist and must be removed by us, which the journal makes possible after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn detect() -> Self {
+        if has_tcx() {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "ebpf/tcx",
+            AttachMode::Clsact => "ebpf/clsact",
+        }
+    }
+}
+
+/// TCX (BPF links on tc hooks) arrived in Linux 6.6.
+pub fn has_tcx() -> bool {
+    use aya::util::KernelVersion;
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Enough to find and remove one attachment without the process that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub interface: String,
+    pub hook: Hook,
+    pub mode: AttachMode,
+    /// clsact only: where our filter sits.
+    pub priority: u16,
+    pub handle: u32,
+    /// clsact only: we added the clsact qdisc, so we remove it again.
+    pub created_clsact: bool,
+}
+
+/// A fault live in the kernel. Dropping it detaches TCX links (their fds close); clsact filters
+/// are removed only by [`Installed::uninstall`], inside the target namespace.
+pub struct Installed {
+    ebpf: Ebpf,
+    tcx_links: Vec<SchedClassifierLink>,
+    pub records: Vec<AttachmentRecord>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub seen: u64,
+    pub matched: u64,
+    pub affected: u64,
+}
+
+/// Translate a spec into the rule the datapath evaluates.
+pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
+    let t = &spec.target;
+    let mut match_flags = 0;
+    if !t.remote.is_empty() {
+        match_flags |= MATCH_REMOTE;
+    }
+    if !t.local.is_empty() {
+        match_flags |= MATCH_LOCAL;
+    }
+    if !t.ports.is_empty() {
+        match_flags |= MATCH_PORTS;
+    }
+    let fraction = |percent: f64| ((percent / 100.0) * PROBABILITY_ONE as f64).round() as u64;
+    let (action, after_hit, after_miss) = match spec.kind {
+        FaultKind::Loss {
+            percent,
+            correlation,
+        } => {
+            // Two-state Markov chain with mean p and lag-1 correlation c (see chaos_abi::Rule).
+            let (p, c) = (percent / 100.0, correlation / 100.0);
+            (
+                ACTION_DROP,
+                fraction(100.0 * (p + c * (1.0 - p))),
+                fraction(100.0 * p * (1.0 - c)),
+            )
+        }
+        FaultKind::Corrupt { percent } => (ACTION_CORRUPT, fraction(percent), fraction(percent)),
+        FaultKind::Partition => (ACTION_DROP, PROBABILITY_ONE, PROBABILITY_ONE),
+    };
+    Rule {
+        action,
+        match_flags,
+        protocol: match t.protocol {
+            Protocol::All => PROTO_ALL,
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Icmp => PROTO_ICMP,
+        },
+        l3_offset,
+        probability_after_hit: after_hit.min(PROBABILITY_ONE),
+        probability_after_miss: after_miss.min(PROBABILITY_ONE),
+    }
+}
+
+/// Where the IP header starts on this interface: after the Ethernet header, or at once on L3
+/// devices. Also the check that the interface exists in the current namespace.
+fn l3_offset(interface: &str) -> Result<u32, DatapathError> {
+    let no_such = || {
+        invalid(
+            "--interface",
+            format!("no interface `{interface}` in the target netns"),
+        )
+        .into()
+    };
+    // SAFETY: plain socket/ioctl with a zeroed, NUL-terminated ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(kernel("socket")(Box::new(std::io::Error::last_os_error())));
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr
+            .ifr_name
+            .iter_mut()
+            .zip(interface.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(if err.raw_os_error() == Some(libc::ENODEV) {
+                no_such()
+            } else {
+                kernel(format!("link type of {interface}"))(Box::new(err))
+            });
+        }
+        match ifr.ifr_ifru.ifru_hwaddr.sa_family {
+            libc::ARPHRD_ETHER | libc::ARPHRD_LOOPBACK => Ok(14),
+            libc::ARPHRD_NONE
+            | libc::ARPHRD_PPP
+            | libc::ARPHRD_TUNNEL
+            | libc::ARPHRD_TUNNEL6
+            | libc::ARPHRD_SIT
+            | libc::ARPHRD_IPGRE => Ok(0),
+            other => Err(invalid(
+                "--interface",
+                format!(
+                    "`{interface}` has link type {other}; supported: Ethernet, loopback, L3 tunnels"
+                ),
+            )
+            .into()),
+        }
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, DatapathError> {
+    ebpf.map_mut(name).ok_or_else(|| DatapathError::Kernel {
+        context: "chaos.bpf.o".into(),
+        message: format!("has no map {name}"),
+    })
+}
+
+fn fill_cidrs(ebpf: &mut Ebpf, prefix: &str, cidrs: &[Cidr]) -> Result<(), DatapathError> {
+    {
+        let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> = ctx!(
+            LpmTrie::try_from(map(ebpf, &format!("{prefix}_V4"))?),
+            "{prefix}_V4"
+        )?;
+        for c in cidrs {
+            if let IpAddr::V4(a) = c.addr {
+                ctx!(
+                    v4.insert(&Key::new(c.prefix as u32, a.octets()), 1, 0),
+                    "insert {c}"
+                )?;
+            }
+        }
+    }
+    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> = ctx!(
+        LpmTrie::try_from(map(ebpf, &format!("{prefix}_V6"))?),
+        "{prefix}_V6"
+    )?;
+    for c in cidrs {
+        if let IpAddr::V6(a) = c.addr {
+            ctx!(
+                v6.insert(&Key::new(c.prefix as u32, a.octets()), 1, 0),
+                "insert {c}"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    let mut e = Endpoint {
+        port: addr.port(),
+        ..Default::default()
+    };
+    match addr.ip() {
+        IpAddr::V4(a) => {
+            e.family = FAMILY_V4;
+            e.addr[..4].copy_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            e.family = FAMILY_V6;
+            e.addr = a.octets();
+        }
+    }
+    e
+}
+
+/// Loads, configures and attaches one fault. Must run inside the target namespace.
+/// `slot` picks the clsact priority; `excluded` are control-plane endpoints never to match.
+pub fn install(
+    spec: &FaultSpec,
+    mode: AttachMode,
+    slot: u16,
+    excluded: &[SocketAddr],
+) -> Result<Installed, DatapathError> {
+    let interface = spec.target.interface.as_str();
+    let l3 = l3_offset(interface)?;
+    let mut ebpf = ctx!(Ebpf::load(OBJECT), "load chaos.bpf.o")?;
+
+    let rule = rule_for(spec, l3);
+    let mut rules: Array<&mut MapData, Rule> =
+        ctx!(Array::try_from(map(&mut ebpf, "RULE")?), "RULE")?;
+    ctx!(rules.set(0, rule, 0), "set RULE")?;
+    fill_cidrs(&mut ebpf, "REMOTE", &spec.target.remote)?;
+    fill_cidrs(&mut ebpf, "LOCAL", &spec.target.local)?;
+    if !spec.target.ports.is_empty() {
+        let mut bitmap = PortBitmap::empty();
+        for p in &spec.target.ports {
+            bitmap.set_range(p.first, p.last);
+        }
+        let mut ports: Array<&mut MapData, PortBitmap> =
+            ctx!(Array::try_from(map(&mut ebpf, "PORTS")?), "PORTS")?;
+        ctx!(ports.set(0, bitmap, 0), "set PORTS")?;
+    }
+    {
+        let mut ex: HashMap<&mut MapData, Endpoint, u8> =
+            ctx!(HashMap::try_from(map(&mut ebpf, "EXCLUDED")?), "EXCLUDED")?;
+        for addr in excluded {
+            ctx!(ex.insert(endpoint(*addr), 1, 0), "exclude {addr}")?;
+        }
+    }
+
+    let mut installed = Installed {
+        ebpf,
+        tcx_links: Vec::new(),
+        records: Vec::new(),
+    };
+    let hooks = [
+        (spec.target.direction.egress(), Hook::Egress),
+        (spec.target.direction.ingress(), Hook::Ingress),
+    ];
+    for hook in hooks.iter().filter(|(on, _)| *on).map(|(_, h)| *h) {
+        if let Err(e) = installed.attach(interface, hook, mode, slot) {
+            // Leave nothing half-applied.
+            let _ = installed.uninstall();
+            return Err(e);
+        }
+    }
+    Ok(installed)
+}
+
+impl Installed {
+    fn attach(
+        &mut self,
+        interface: &str,
+        hook: Hook,
+        mode: AttachMode,
+        slot: u16,
+    ) -> Result<(), DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(hook.program())
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| DatapathError::Kernel {
+                context: "chaos.bpf.o".into(),
+                message: format!("has no classifier {}", hook.program()),
+            })?;
+        ctx!(prog.load(), "load {} (verifier)", hook.program())?;
+        let mut record = AttachmentRecord {
+            interface: interface.to_string(),
+            hook,
+            mode,
+            priority: 0,
+            handle: 0,
+            created_clsact: false,
+        };
+        match mode {
+            AttachMode::Tcx => {
+                // First in the chain: a CNI program that redirects would otherwise end the chain
+                // before we see the packet.
+                let id = ctx!(
+                    prog.attach_with_options(
+                        interface,
+                        hook.attach_type(),
+                        TcAttachOptions::TcxOrder(LinkOrder::first())
+                    ),
+                    "attach {} to {interface} (tcx)",
+                    hook.program()
+                )?;
+                self.tcx_links.push(ctx!(prog.take_link(id), "take link")?);
+            }
+            AttachMode::Clsact => {
+                record.created_clsact = match aya::programs::tc::qdisc_add_clsact(interface) {
+                    Ok(()) => true,
+                    Err(e) if is_exists(&e) => false,
+                    Err(e) => return ctx!(Err(e), "add clsact qdisc to {interface}"),
+                };
+                record.priority = CLSACT_PRIORITY_BASE + slot;
+                record.handle = CLSACT_HANDLE;
+                let options = NlOptions {
+                    priority: record.priority,
+                    handle: TcHandle::from(CLSACT_HANDLE),
+                    classid: None,
+                };
+                // Record before attaching: uninstall of a half-done install must see it.
+                self.records.push(record.clone());
+                let id = ctx!(
+                    prog.attach_with_options(
+                        interface,
+                        hook.attach_type(),
+                        TcAttachOptions::Netlink(options)
+                    ),
+                    "attach {} to {interface} (clsact, priority {})",
+                    hook.program(),
+                    record.priority
+                )?;
+                // Dropping a netlink link detaches it through a netlink socket of whatever
+                // thread drops it, possibly in another namespace. We detach explicitly instead.
+                std::mem::forget(ctx!(prog.take_link(id), "take link")?);
+                return Ok(());
+            }
+        }
+        self.records.push(record);
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let map = self
+            .ebpf
+            .map("STATE")
+            .ok_or_else(|| DatapathError::Kernel {
+                context: "chaos.bpf.o".into(),
+                message: "has no map STATE".into(),
+            })?;
+        let state: PerCpuArray<&MapData, CpuState> = ctx!(PerCpuArray::try_from(map), "STATE")?;
+        let values = ctx!(state.get(&0, 0), "read STATE")?;
+        Ok(values.iter().fold(Counters::default(), |acc, v| Counters {
+            seen: acc.seen + v.seen,
+            matched: acc.matched + v.matched,
+            affected: acc.affected + v.affected,
+        }))
+    }
+
+    /// Removes every attachment. Must run inside the target namespace.
+    pub fn uninstall(mut self) -> Result<(), DatapathError> {
+        let mut first_error = None;
+        for link in self.tcx_links.drain(..) {
+            if let Err(e) = ctx!(link.detach(), "detach tcx link") {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = remove_clsact_attachments(&self.records) {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn is_exists(e: &aya::programs::tc::TcError) -> bool {
+    os_error(e) == Some(libc::EEXIST) || matches!(e, aya::programs::tc::TcError::AlreadyAttached)
+}
+
+/// Removes our clsact filters, then the clsact qdisc if we added it. Missing is fine: this also
+/// runs for crash leftovers that may be half there. Must run inside the target namespace.
+pub fn remove_clsact_attachments(records: &[AttachmentRecord]) -> Result<(), DatapathError> {
+    let clsact = || records.iter().filter(|r| r.mode == AttachMode::Clsact);
+    for record in clsact() {
+        remove_filter(record)?;
+    }
+    for record in clsact().filter(|r| r.created_clsact) {
+        crate::netlink::delete_clsact(&record.interface)
+            .map_err(|e| kernel(format!("delete clsact on {}", record.interface))(Box::new(e)))?;
+    }
+    Ok(())
+}
+
+fn remove_filter(record: &AttachmentRecord) -> Result<(), DatapathError> {
+    let link = match SchedClassifierLink::attached(
+        &record.interface,
+        record.hook.attach_type(),
+        record.priority,
+        TcHandle::from(record.handle),
+        None,
+    ) {
+        Ok(link) => link,
+        // The interface is gone, and its filters with it.
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENODEV)
+                || e.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(());
+        }
+        Err(e) => return ctx!(Err(e), "find filter on {}", record.interface),
+    };
+    match link.detach() {
+        Ok(()) => Ok(()),
+        // ENOENT: no such filter; EINVAL: no clsact qdisc (so no filter) any more.
+        Err(e)
+            if matches!(
+                os_error(&e),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(kernel(format!("detach filter on {}", record.interface))(
+            Box::new(e),
+        )),
+    }
+}
+
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && let Some(code) = io.raw_os_error()
+        {
+            return Some(code);
+        }
+        source = s.source();
+    }
+    None
+}

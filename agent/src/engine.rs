@@ -1,0 +1,580 @@
+//! The fault engine: a desired set of faults, reconciled onto the kernel by one function.
+//!
+//! Apply, revert, deadline expiry and shutdown all edit the desired set and call
+//! [`Engine::reconcile`], which makes the installed set match it (the kube-runtime shape).
+//! Crash recovery is the same idea at start: whatever orphaned journals say is installed, and
+//! nobody desires, is removed.
+use crate::datapath::{
+    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, Installed,
+};
+use crate::journal::{Entry, Journal};
+use crate::netns::{Netns, NetnsError};
+use crate::spec::{DEFAULT_MAX_DURATION, FaultSpec, InvalidInput, NetnsRef};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("missing privileges: {0}")]
+    Privileges(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("no active fault {0}")]
+    NotFound(String),
+    #[error("journal {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    /// Errors the caller caused (bad input, missing netns/interface, privileges).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Invalid(_)
+                | EngineError::Privileges(_)
+                | EngineError::NotFound(_)
+                | EngineError::Netns(NetnsError::Missing { .. })
+                | EngineError::Datapath(DatapathError::Invalid(_))
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub journal_dir: PathBuf,
+    pub max_duration: Duration,
+    pub attach: AttachMode,
+    /// Control-plane endpoints no fault may match.
+    pub excluded: Vec<SocketAddr>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            journal_dir: PathBuf::from("/run/chaos/journal"),
+            max_duration: DEFAULT_MAX_DURATION,
+            attach: AttachMode::detect(),
+            excluded: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Reverted,
+    Expired,
+}
+
+#[derive(Debug, Clone)]
+pub struct FaultStatus {
+    pub id: String,
+    pub spec: FaultSpec,
+    pub deadline: SystemTime,
+    pub counters: Counters,
+    pub backend: &'static str,
+    /// Set once the fault is no longer active.
+    pub ended: Option<EndReason>,
+}
+
+struct Desired {
+    spec: FaultSpec,
+    deadline: SystemTime,
+    slot: u16,
+}
+
+struct Active {
+    spec: FaultSpec,
+    deadline: SystemTime,
+    netns: Netns,
+    installed: Installed,
+}
+
+#[derive(Default)]
+struct State {
+    desired: BTreeMap<String, Desired>,
+    active: BTreeMap<String, Active>,
+    /// Faults that ended recently, with final counters, for callers that ask after the fact.
+    ended: VecDeque<FaultStatus>,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    journal: Journal,
+    state: Mutex<State>,
+}
+
+const ENDED_HISTORY: usize = 1024;
+/// How often deadlines are checked: the most a fault can outlive its deadline.
+pub const DEADLINE_TICK: Duration = Duration::from_millis(50);
+
+/// What reclaiming an earlier run's leftovers found.
+#[derive(Debug, Default, Clone)]
+pub struct Reclaimed {
+    pub journals: usize,
+    pub faults: usize,
+    pub clsact_filters: usize,
+    pub errors: Vec<String>,
+}
+
+impl Engine {
+    /// Opens the journal and removes what crashed earlier engines left in the kernel.
+    pub fn start(config: EngineConfig) -> Result<(Arc<Self>, Reclaimed), EngineError> {
+        let journal =
+            Journal::open(&config.journal_dir).map_err(|source| EngineError::Journal {
+                path: config.journal_dir.clone(),
+                source,
+            })?;
+        let engine = Arc::new(Engine {
+            config,
+            journal,
+            state: Mutex::new(State::default()),
+        });
+        let reclaimed = engine.reclaim_orphans()?;
+        Ok((engine, reclaimed))
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves state that still describes the kernel; go on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates `spec`, applies it and returns once it is live in the kernel.
+    pub fn apply(&self, spec: FaultSpec) -> Result<FaultStatus, EngineError> {
+        spec.validate(self.config.max_duration)?;
+        check_privileges(&spec.target.netns)?;
+        // Fail on a missing netns before touching anything.
+        Netns::open(&spec.target.netns)?;
+        let id = new_id();
+        let mut st = self.lock();
+        let slot = (0..u16::MAX)
+            .find(|s| !st.desired.values().any(|d| d.slot == *s))
+            .unwrap_or(0);
+        let deadline = SystemTime::now() + spec.duration;
+        st.desired.insert(
+            id.clone(),
+            Desired {
+                spec,
+                deadline,
+                slot,
+            },
+        );
+        if let Some(Err(e)) = self.reconcile(&mut st).remove(&id) {
+            return Err(e);
+        }
+        status_of(
+            &id,
+            st.active
+                .get(&id)
+                .ok_or_else(|| EngineError::NotFound(id.clone()))?,
+            None,
+        )
+    }
+
+    /// Reverts one fault; returns it with its final counters.
+    pub fn revert(&self, id: &str) -> Result<FaultStatus, EngineError> {
+        let mut st = self.lock();
+        if st.desired.remove(id).is_none() {
+            return Err(EngineError::NotFound(id.to_string()));
+        }
+        if let Some(Err(e)) = self.reconcile(&mut st).remove(id) {
+            return Err(e);
+        }
+        st.ended
+            .iter()
+            .rev()
+            .find(|f| f.id == id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(id.into()))
+    }
+
+    /// Reverts everything (shutdown, `revert --all`).
+    pub fn revert_all(&self) -> Vec<Result<FaultStatus, EngineError>> {
+        let ids: Vec<String> = self.lock().desired.keys().cloned().collect();
+        ids.iter().map(|id| self.revert(id)).collect()
+    }
+
+    pub fn list(&self) -> Vec<FaultStatus> {
+        let st = self.lock();
+        st.active
+            .iter()
+            .filter_map(|(id, a)| status_of(id, a, None).ok())
+            .collect()
+    }
+
+    /// The fault if active, or how it ended if it ended recently.
+    pub fn status(&self, id: &str) -> Option<FaultStatus> {
+        let st = self.lock();
+        if let Some(a) = st.active.get(id) {
+            return status_of(id, a, None).ok();
+        }
+        st.ended.iter().rev().find(|f| f.id == id).cloned()
+    }
+
+    /// Ends faults whose deadline passed. Returns them.
+    pub fn expire(&self) -> Vec<FaultStatus> {
+        let mut st = self.lock();
+        let now = SystemTime::now();
+        let expired: Vec<String> = st
+            .desired
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Vec::new();
+        }
+        for id in &expired {
+            st.desired.remove(id);
+        }
+        let results = self.reconcile_with(&mut st, EndReason::Expired);
+        expired
+            .iter()
+            .filter_map(|id| match results.get(id) {
+                Some(Err(e)) => {
+                    tracing::error!(%id, "expiry revert failed: {e}");
+                    None
+                }
+                _ => st.ended.iter().rev().find(|f| &f.id == id).cloned(),
+            })
+            .collect()
+    }
+
+    /// Enforces deadlines on a thread of its own until the engine is dropped (invariant 1: no
+    /// controller is needed to end a fault).
+    pub fn spawn_deadline_enforcer(self: &Arc<Self>) {
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("chaos-deadlines".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    for f in engine.expire() {
+                        tracing::info!(id = %f.id, "fault expired and was reverted");
+                    }
+                    drop(engine);
+                    std::thread::sleep(DEADLINE_TICK);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the deadline thread: {e}");
+        }
+    }
+
+    fn reconcile(&self, st: &mut State) -> BTreeMap<String, Result<(), EngineError>> {
+        self.reconcile_with(st, EndReason::Reverted)
+    }
+
+    /// Makes `active` match `desired`. `default_end` labels removals nobody labelled.
+    fn reconcile_with(
+        &self,
+        st: &mut State,
+        default_end: EndReason,
+    ) -> BTreeMap<String, Result<(), EngineError>> {
+        let mut results = BTreeMap::new();
+        let to_remove: Vec<String> = st
+            .active
+            .keys()
+            .filter(|id| !st.desired.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in to_remove {
+            let Some(active) = st.active.remove(&id) else {
+                continue;
+            };
+            let counters = active.installed.counters().unwrap_or_default();
+            let spec = active.spec.clone();
+            let deadline = active.deadline;
+            let backend = self.config.attach.name();
+            let res = active
+                .netns
+                .run(move || active.installed.uninstall())
+                .map_err(EngineError::from)
+                .and_then(|r| r.map_err(EngineError::from));
+            let ended = FaultStatus {
+                id: id.clone(),
+                spec,
+                deadline,
+                counters,
+                backend,
+                ended: Some(default_end),
+            };
+            st.ended.push_back(ended);
+            if st.ended.len() > ENDED_HISTORY {
+                st.ended.pop_front();
+            }
+            // Whether or not removal fully worked, this engine no longer holds the fault; the
+            // journal keeps an entry only while kernel state may remain.
+            if let Err(e) = &res {
+                tracing::error!(%id, "revert: {e}");
+            }
+            results.insert(id, res);
+            if let Err(e) = self.write_journal(st, None) {
+                tracing::error!("journal: {e}");
+            }
+        }
+
+        let to_add: Vec<String> = st
+            .desired
+            .keys()
+            .filter(|id| !st.active.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in to_add {
+            let res = self.install(st, &id);
+            if res.is_err() {
+                st.desired.remove(&id);
+            }
+            results.insert(id, res);
+        }
+        results
+    }
+
+    fn install(&self, st: &mut State, id: &str) -> Result<(), EngineError> {
+        let d = st
+            .desired
+            .get(id)
+            .ok_or_else(|| EngineError::NotFound(id.into()))?;
+        let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
+        let netns = Netns::open(&spec.target.netns)?;
+        // Intent first: if we crash mid-install, the journal already names what may be there.
+        let planned = planned_attachments(&spec, self.config.attach, slot);
+        self.write_journal(st, Some(entry(id, &spec, deadline, &netns, planned)))?;
+        let (mode, excluded) = (self.config.attach, self.config.excluded.clone());
+        let spec_in = spec.clone();
+        let installed = netns.run(move || datapath::install(&spec_in, mode, slot, &excluded));
+        let installed = match installed {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                self.write_journal(st, None)?;
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.write_journal(st, None)?;
+                return Err(e.into());
+            }
+        };
+        st.active.insert(
+            id.to_string(),
+            Active {
+                spec,
+                deadline,
+                netns,
+                installed,
+            },
+        );
+        self.write_journal(st, None)
+    }
+
+    fn write_journal(&self, st: &State, pending: Option<Entry>) -> Result<(), EngineError> {
+        let mut entries: Vec<Entry> = st
+            .active
+            .iter()
+            .map(|(id, a)| {
+                entry(
+                    id,
+                    &a.spec,
+                    a.deadline,
+                    &a.netns,
+                    a.installed.records.clone(),
+                )
+            })
+            .collect();
+        entries.extend(pending);
+        self.journal
+            .write(&entries)
+            .map_err(|source| EngineError::Journal {
+                path: self.journal.path().to_path_buf(),
+                source,
+            })
+    }
+
+    /// Removes what orphaned journals recorded. TCX links died with their process; clsact
+    /// filters (and clsact qdiscs we created) are removed here.
+    fn reclaim_orphans(&self) -> Result<Reclaimed, EngineError> {
+        let mut report = Reclaimed::default();
+        let orphans = self
+            .journal
+            .orphans()
+            .map_err(|source| EngineError::Journal {
+                path: self.config.journal_dir.clone(),
+                source,
+            })?;
+        for (path, file) in orphans {
+            report.journals += 1;
+            for fault in &file.faults {
+                report.faults += 1;
+                let clsact: Vec<AttachmentRecord> = fault
+                    .attachments
+                    .iter()
+                    .filter(|a| a.mode == AttachMode::Clsact)
+                    .cloned()
+                    .collect();
+                if clsact.is_empty() {
+                    continue;
+                }
+                let netns = match find_netns(fault) {
+                    Some(n) => n,
+                    // The namespace is gone, and everything attached inside it.
+                    None => continue,
+                };
+                let n = clsact.len();
+                match netns.run(move || datapath::remove_clsact_attachments(&clsact)) {
+                    Ok(Ok(())) => report.clsact_filters += n,
+                    Ok(Err(e)) => report.errors.push(format!("{}: {e}", fault.id)),
+                    Err(e) => report.errors.push(format!("{}: {e}", fault.id)),
+                }
+            }
+            if report.errors.is_empty() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for Engine {
+    /// Shutdown is "nothing desired": revert everything still active.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        st.desired.clear();
+        let mut st = std::mem::take(st);
+        self.reconcile(&mut st);
+    }
+}
+
+/// The namespace a journal entry was applied in, if it still exists and is the same one.
+fn find_netns(fault: &Entry) -> Option<Netns> {
+    let candidates = fault
+        .netns_path
+        .iter()
+        .cloned()
+        .chain([PathBuf::from("/proc/self/ns/net")]);
+    for path in candidates {
+        if let Ok(n) = Netns::open_path(&path, "--netns")
+            && n.id == fault.netns_id
+        {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn entry(
+    id: &str,
+    spec: &FaultSpec,
+    deadline: SystemTime,
+    netns: &Netns,
+    attachments: Vec<AttachmentRecord>,
+) -> Entry {
+    Entry {
+        id: id.to_string(),
+        spec: spec.clone(),
+        deadline_unix_ms: unix_ms(deadline),
+        netns_path: netns.path.clone(),
+        netns_id: netns.id,
+        attachments,
+    }
+}
+
+fn planned_attachments(spec: &FaultSpec, mode: AttachMode, slot: u16) -> Vec<AttachmentRecord> {
+    let hooks = [
+        (spec.target.direction.egress(), Hook::Egress),
+        (spec.target.direction.ingress(), Hook::Ingress),
+    ];
+    hooks
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, hook)| AttachmentRecord {
+            interface: spec.target.interface.clone(),
+            hook: *hook,
+            mode,
+            priority: datapath::CLSACT_PRIORITY_BASE + slot,
+            handle: datapath::CLSACT_HANDLE,
+            // Unknown until done; never claim a clsact qdisc someone else may own.
+            created_clsact: false,
+        })
+        .collect()
+}
+
+fn status_of(id: &str, a: &Active, ended: Option<EndReason>) -> Result<FaultStatus, EngineError> {
+    Ok(FaultStatus {
+        id: id.to_string(),
+        spec: a.spec.clone(),
+        deadline: a.deadline,
+        counters: a.installed.counters()?,
+        backend: a
+            .installed
+            .records
+            .first()
+            .map_or("ebpf", |r| r.mode.name()),
+        ended,
+    })
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most bytes.len() bytes into our buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        bytes = (nanos ^ std::process::id()).to_le_bytes();
+    }
+    format!(
+        "f-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Checks the effective capabilities up front so the user gets one clear line instead of an
+/// EPERM from deep inside the bpf or netlink calls.
+pub fn check_privileges(netns: &NetnsRef) -> Result<(), EngineError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if *netns != NetnsRef::Current && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_SYS_ADMIN (to enter the target netns)");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(EngineError::Privileges(format!(
+            "need {} (run as root)",
+            missing.join(", ")
+        )))
+    }
+}

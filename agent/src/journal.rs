@@ -1,0 +1,132 @@
+//! The journal: what this engine has put in the kernel, written atomically before and after each
+//! change, so a later run can find and remove what a crashed one left behind.
+//!
+//! One file per engine instance (`<pid>.json`), so `chaosctl --local` and the daemon can run side
+//! by side. A file whose owner is gone (pid dead, or reused by a process that started at another
+//! time) is an orphan.
+use crate::datapath::AttachmentRecord;
+use crate::netns::NetnsId;
+use crate::spec::FaultSpec;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (/proc/PID/stat field 22): tells pid reuse apart.
+    pub start_time: u64,
+}
+
+impl Owner {
+    pub fn current() -> io::Result<Self> {
+        let pid = std::process::id();
+        Ok(Owner {
+            pid,
+            start_time: start_time(pid)?,
+        })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid).is_ok_and(|t| t == self.start_time)
+    }
+}
+
+fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("malformed /proc/{pid}/stat")))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    pub spec: FaultSpec,
+    pub deadline_unix_ms: u64,
+    pub netns_path: Option<PathBuf>,
+    pub netns_id: NetnsId,
+    pub attachments: Vec<AttachmentRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JournalFile {
+    pub owner: Owner,
+    pub faults: Vec<Entry>,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    path: PathBuf,
+    owner: Owner,
+}
+
+impl Journal {
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let owner = Owner::current()?;
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            path: dir.join(format!("{}.json", owner.pid)),
+            owner,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the journal with `faults`: write a temporary file, fsync, rename over the old
+    /// one, fsync the directory. A reader sees the old or the new journal, never half of one.
+    pub fn write(&self, faults: &[Entry]) -> io::Result<()> {
+        if faults.is_empty() {
+            return match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let file = JournalFile {
+            owner: self.owner,
+            faults: faults.to_vec(),
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&file).map_err(io::Error::other)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Journals left by engines that are no longer running.
+    pub fn orphans(&self) -> io::Result<Vec<(PathBuf, JournalFile)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path == self.path {
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "tmp") {
+                // An interrupted write: the rename never happened, so the real file is current.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(data) = std::fs::read(&path) else {
+                continue;
+            };
+            match serde_json::from_slice::<JournalFile>(&data) {
+                Ok(file) if !file.owner.is_alive() => out.push((path, file)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(path = %path.display(), "unreadable journal: {e}"),
+            }
+        }
+        Ok(out)
+    }
+}

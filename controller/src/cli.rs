@@ -1,0 +1,464 @@
+//! The command line: argument types, and what each command does.
+use crate::output::{self, event};
+use crate::{EXIT_INVALID, agent_client};
+use anyhow::{Context, Result};
+use chaos_agent::datapath::{AttachMode, Counters};
+use chaos_agent::engine::{EndReason, Engine, EngineConfig};
+use chaos_agent::server::capabilities_pb;
+use chaos_agent::spec::{
+    self, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
+};
+use chaos_agent::{EngineError, caps};
+use chaos_proto::agent::v1 as pb;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "chaosctl",
+    version,
+    about = "Inject network faults, precisely and safely"
+)]
+pub struct Cli {
+    /// The chaos-agent to talk to.
+    #[arg(long, global = true, env = "CHAOS_AGENT")]
+    agent: Option<String>,
+    /// Print machine-readable JSON (one object per line).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply a fault.
+    Inject {
+        #[command(subcommand)]
+        fault: Box<FaultArgs>,
+    },
+    /// List active faults on the agent.
+    List,
+    /// Revert a fault by id, or all of them.
+    Revert {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Kernel features found here and what each backend can serve.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum FaultArgs {
+    /// Drop a percentage of matched packets, invisibly to the sender.
+    Loss {
+        #[arg(long)]
+        percent: f64,
+        /// Lag-1 correlation of losses in percent (bursty loss).
+        #[arg(long, default_value_t = 0.0)]
+        correlation: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Flip one payload bit in a percentage of matched packets.
+    Corrupt {
+        #[arg(long)]
+        percent: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Drop every matched packet.
+    Partition {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Interface inside the target network namespace.
+    #[arg(long)]
+    interface: String,
+    /// Target netns by name (/run/netns/NAME) or path.
+    #[arg(long, conflicts_with = "pid")]
+    netns: Option<String>,
+    /// Target the network namespace of this process.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Remote CIDR (the far end: destination of egress, source of ingress). Repeatable.
+    #[arg(long = "dest")]
+    dest: Vec<String>,
+    /// Local CIDR (the near end). Repeatable.
+    #[arg(long = "source")]
+    source: Vec<String>,
+    /// Port or range A-B, matching either end of the flow. Repeatable.
+    #[arg(long = "port")]
+    port: Vec<String>,
+    /// tcp, udp, icmp or all.
+    #[arg(long, default_value = "all")]
+    protocol: String,
+    /// egress (leaving the interface), ingress, or both.
+    #[arg(long, default_value = "egress")]
+    direction: String,
+    /// How long the fault lasts; the node reverts it on its own after that.
+    #[arg(long, default_value = "5m")]
+    duration: String,
+    /// Apply in this process instead of through an agent; blocks until the fault ends.
+    #[arg(long)]
+    local: bool,
+    /// With --local: how to attach (auto, tcx, clsact).
+    #[arg(long, default_value = "auto", hide = true, env = "CHAOS_ATTACH")]
+    attach: String,
+    /// With --local: journal directory for crash recovery.
+    #[arg(
+        long,
+        default_value = "/run/chaos/journal",
+        hide = true,
+        env = "CHAOS_JOURNAL_DIR"
+    )]
+    journal_dir: PathBuf,
+    /// With --local: seconds between live counter lines (0 = none).
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+}
+
+impl FaultArgs {
+    fn parts(&self) -> (FaultKind, &Common) {
+        match self {
+            FaultArgs::Loss {
+                percent,
+                correlation,
+                common,
+            } => (
+                FaultKind::Loss {
+                    percent: *percent,
+                    correlation: *correlation,
+                },
+                common,
+            ),
+            FaultArgs::Corrupt { percent, common } => {
+                (FaultKind::Corrupt { percent: *percent }, common)
+            }
+            FaultArgs::Partition { common } => (FaultKind::Partition, common),
+        }
+    }
+}
+
+fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
+    let netns = match (&c.netns, c.pid) {
+        (Some(n), _) => NetnsRef::named(n)?,
+        (None, Some(pid)) => NetnsRef::Pid(pid),
+        (None, None) => NetnsRef::Current,
+    };
+    Ok(FaultSpec {
+        kind,
+        target: Target {
+            netns,
+            interface: c.interface.clone(),
+            remote: spec::parse_cidrs("--dest", &c.dest)?,
+            local: spec::parse_cidrs("--source", &c.source)?,
+            ports: spec::parse_ports(&c.port)?,
+            protocol: c.protocol.parse::<Protocol>()?,
+            direction: c.direction.parse::<Direction>()?,
+        },
+        duration: spec::parse_duration(&c.duration)?,
+    })
+}
+
+fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
+    eprintln!("chaosctl: {message}");
+    Ok(ExitCode::from(EXIT_INVALID))
+}
+
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let agent = cli
+        .agent
+        .clone()
+        .unwrap_or_else(|| agent_client::DEFAULT_AGENT.to_string());
+    match cli.command {
+        Command::Inject { fault } => {
+            let (kind, common) = fault.parts();
+            let spec = match spec_from(kind, common) {
+                Ok(s) => s,
+                Err(e) => return refuse(e),
+            };
+            if common.local {
+                inject_local(spec, common, cli.json).await
+            } else {
+                inject_remote(spec, &agent, cli.json).await
+            }
+        }
+        Command::List => list(&agent, cli.json).await,
+        Command::Revert { id, all } => revert(&agent, id, all, cli.json).await,
+        Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
+    }
+}
+
+/// Runs the engine in this process: apply, report live counters, revert at the end of the
+/// duration or on SIGINT/SIGTERM.
+async fn inject_local(spec: FaultSpec, common: &Common, json: bool) -> Result<ExitCode> {
+    // Refuse bad input before starting anything (the engine checks again).
+    if let Err(e) = spec.validate(EngineConfig::default().max_duration) {
+        return refuse(e);
+    }
+    let config = EngineConfig {
+        journal_dir: common.journal_dir.clone(),
+        attach: match common.attach.as_str() {
+            "tcx" => AttachMode::Tcx,
+            "clsact" => AttachMode::Clsact,
+            "auto" => AttachMode::detect(),
+            other => {
+                return refuse(format!(
+                    "invalid --attach: `{other}` must be auto, tcx or clsact"
+                ));
+            }
+        },
+        ..EngineConfig::default()
+    };
+    let duration = spec.duration;
+    let (engine, applied) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+        let (engine, reclaimed) = Engine::start(config)?;
+        if reclaimed.faults > 0 {
+            tracing::warn!(
+                faults = reclaimed.faults,
+                filters = reclaimed.clsact_filters,
+                "removed leftovers of a crashed run"
+            );
+        }
+        engine.spawn_deadline_enforcer();
+        let applied = engine.apply(spec);
+        Ok((engine, applied))
+    })
+    .await?
+    .context("start the fault engine")?;
+    let fault = match applied {
+        Ok(f) => f,
+        Err(e) if e.is_user_error() => return refuse(e),
+        Err(e) => return Err(e.into()),
+    };
+    let id = fault.id.clone();
+    event(
+        json,
+        "applied",
+        &id,
+        None,
+        json!({
+            "kind": fault.spec.kind.name(),
+            "interface": fault.spec.target.interface,
+            "backend": fault.backend,
+            "duration_ms": duration.as_millis() as u64,
+        }),
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let end = tokio::time::Instant::now() + duration;
+    let interval = Duration::from_secs_f64(common.interval.max(0.05));
+    let mut next_report = Instant::now() + interval;
+    let reason = loop {
+        let tick = tokio::time::sleep(Duration::from_millis(50));
+        tokio::select! {
+            _ = term.recv() => break "sigterm",
+            _ = int.recv() => break "sigint",
+            _ = tokio::time::sleep_until(end) => break "duration",
+            _ = tick => {}
+        }
+        match engine.status(&id) {
+            Some(f) if f.ended.is_some() => break "deadline",
+            Some(f) if common.interval > 0.0 && Instant::now() >= next_report => {
+                next_report += interval;
+                event(json, "counters", &id, Some(&f.counters), json!({}));
+            }
+            None => break "deadline",
+            _ => {}
+        }
+    };
+    let engine2 = engine.clone();
+    let id2 = id.clone();
+    let final_status = tokio::task::spawn_blocking(move || match engine2.revert(&id2) {
+        Ok(f) => Ok(f),
+        // The node's own deadline got there first: it is already reverted.
+        Err(EngineError::NotFound(_)) => engine2.status(&id2).ok_or(EngineError::NotFound(id2)),
+        Err(e) => Err(e),
+    })
+    .await??;
+    let counters: Counters = final_status.counters;
+    let how = match final_status.ended {
+        Some(EndReason::Expired) => "deadline",
+        _ => reason,
+    };
+    event(
+        json,
+        "reverted",
+        &id,
+        Some(&counters),
+        json!({ "reason": how }),
+    );
+    drop(engine);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inject_remote(spec: FaultSpec, agent: &str, json: bool) -> Result<ExitCode> {
+    if let Err(e) = spec.validate(spec::DEFAULT_MAX_DURATION) {
+        return refuse(e);
+    }
+    let mut client = agent_client::connect(agent).await?;
+    let req = pb::ApplyRequest {
+        spec: Some((&spec).into()),
+    };
+    match client.apply(req).await {
+        Ok(resp) => {
+            let fault = resp.into_inner().fault.context("agent returned no fault")?;
+            event(
+                json,
+                "applied",
+                &fault.id,
+                None,
+                json!({ "backend": fault.backend, "deadline_unix_ms": fault.deadline_unix_ms }),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+            ) =>
+        {
+            refuse(s.message())
+        }
+        Err(s) => Err(anyhow::anyhow!("agent: {}", s.message())),
+    }
+}
+
+fn fault_counters(f: &pb::Fault) -> Counters {
+    let c = f.counters.unwrap_or_default();
+    Counters {
+        seen: c.seen,
+        matched: c.matched,
+        affected: c.affected,
+    }
+}
+
+async fn list(agent: &str, json: bool) -> Result<ExitCode> {
+    let mut client = agent_client::connect(agent).await?;
+    let faults = client
+        .list(pb::ListRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("agent: {}", s.message()))?
+        .into_inner()
+        .faults;
+    if json {
+        let items: Vec<_> = faults.iter().map(|f| json!({
+            "id": f.id,
+            "kind": kind_name(f),
+            "interface": f.spec.as_ref().and_then(|s| s.target.as_ref()).map(|t| t.interface.clone()),
+            "deadline_unix_ms": f.deadline_unix_ms,
+            "backend": f.backend,
+            "counters": output::counters_json(&fault_counters(f)),
+        })).collect();
+        println!("{}", serde_json::Value::Array(items));
+    } else if faults.is_empty() {
+        println!("no active faults");
+    } else {
+        for f in &faults {
+            let iface = f
+                .spec
+                .as_ref()
+                .and_then(|s| s.target.as_ref())
+                .map_or("?", |t| t.interface.as_str());
+            println!(
+                "{} {} on {iface} ({}) {}",
+                f.id,
+                kind_name(f),
+                f.backend,
+                output::counters_line(&fault_counters(f))
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_name(f: &pb::Fault) -> &'static str {
+    match f.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(pb::fault_spec::Kind::Loss(_)) => "loss",
+        Some(pb::fault_spec::Kind::Corrupt(_)) => "corrupt",
+        Some(pb::fault_spec::Kind::Partition(_)) => "partition",
+        None => "unknown",
+    }
+}
+
+async fn revert(agent: &str, id: Option<String>, all: bool, json: bool) -> Result<ExitCode> {
+    if id.is_none() && !all {
+        return refuse("invalid revert: give a fault id or --all");
+    }
+    let mut client = agent_client::connect(agent).await?;
+    let req = pb::RevertRequest {
+        id: id.unwrap_or_default(),
+        all,
+    };
+    match client.revert(req).await {
+        Ok(resp) => {
+            for f in resp.into_inner().reverted {
+                event(
+                    json,
+                    "reverted",
+                    &f.id,
+                    Some(&fault_counters(&f)),
+                    json!({}),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) if s.code() == tonic::Code::NotFound => refuse(s.message()),
+        Err(s) => Err(anyhow::anyhow!("agent: {}", s.message())),
+    }
+}
+
+async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {
+    let caps = match agent {
+        Some(url) => {
+            let mut client = agent_client::connect(url).await?;
+            client
+                .capabilities(pb::CapabilitiesRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("agent: {}", s.message()))?
+                .into_inner()
+        }
+        None => capabilities_pb(&tokio::task::spawn_blocking(caps::detect).await?),
+    };
+    if json {
+        let v = json!({
+            "arch": caps.arch,
+            "kernel": caps.kernel,
+            "features": caps.features.iter().map(|f| json!({"name": f.name, "present": f.present, "detail": f.detail})).collect::<Vec<_>>(),
+            "backends": caps.backends.iter().map(|b| json!({"name": b.name, "available": b.available, "fault_kinds": b.fault_kinds, "reason": b.reason})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("arch: {}  kernel: {}", caps.arch, caps.kernel);
+    println!("kernel features:");
+    for f in &caps.features {
+        println!(
+            "  {:<10} {:<4} {}",
+            f.name,
+            if f.present { "yes" } else { "no" },
+            f.detail
+        );
+    }
+    println!("backends:");
+    for b in &caps.backends {
+        let state = if b.available {
+            "ready".to_string()
+        } else {
+            format!("unavailable: {}", b.reason)
+        };
+        println!("  {:<12} {:<34} {state}", b.name, b.fault_kinds.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,51 @@
+//! How chaosctl prints: one line per event for people, one JSON object per line with --json.
+use chaos_agent::datapath::Counters;
+use serde_json::json;
+
+pub fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+pub fn counters_line(c: &Counters) -> String {
+    let pct = if c.matched > 0 {
+        100.0 * c.affected as f64 / c.matched as f64
+    } else {
+        0.0
+    };
+    format!(
+        "seen={} matched={} affected={} ({pct:.2}% of matched)",
+        c.seen, c.matched, c.affected
+    )
+}
+
+pub fn counters_json(c: &Counters) -> serde_json::Value {
+    json!({ "seen": c.seen, "matched": c.matched, "affected": c.affected })
+}
+
+/// Prints one event about a fault.
+pub fn event(
+    json: bool,
+    event: &str,
+    id: &str,
+    counters: Option<&Counters>,
+    extra: serde_json::Value,
+) {
+    if json {
+        let mut v = json!({ "event": event, "id": id });
+        if let Some(c) = counters {
+            v["counters"] = counters_json(c);
+        }
+        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        println!("{v}");
+    } else {
+        match counters {
+            Some(c) => println!("fault {id} {event} {}", counters_line(c)),
+            None => println!("fault {id} {event}"),
+        }
+    }
+}
