@@ -1,1 +1,555 @@
+//! Helpers for integration tests on the real kernel.
+//!
+//! Every test builds its own pair of network namespaces joined by a veth (addresses in
+//! 10.213.0.0/24 and fd00:213::/64 only), runs traffic only inside them, and deletes them on
+//! drop, even when the test fails. Nothing touches the root namespace's interfaces.
+//!
+//! Tests need root (they create namespaces and load BPF). They panic with a message saying so
+//! rather than skip: a skipped kernel test must never look like a pass.
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+pub const A4: &str = "10.213.0.1";
+pub const B4: &str = "10.213.0.2";
+/// A second address on B, for "only the targeted destination" checks.
+pub const B4_OTHER: &str = "10.213.0.3";
+pub const A6: &str = "fd00:213::1";
+pub const B6: &str = "fd00:213::2";
+pub const B6_OTHER: &str = "fd00:213::3";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Kernel tests run one at a time: they measure rates and count global BPF objects.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("kernel integration tests need root (network namespaces, BPF); run them as root");
+    }
+}
+
+/// The directory holding the workspace's built binaries (target/<profile>).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+pub fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces, `a` and `b`, joined by veth `va` <-> `vb`.
+pub struct TestNet {
+    pub a: String,
+    pub b: String,
+    pub tmp: PathBuf,
+}
+
+impl TestNet {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let pid = std::process::id();
+        let net = TestNet {
+            a: format!("cht-{tag}-{pid}-a"),
+            b: format!("cht-{tag}-{pid}-b"),
+            tmp: std::env::temp_dir().join(format!("chaos-test-{tag}-{pid}")),
+        };
+        net.cleanup();
+        std::fs::create_dir_all(&net.tmp).expect("tmp dir");
+        let (a, b) = (&net.a, &net.b);
+        sh_ok(&format!(
+            "set -e; ip netns add {a}; ip netns add {b};
+             ip link add va netns {a} type veth peer name vb netns {b};
+             ip -n {a} link set lo up; ip -n {b} link set lo up;
+             ip -n {a} addr add {A4}/24 dev va; ip -n {b} addr add {B4}/24 dev vb;
+             ip -n {b} addr add {B4_OTHER}/24 dev vb;
+             ip -n {a} -6 addr add {A6}/64 dev va nodad; ip -n {b} -6 addr add {B6}/64 dev vb nodad;
+             ip -n {b} -6 addr add {B6_OTHER}/64 dev vb nodad;
+             ip -n {a} link set va up; ip -n {b} link set vb up"
+        ));
+        // Neighbour discovery before any fault, so faults see data packets, not ARP/NDP.
+        for dst in [B4, B4_OTHER, B6, B6_OTHER] {
+            sh_ok(&format!(
+                "ip netns exec {a} ping -c 1 -W 2 {dst} >/dev/null"
+            ));
+        }
+        net
+    }
+
+    pub fn path(&self, ns: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(ns)
+    }
+
+    fn cleanup(&self) {
+        let _ = sh(&format!(
+            "ip netns del {} 2>/dev/null; ip netns del {} 2>/dev/null",
+            self.a, self.b
+        ));
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+
+    /// Everything the agent may have left on `va` in namespace `a`: tc filters and non-default
+    /// qdiscs, and TCX programs. Empty means no residue.
+    pub fn residue(&self) -> Vec<String> {
+        let a = &self.a;
+        let mut found = Vec::new();
+        for hook in ["ingress", "egress"] {
+            let out = sh(&format!("ip netns exec {a} tc filter show dev va {hook}"));
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !text.is_empty() {
+                found.push(format!("tc filter {hook}: {text}"));
+            }
+        }
+        let q = sh(&format!("ip netns exec {a} tc qdisc show dev va"));
+        for line in String::from_utf8_lossy(&q.stdout).lines() {
+            if !line.starts_with("qdisc noqueue 0: root") {
+                found.push(format!("qdisc: {line}"));
+            }
+        }
+        let links = sh(&format!("ip netns exec {a} bpftool -j net show dev va"));
+        let text = String::from_utf8_lossy(&links.stdout);
+        if text.contains("chaos_") {
+            found.push(format!("bpf attachments: {text}"));
+        }
+        found
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// BPF programs of ours loaded anywhere on the machine (tests run serially, so any is residue).
+pub fn chaos_programs_loaded() -> usize {
+    let out = sh("bpftool -j prog show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.matches("\"name\":\"chaos_egress\"").count()
+        + text.matches("\"name\":\"chaos_ingress\"").count()
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix_setns(&file);
+        f()
+    })
+    .join()
+    .expect("thread in netns panicked")
+}
+
+fn nix_setns(file: &std::fs::File) {
+    // SAFETY: setns on a valid fd affects only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// What a UDP sender saw: how many sends the local stack reported as failed.
+pub struct UdpReport {
+    pub sent: u64,
+    pub send_errors: u64,
+    pub errqueue: u64,
+}
+
+/// Sends `count` datagrams `seq:u64 + pattern` from namespace `from` to `to`, with IP_RECVERR on
+/// so any local drop would surface as an error (as it does for ping and TCP).
+pub fn udp_send(from: &str, to: SocketAddr, count: u64, payload: usize) -> UdpReport {
+    in_ns(from, move || {
+        let bind: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let sock = UdpSocket::bind(bind).expect("bind sender");
+        let one: libc::c_int = 1;
+        let (level, opt) = if to.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_RECVERR)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        };
+        // SAFETY: setsockopt with a valid int option on our socket.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        let mut report = UdpReport {
+            sent: 0,
+            send_errors: 0,
+            errqueue: 0,
+        };
+        let mut buf = vec![0u8; payload.max(8)];
+        for (i, b) in buf.iter_mut().enumerate().skip(8) {
+            *b = (i % 251) as u8;
+        }
+        for seq in 0..count {
+            buf[..8].copy_from_slice(&seq.to_be_bytes());
+            match sock.send_to(&buf, to) {
+                Ok(_) => report.sent += 1,
+                Err(_) => report.send_errors += 1,
+            }
+            // Pace so the receiver's backlog never overflows: loss must come from the fault.
+            if seq % 50 == 49 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        report.errqueue = drain_errqueue(&sock);
+        report
+    })
+}
+
+fn drain_errqueue(sock: &UdpSocket) -> u64 {
+    let mut n = 0;
+    loop {
+        let mut data = [0u8; 2048];
+        let mut control = [0u8; 512];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr points at buffers that outlive the call.
+        let rc = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = control.len();
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            return n;
+        }
+        n += 1;
+    }
+}
+
+/// A UDP receiver in namespace `ns`: counts datagrams and damaged payloads until `idle` passes
+/// with nothing arriving. Returns the sequence numbers seen, in order, and the damaged count.
+pub struct UdpReceiver {
+    handle: std::thread::JoinHandle<(Vec<u64>, u64)>,
+}
+
+impl UdpReceiver {
+    pub fn start(ns: &str, addr: SocketAddr, idle: Duration) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns = ns.to_string();
+        let handle = std::thread::spawn(move || {
+            let file = std::fs::File::open(PathBuf::from("/run/netns").join(&ns)).expect("netns");
+            nix_setns(&file);
+            let sock = UdpSocket::bind(addr).expect("bind receiver");
+            let size: libc::c_int = 8 << 20;
+            // SAFETY: setsockopt with a valid int option on our socket.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    4,
+                )
+            };
+            sock.set_read_timeout(Some(idle)).expect("timeout");
+            tx.send(()).expect("ready");
+            let (mut seqs, mut damaged) = (Vec::new(), 0);
+            let mut buf = [0u8; 65536];
+            let mut started = false;
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) if n >= 8 => {
+                        started = true;
+                        seqs.push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                        if buf[8..n]
+                            .iter()
+                            .enumerate()
+                            .any(|(i, b)| *b != ((i + 8) % 251) as u8)
+                        {
+                            damaged += 1;
+                        }
+                    }
+                    Ok(_) => damaged += 1,
+                    // Idle: done once traffic has started (or after a long wait for none).
+                    Err(_) if started => break,
+                    Err(_) => {
+                        if seqs.is_empty() && idle > Duration::ZERO {
+                            break;
+                        }
+                    }
+                }
+            }
+            (seqs, damaged)
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("receiver ready");
+        UdpReceiver { handle }
+    }
+
+    pub fn finish(self) -> (Vec<u64>, u64) {
+        self.handle.join().expect("receiver")
+    }
+}
+
+/// One UDP exchange: `count` datagrams from `from` to `to` in namespace `to_ns`. Returns
+/// (sender report, received count).
+pub fn udp_probe(from: &str, to_ns: &str, to: SocketAddr, count: u64) -> (UdpReport, usize) {
+    let rx = UdpReceiver::start(to_ns, to, Duration::from_millis(300));
+    let report = udp_send(from, to, count, 64);
+    let (seqs, _) = rx.finish();
+    (report, seqs.len())
+}
+
+/// A TCP connection attempt from `from` to a listener in `to_ns`; true if a byte made the trip.
+pub fn tcp_reachable(from: &str, to_ns: &str, to: SocketAddr) -> bool {
+    let listener = in_ns(to_ns, move || TcpListener::bind(to).expect("listen"));
+    let server = std::thread::spawn(move || {
+        listener.set_nonblocking(false).ok();
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+            let _ = s.write_all(&b);
+        }
+    });
+    let ok = in_ns(from, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_millis(700)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(700))).ok();
+        let mut b = [7u8; 1];
+        s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok() && b[0] == 7
+    });
+    if !ok {
+        // Unblock the accept by connecting locally inside the listener's namespace.
+        let _ = in_ns(to_ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_millis(300))
+        });
+    }
+    let _ = server.join();
+    ok
+}
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port)
+}
+
+/// A chaos-agent process with its own socket and journal in the test's temp dir.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub journal: PathBuf,
+}
+
+impl Agent {
+    pub fn start(net: &TestNet, extra: &[&str]) -> Self {
+        let socket = net.tmp.join("agent.sock");
+        let journal = net.tmp.join("journal");
+        Self::start_at(&socket, &journal, extra)
+    }
+
+    pub fn start_at(socket: &Path, journal: &Path, extra: &[&str]) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(bin("chaos-agent"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--journal-dir")
+            .arg(journal)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chaos-agent");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "chaos-agent did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent {
+            child,
+            socket: socket.to_path_buf(),
+            journal: journal.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn chaosctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("chaosctl"))
+            .arg("--agent")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .expect("chaosctl")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGTERM first: the agent reverts everything on a clean shutdown.
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+    }
+}
+
+/// Runs chaosctl directly (for --local and bad-input cases).
+pub fn chaosctl(args: &[&str]) -> Output {
+    Command::new(bin("chaosctl"))
+        .args(args)
+        .output()
+        .expect("chaosctl")
+}
+
+/// A `chaosctl inject ... --local --json` running in the background.
+pub struct LocalFault {
+    child: Child,
+    reader: std::thread::JoinHandle<String>,
+    /// The "applied" event line.
+    pub applied: String,
+}
+
+impl LocalFault {
+    /// Starts the fault and waits until it is applied.
+    pub fn start(args: &[&str], journal: &Path) -> Self {
+        let mut child = Command::new(bin("chaosctl"))
+            .args(args)
+            .arg("--local")
+            .arg("--json")
+            .env("CHAOS_JOURNAL_DIR", journal)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn chaosctl");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                if line.contains("\"applied\"") {
+                    let _ = tx.send(line.clone());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let applied = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("chaosctl --local did not apply: {args:?}")
+            });
+        LocalFault {
+            child,
+            reader,
+            applied,
+        }
+    }
+
+    /// SIGINT, as a user pressing Ctrl-C; returns the exit status and everything printed.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait chaosctl");
+        (status, self.reader.join().expect("reader"))
+    }
+
+    /// Waits for the process to end on its own (duration or deadline).
+    pub fn wait(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.reader.join().expect("reader"));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("chaosctl --local did not end within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The JSON event `event` from chaosctl's --json output.
+pub fn json_event(out: &str, event: &str) -> serde_json::Value {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == event)
+        .unwrap_or_else(|| panic!("no {event} event in {out}"))
+}
+
+/// 99.9 % two-sided binomial bound around n*p (normal approximation, z = 3.29).
+pub fn binomial_bounds(n: u64, p: f64) -> (f64, f64) {
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (n as f64 * p - 3.29 * sd, n as f64 * p + 3.29 * sd)
+}
+
+/// TCP retransmitted segments in the calling thread's namespace.
+pub fn tcp_retrans_segs() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(h), Some(v)) = (lines.next(), lines.next()) else {
+        panic!("no Tcp: in snmp")
+    };
+    let idx = h
+        .split_whitespace()
+        .position(|f| f == "RetransSegs")
+        .expect("RetransSegs");
+    v.split_whitespace()
+        .nth(idx)
+        .and_then(|x| x.parse().ok())
+        .expect("value")
+}
