@@ -131,10 +131,15 @@ impl TestNet {
                 found.push(format!("qdisc: {line}"));
             }
         }
-        let links = sh(&format!("ip netns exec {a} bpftool -j net show dev va"));
-        let text = String::from_utf8_lossy(&links.stdout);
-        if text.contains("chaos_") {
-            found.push(format!("bpf attachments: {text}"));
+        // Debian's bpftool predates TCX and does not list TCX links per device, so count our
+        // programs and links machine-wide (kernel tests run one at a time).
+        let programs = chaos_programs_loaded();
+        if programs > 0 {
+            found.push(format!("{programs} chaos_* BPF programs loaded"));
+        }
+        let links = chaos_links();
+        if links > 0 {
+            found.push(format!("{links} BPF links to chaos_* programs"));
         }
         found
     }
@@ -152,6 +157,27 @@ pub fn chaos_programs_loaded() -> usize {
     let text = String::from_utf8_lossy(&out.stdout);
     text.matches("\"name\":\"chaos_egress\"").count()
         + text.matches("\"name\":\"chaos_ingress\"").count()
+}
+
+/// BPF links (TCX and others) whose program is one of ours.
+pub fn chaos_links() -> usize {
+    let progs = sh("bpftool -j prog show");
+    let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).unwrap_or_default();
+    let ours: Vec<u64> = progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("chaos_")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let links = sh("bpftool -j link show");
+    let links: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap_or_default();
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ours.contains(&id)))
+        .count()
 }
 
 /// Runs `f` on a thread inside namespace `ns`.

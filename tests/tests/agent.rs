@@ -1,0 +1,353 @@
+//! chaos-agent over its unix socket, driven by chaosctl: the CLI contract, deadlines, crash
+//! recovery and bad input. Real processes, real gRPC, namespaces the tests create.
+use chaos_tests::*;
+use std::time::{Duration, Instant};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn fault_id(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "inject failed: {}", stderr(o));
+    json_event(&stdout(o), "applied")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+fn list(agent: &Agent) -> Vec<serde_json::Value> {
+    let o = agent.chaosctl(&["list", "--json"]);
+    assert!(o.status.success(), "list: {}", stderr(&o));
+    serde_json::from_str::<serde_json::Value>(&stdout(&o))
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn inject_returns_at_once_then_list_and_revert() {
+    let _g = serial();
+    let net = TestNet::new("cli");
+    let agent = Agent::start(&net, &[]);
+    let o = agent.chaosctl(&[
+        "inject",
+        "partition",
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--json",
+    ]);
+    let id = fault_id(&o);
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 5100), 100).1,
+        0,
+        "fault not active"
+    );
+
+    let o = agent.chaosctl(&[
+        "inject",
+        "loss",
+        "--percent",
+        "1",
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--dest",
+        B4_OTHER,
+        "--json",
+    ]);
+    let id2 = fault_id(&o);
+    let faults = list(&agent);
+    assert_eq!(faults.len(), 2, "{faults:?}");
+    let first = faults
+        .iter()
+        .find(|f| f["id"] == id.as_str())
+        .expect("listed");
+    assert_eq!(first["kind"], "partition");
+    assert!(
+        first["counters"]["affected"].as_u64().unwrap() >= 100,
+        "counters: {first}"
+    );
+
+    let o = agent.chaosctl(&["revert", &id, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_event(&stdout(&o), "reverted")["id"], id.as_str());
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 5101), 100).1,
+        100,
+        "still blocked after revert"
+    );
+
+    let o = agent.chaosctl(&["revert", "f-00000000"]);
+    assert_eq!(o.status.code(), Some(2), "unknown id: {}", stderr(&o));
+
+    let o = agent.chaosctl(&["revert", "--all", "--json"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains(&id2));
+    assert!(list(&agent).is_empty());
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+/// The node ends a fault at its deadline with no one asking (invariant 1).
+#[test]
+fn deadline_expiry_reverts_on_its_own() {
+    let _g = serial();
+    let net = TestNet::new("ttl");
+    let agent = Agent::start(&net, &[]);
+    let o = agent.chaosctl(&[
+        "inject",
+        "partition",
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--duration",
+        "1s",
+        "--json",
+    ]);
+    let applied_at = Instant::now();
+    fault_id(&o);
+    let deadline_ms = json_event(&stdout(&o), "applied")["deadline_unix_ms"]
+        .as_i64()
+        .expect("deadline");
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 5110), 50).1,
+        0,
+        "fault not active"
+    );
+    while !list(&agent).is_empty() {
+        assert!(
+            applied_at.elapsed() < Duration::from_secs(3),
+            "fault outlived its deadline"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    println!(
+        "reverted within {} ms after the deadline (poll every 5 ms)",
+        now_ms - deadline_ms
+    );
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+    assert_eq!(udp_probe(&net.a, &net.b, addr(B4, 5111), 50).1, 50);
+
+    // The same with --local: chaosctl ends by itself and reports the final counters.
+    let local = LocalFault::start(
+        &[
+            "inject",
+            "loss",
+            "--percent",
+            "50",
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--duration",
+            "500ms",
+            "--interval",
+            "0",
+        ],
+        &net.tmp.join("j2"),
+    );
+    let (status, out) = local.wait(Duration::from_secs(5));
+    assert!(status.success());
+    json_event(&out, "reverted");
+    assert!(net.residue().is_empty());
+}
+
+/// kill -9 of the agent mid-fault, then restart: no residue within 1 s, in 20 trials (half with
+/// TCX links, half with clsact filters, which only the journal can find again).
+#[test]
+fn kill9_mid_fault_then_restart_leaves_no_residue() {
+    let _g = serial();
+    let net = TestNet::new("kill");
+    let socket = net.tmp.join("agent.sock");
+    let journal = net.tmp.join("journal");
+    let mut worst = Duration::ZERO;
+    for trial in 0..20 {
+        let mode = if trial % 2 == 0 { "tcx" } else { "clsact" };
+        let mut agent = Agent::start_at(&socket, &journal, &["--attach", mode]);
+        let o = agent.chaosctl(&[
+            "inject",
+            "partition",
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--direction",
+            "both",
+            "--json",
+        ]);
+        fault_id(&o);
+        assert!(
+            !net.residue().is_empty(),
+            "trial {trial} ({mode}): nothing attached?"
+        );
+        agent.kill9();
+        let restarted = Instant::now();
+        let agent = Agent::start_at(&socket, &journal, &[]);
+        loop {
+            let left = net.residue();
+            if left.is_empty() && chaos_programs_loaded() == 0 {
+                break;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(1),
+                "trial {trial} ({mode}): residue after 1 s: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        worst = worst.max(restarted.elapsed());
+        assert_eq!(
+            udp_probe(&net.a, &net.b, addr(B4, 5120), 20).1,
+            20,
+            "trial {trial}: traffic still cut"
+        );
+        drop(agent);
+    }
+    println!("20 kill -9 trials, zero residue; slowest clean-up {worst:?} after restart");
+}
+
+/// Bad input: exit 2, one line naming the field, nothing applied, locally and via the agent.
+#[test]
+fn bad_input_is_refused_with_one_line_and_nothing_applied() {
+    let _g = serial();
+    let net = TestNet::new("bad");
+    let agent = Agent::start(&net, &["--max-duration", "1h"]);
+    let ns = net.a.clone();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["loss", "--percent", "150"], "--percent"),
+        (vec!["loss", "--percent=-5"], "--percent"),
+        (vec!["corrupt", "--percent", "100.5"], "--percent"),
+        (
+            vec!["loss", "--percent", "10", "--correlation", "120"],
+            "--correlation",
+        ),
+        (vec!["partition", "--dest", "10.0.0.0/33"], "--dest"),
+        (vec!["partition", "--dest", "10.0.0.1/8"], "--dest"),
+        (vec!["partition", "--source", "banana"], "--source"),
+        (vec!["partition", "--port", "70000"], "--port"),
+        (vec!["partition", "--port", "9-3"], "--port"),
+        (vec!["partition", "--protocol", "sctp"], "--protocol"),
+        (vec!["partition", "--direction", "sideways"], "--direction"),
+        (vec!["partition", "--duration", "0s"], "--duration"),
+        (vec!["partition", "--duration", "2h"], "--duration"),
+        (vec!["partition", "--duration", "30"], "--duration"),
+    ];
+    for (args, field) in &cases {
+        for local in [true, false] {
+            let mut full = vec!["inject"];
+            full.extend(args.iter().copied());
+            full.extend(["--interface", "va", "--netns", &ns]);
+            let o = if local {
+                full.push("--local");
+                chaosctl(&full)
+            } else {
+                agent.chaosctl(&full)
+            };
+            let err = stderr(&o);
+            assert_eq!(
+                o.status.code(),
+                Some(2),
+                "{full:?}: exit {:?}, stderr {err}",
+                o.status.code()
+            );
+            assert_eq!(
+                err.trim().lines().count(),
+                1,
+                "{full:?}: not one line: {err}"
+            );
+            assert!(err.contains(field), "{full:?}: {err} does not name {field}");
+        }
+    }
+    // Errors only the kernel side can find: unknown interface, netns, pid.
+    let kernel_cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--interface", "nosuch0", "--netns", &ns],
+            "--interface",
+        ),
+        (
+            vec!["--interface", "va", "--netns", "chaos-no-such-netns"],
+            "--netns",
+        ),
+        (vec!["--interface", "va", "--pid", "999999999"], "--pid"),
+    ];
+    for (target, field) in &kernel_cases {
+        for local in [true, false] {
+            let mut full = vec!["inject", "partition"];
+            full.extend(target.iter().copied());
+            let o = if local {
+                full.push("--local");
+                chaosctl(&full)
+            } else {
+                agent.chaosctl(&full)
+            };
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{full:?}: {err}");
+            assert_eq!(
+                err.trim().lines().count(),
+                1,
+                "{full:?}: not one line: {err}"
+            );
+            assert!(err.contains(field), "{full:?}: {err} does not name {field}");
+        }
+    }
+    // Missing privileges: the same command as an unprivileged user.
+    let o = sh(&format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all {} inject partition --interface va --netns {ns} --local",
+        bin("chaosctl").display()
+    ));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "unprivileged: {err}");
+    assert!(
+        err.contains("missing privileges") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    assert!(list(&agent).is_empty(), "something was applied");
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+/// The agent's control endpoints are never matched, even by a partition of everything.
+#[test]
+fn control_traffic_is_never_matched() {
+    let _g = serial();
+    let net = TestNet::new("ctl");
+    let excluded = format!("{B4}:7100");
+    let agent = Agent::start(&net, &["--exclude", &excluded]);
+    let o = agent.chaosctl(&[
+        "inject",
+        "partition",
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--direction",
+        "both",
+        "--json",
+    ]);
+    fault_id(&o);
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 7100), 100).1,
+        100,
+        "control endpoint was cut"
+    );
+    assert!(
+        tcp_reachable(&net.a, &net.b, addr(B4, 7100)),
+        "control TCP was cut"
+    );
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 7101), 100).1,
+        0,
+        "other traffic not cut"
+    );
+}
