@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
+    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
     MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP, PortBitmap, Rule,
 };
 
@@ -114,6 +114,9 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
         return Verdict::Pass;
     }
     state.matched += 1;
+    if rule.action == ACTION_NONE {
+        return Verdict::Pass;
+    }
 
     let threshold = if state.last_affected != 0 {
         rule.probability_after_hit

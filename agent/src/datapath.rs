@@ -4,18 +4,19 @@
 //! Everything here that names an interface runs inside the target namespace (the caller puts
 //! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
 use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, Protocol, invalid};
-use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::links::Link as _;
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Btf, Ebpf, EbpfLoader};
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
-    MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-    PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, CpuState, Endpoint, FAMILY_V4, FAMILY_V6,
+    MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, PortBitmap, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 /// The datapath object, built by `cargo xtask build-ebpf` and checked against its sources.
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/chaos.bpf.o");
@@ -289,9 +290,45 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
     e
 }
 
-/// Loads, configures and attaches one fault. Must run inside the target namespace.
+/// The kernel's BTF, parsed once: `Ebpf::load` would parse all of /sys/kernel/btf/vmlinux
+/// (several MB) on every call, which measured ~50 ms of a ~75 ms apply.
+fn kernel_btf() -> Option<&'static Btf> {
+    static BTF: OnceLock<Option<Btf>> = OnceLock::new();
+    BTF.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
+}
+
+/// A fresh copy of the object with its maps created and both classifiers verified, not yet
+/// attached anywhere. Loading and verifying is most of an apply's cost and needs no target, so
+/// the engine keeps one ready (see `Engine::take_prepared`). Works in any namespace.
+pub struct Prepared {
+    ebpf: Ebpf,
+}
+
+pub fn prepare() -> Result<Prepared, DatapathError> {
+    let mut ebpf = ctx!(
+        EbpfLoader::new().btf(kernel_btf()).load(OBJECT),
+        "load chaos.bpf.o"
+    )?;
+    for hook in [Hook::Egress, Hook::Ingress] {
+        let prog = classifier(&mut ebpf, hook)?;
+        ctx!(prog.load(), "load {} (verifier)", hook.program())?;
+    }
+    Ok(Prepared { ebpf })
+}
+
+fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(hook.program())
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| DatapathError::Kernel {
+            context: "chaos.bpf.o".into(),
+            message: format!("has no classifier {}", hook.program()),
+        })
+}
+
+/// Configures and attaches one prepared fault. Must run inside the target namespace.
 /// `slot` picks the clsact priority; `excluded` are control-plane endpoints never to match.
 pub fn install(
+    prepared: Prepared,
     spec: &FaultSpec,
     mode: AttachMode,
     slot: u16,
@@ -299,7 +336,7 @@ pub fn install(
 ) -> Result<Installed, DatapathError> {
     let interface = spec.target.interface.as_str();
     let l3 = l3_offset(interface)?;
-    let mut ebpf = ctx!(Ebpf::load(OBJECT), "load chaos.bpf.o")?;
+    let mut ebpf = prepared.ebpf;
 
     let rule = rule_for(spec, l3);
     let mut rules: Array<&mut MapData, Rule> =
@@ -351,15 +388,7 @@ impl Installed {
         mode: AttachMode,
         slot: u16,
     ) -> Result<(), DatapathError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(hook.program())
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| DatapathError::Kernel {
-                context: "chaos.bpf.o".into(),
-                message: format!("has no classifier {}", hook.program()),
-            })?;
-        ctx!(prog.load(), "load {} (verifier)", hook.program())?;
+        let prog = classifier(&mut self.ebpf, hook)?;
         let mut record = AttachmentRecord {
             interface: interface.to_string(),
             hook,
@@ -433,6 +462,16 @@ impl Installed {
             matched: acc.matched + v.matched,
             affected: acc.affected + v.affected,
         }))
+    }
+
+    /// Makes the classifiers pass every packet, at once: a map write, no RCU grace period. Revert
+    /// disarms first, so traffic is whole again before the (slower) detach.
+    pub fn disarm(&mut self) -> Result<(), DatapathError> {
+        let mut rules: Array<&mut MapData, Rule> =
+            ctx!(Array::try_from(map(&mut self.ebpf, "RULE")?), "RULE")?;
+        let mut rule = ctx!(rules.get(&0, 0), "read RULE")?;
+        rule.action = ACTION_NONE;
+        ctx!(rules.set(0, rule, 0), "disarm RULE")
     }
 
     /// Removes every attachment. Must run inside the target namespace.

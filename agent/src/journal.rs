@@ -95,7 +95,7 @@ impl Journal {
         let tmp = self.path.with_extension("json.tmp");
         {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(&file).map_err(io::Error::other)?)?;
+            f.write_all(&serde_json::to_vec(&file).map_err(io::Error::other)?)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;

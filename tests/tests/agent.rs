@@ -93,6 +93,12 @@ fn inject_returns_at_once_then_list_and_revert() {
     assert!(stdout(&o).contains(&id2));
     assert!(list(&agent).is_empty());
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+    drop(agent);
+    assert_eq!(
+        chaos_programs_loaded(),
+        0,
+        "BPF programs outlived the agent"
+    );
 }
 
 /// The node ends a fault at its deadline with no one asking (invariant 1).

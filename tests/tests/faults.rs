@@ -42,6 +42,7 @@ fn loss_is_accurate_and_invisible_to_the_sender() {
         std::fs::read_dir(&journal).map(|d| d.count()).unwrap_or(0)
     };
     assert_eq!(out, 0, "journal left behind after a clean revert");
+    assert_eq!(chaos_programs_loaded(), 0, "BPF programs outlived chaosctl");
 
     assert_eq!(
         report.send_errors, 0,

@@ -15,6 +15,8 @@ pub const PORT_BITMAP_WORDS: usize = 2048;
 /// `Rule::probability_*` are fractions of 2^32: 0 never, `PROBABILITY_ONE` always.
 pub const PROBABILITY_ONE: u64 = 1 << 32;
 
+/// Match and count, affect nothing (a disarmed fault, on its way out).
+pub const ACTION_NONE: u32 = 0;
 pub const ACTION_DROP: u32 = 1;
 pub const ACTION_CORRUPT: u32 = 2;
 
