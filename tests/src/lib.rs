@@ -36,10 +36,14 @@ pub fn require_root() {
     }
 }
 
-/// The directory holding the workspace's built binaries (target/<profile>).
+/// A workspace binary next to the running one (target/<profile>/, or its parent for tests in
+/// target/<profile>/deps/).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing chaos needs on a fresh Debian 12 machine (idempotent).
+# Rust itself comes from rustup; rust-toolchain.toml pins the version and components.
+set -euo pipefail
+need=()
+command -v ip >/dev/null       || need+=(iproute2)
+command -v tc >/dev/null       || need+=(iproute2)
+command -v iperf3 >/dev/null   || need+=(iperf3)
+command -v bpftool >/dev/null  || need+=(bpftool)
+command -v ping >/dev/null     || need+=(iputils-ping)
+command -v setpriv >/dev/null  || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install: ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# The toolchain in rust-toolchain.toml, with clippy and rustfmt (rustup installs on first use).
+rustup show active-toolchain >/dev/null

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this). Run as root: the kernel tests
+# create network namespaces and load BPF programs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+echo "== format, lints, eBPF object freshness"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo xtask check-ebpf
+
+echo "== build"
+cargo build --workspace --locked
+
+echo "== unit tests"
+cargo test --workspace --locked --lib --bins
+
+echo "== kernel integration tests (namespaces on this host)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "kernel tests need root: re-run as root" >&2
+  exit 1
+fi
+cargo test -p chaos-tests --locked --tests -- --test-threads=1
+
+echo "== benchmark (JSON in bench-out/, not a pass/fail gate)"
+cargo build --release --workspace --locked
+./target/release/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-3}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/bench.json"))
+for t in d["untargeted_throughput"]:
+    print(f"  throughput, {t['entries']:>6} entries: {t['median_gbit_s']:.2f} Gbit/s  ratio {t['ratio_to_baseline']:.3f}")
+for l in d["apply_revert_latency"]:
+    a, r, u = l["apply_ms"], l["revert_ms"], l["revert_until_traffic_unaffected_ms"]
+    print(f"  {l['entries']:>6} entries: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms (traffic unaffected after p99 {u['p99']:.3f} ms)")
+PY
+echo "all tests passed"
