@@ -25,12 +25,14 @@ cargo test -p chaos-tests --locked --tests -- --test-threads=1
 
 echo "== benchmark (JSON in bench-out/, not a pass/fail gate)"
 cargo build --release --workspace --locked
-./target/release/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-3}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null
+./target/release/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-5}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/bench.json"))
 for t in d["untargeted_throughput"]:
     print(f"  throughput, {t['entries']:>6} entries: {t['median_gbit_s']:.2f} Gbit/s  ratio {t['ratio_to_baseline']:.3f}")
+for c in d["classifier_cost_unmatched"]:
+    print(f"  classifier, {c['case']:<25} IPv4 {c['ipv4_ns_per_packet']:.0f} ns  IPv6 {c['ipv6_ns_per_packet']:.0f} ns per packet")
 for l in d["apply_revert_latency"]:
     a, r, u = l["apply_ms"], l["revert_ms"], l["revert_until_traffic_unaffected_ms"]
     print(f"  {l['entries']:>6} entries: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms (traffic unaffected after p99 {u['p99']:.3f} ms)")

@@ -304,6 +304,79 @@ pub struct Prepared {
     ebpf: Ebpf,
 }
 
+impl Prepared {
+    /// Fills the maps from `spec`. `l3_offset` is where the IP header starts (14 on Ethernet).
+    pub fn configure(
+        &mut self,
+        spec: &FaultSpec,
+        l3_offset: u32,
+        excluded: &[SocketAddr],
+    ) -> Result<(), DatapathError> {
+        let ebpf = &mut self.ebpf;
+        let rule = rule_for(spec, l3_offset);
+        let mut rules: Array<&mut MapData, Rule> =
+            ctx!(Array::try_from(map(ebpf, "RULE")?), "RULE")?;
+        ctx!(rules.set(0, rule, 0), "set RULE")?;
+        fill_cidrs(ebpf, "REMOTE", &spec.target.remote)?;
+        fill_cidrs(ebpf, "LOCAL", &spec.target.local)?;
+        if !spec.target.ports.is_empty() {
+            let mut bitmap = PortBitmap::empty();
+            for p in &spec.target.ports {
+                bitmap.set_range(p.first, p.last);
+            }
+            let mut ports: Array<&mut MapData, PortBitmap> =
+                ctx!(Array::try_from(map(ebpf, "PORTS")?), "PORTS")?;
+            ctx!(ports.set(0, bitmap, 0), "set PORTS")?;
+        }
+        let mut ex: HashMap<&mut MapData, Endpoint, u8> =
+            ctx!(HashMap::try_from(map(ebpf, "EXCLUDED")?), "EXCLUDED")?;
+        for addr in excluded {
+            ctx!(ex.insert(endpoint(*addr), 1, 0), "exclude {addr}")?;
+        }
+        Ok(())
+    }
+
+    /// Runs the `hook` classifier over `packet` `repeat` times in the kernel
+    /// (BPF_PROG_TEST_RUN) and returns the mean nanoseconds per run and the last verdict. For
+    /// benchmarks: the cost of the classifier alone, without any traffic or qdisc around it.
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> std::io::Result<(u32, i32)> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let prog = classifier(&mut self.ebpf, hook).map_err(std::io::Error::other)?;
+        let fd = prog
+            .fd()
+            .map_err(std::io::Error::other)?
+            .as_fd()
+            .as_raw_fd();
+        // union bpf_attr, the `test` member (include/uapi/linux/bpf.h).
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: attr is a valid, zero-padded bpf_attr; data_in outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                attr.len() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let retval = i32::from_ne_bytes(attr[4..8].try_into().unwrap_or_default());
+        let duration = u32::from_ne_bytes(attr[36..40].try_into().unwrap_or_default());
+        Ok((duration, retval))
+    }
+}
+
 pub fn prepare() -> Result<Prepared, DatapathError> {
     let mut ebpf = ctx!(
         EbpfLoader::new().btf(kernel_btf()).load(OBJECT),
@@ -328,7 +401,7 @@ fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Datap
 /// Configures and attaches one prepared fault. Must run inside the target namespace.
 /// `slot` picks the clsact priority; `excluded` are control-plane endpoints never to match.
 pub fn install(
-    prepared: Prepared,
+    mut prepared: Prepared,
     spec: &FaultSpec,
     mode: AttachMode,
     slot: u16,
@@ -336,30 +409,8 @@ pub fn install(
 ) -> Result<Installed, DatapathError> {
     let interface = spec.target.interface.as_str();
     let l3 = l3_offset(interface)?;
-    let mut ebpf = prepared.ebpf;
-
-    let rule = rule_for(spec, l3);
-    let mut rules: Array<&mut MapData, Rule> =
-        ctx!(Array::try_from(map(&mut ebpf, "RULE")?), "RULE")?;
-    ctx!(rules.set(0, rule, 0), "set RULE")?;
-    fill_cidrs(&mut ebpf, "REMOTE", &spec.target.remote)?;
-    fill_cidrs(&mut ebpf, "LOCAL", &spec.target.local)?;
-    if !spec.target.ports.is_empty() {
-        let mut bitmap = PortBitmap::empty();
-        for p in &spec.target.ports {
-            bitmap.set_range(p.first, p.last);
-        }
-        let mut ports: Array<&mut MapData, PortBitmap> =
-            ctx!(Array::try_from(map(&mut ebpf, "PORTS")?), "PORTS")?;
-        ctx!(ports.set(0, bitmap, 0), "set PORTS")?;
-    }
-    {
-        let mut ex: HashMap<&mut MapData, Endpoint, u8> =
-            ctx!(HashMap::try_from(map(&mut ebpf, "EXCLUDED")?), "EXCLUDED")?;
-        for addr in excluded {
-            ctx!(ex.insert(endpoint(*addr), 1, 0), "exclude {addr}")?;
-        }
-    }
+    prepared.configure(spec, l3, excluded)?;
+    let ebpf = prepared.ebpf;
 
     let mut installed = Installed {
         ebpf,
@@ -553,4 +604,94 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
         source = s.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Direction, NetnsRef, Target};
+    use std::time::Duration;
+
+    fn spec(kind: FaultKind) -> FaultSpec {
+        FaultSpec {
+            kind,
+            target: Target {
+                netns: NetnsRef::Current,
+                interface: "eth0".into(),
+                remote: vec![],
+                local: vec!["10.0.0.1".parse().unwrap()],
+                ports: vec![],
+                protocol: Protocol::Udp,
+                direction: Direction::Egress,
+            },
+            duration: Duration::from_secs(1),
+        }
+    }
+
+    fn p(x: u64) -> f64 {
+        x as f64 / PROBABILITY_ONE as f64
+    }
+
+    #[test]
+    fn independent_loss_has_equal_chain_probabilities() {
+        let r = rule_for(
+            &spec(FaultKind::Loss {
+                percent: 30.0,
+                correlation: 0.0,
+            }),
+            14,
+        );
+        assert_eq!(r.action, ACTION_DROP);
+        assert_eq!(r.probability_after_hit, r.probability_after_miss);
+        assert!((p(r.probability_after_miss) - 0.3).abs() < 1e-9);
+        assert_eq!(r.match_flags, MATCH_LOCAL);
+        assert_eq!((r.protocol, r.l3_offset), (PROTO_UDP, 14));
+    }
+
+    #[test]
+    fn correlated_loss_keeps_the_mean() {
+        let r = rule_for(
+            &spec(FaultKind::Loss {
+                percent: 20.0,
+                correlation: 75.0,
+            }),
+            14,
+        );
+        let (hit, miss) = (p(r.probability_after_hit), p(r.probability_after_miss));
+        assert!((hit - 0.8).abs() < 1e-9, "P(l|l) = p + c(1-p)");
+        assert!((miss - 0.05).abs() < 1e-9, "P(l|n) = p(1-c)");
+        // Stationary loss probability of the chain: miss / (1 - hit + miss).
+        assert!((miss / (1.0 - hit + miss) - 0.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn edges() {
+        let all = rule_for(&spec(FaultKind::Partition), 0);
+        assert_eq!(
+            (all.probability_after_hit, all.probability_after_miss),
+            (PROBABILITY_ONE, PROBABILITY_ONE)
+        );
+        let full = rule_for(
+            &spec(FaultKind::Loss {
+                percent: 100.0,
+                correlation: 100.0,
+            }),
+            0,
+        );
+        assert_eq!(full.probability_after_hit, PROBABILITY_ONE);
+        let none = rule_for(&spec(FaultKind::Corrupt { percent: 0.0 }), 0);
+        assert_eq!(
+            (none.action, none.probability_after_miss),
+            (ACTION_CORRUPT, 0)
+        );
+    }
+
+    #[test]
+    fn port_bitmap() {
+        let mut b = PortBitmap::empty();
+        b.set_range(6000, 6009);
+        b.set_range(65535, 65535);
+        assert!(b.contains(6000) && b.contains(6009) && b.contains(65535));
+        assert!(!b.contains(5999) && !b.contains(6010) && !b.contains(0));
+    }
 }

@@ -130,3 +130,116 @@ impl Journal {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{AttachMode, Hook};
+    use crate::spec::{Direction, FaultKind, NetnsRef, Protocol, Target};
+    use std::time::Duration;
+
+    fn entry(id: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            spec: FaultSpec {
+                kind: FaultKind::Partition,
+                target: Target {
+                    netns: NetnsRef::Current,
+                    interface: "eth0".into(),
+                    remote: vec!["10.0.0.0/8".parse().unwrap()],
+                    local: vec![],
+                    ports: vec!["80".parse().unwrap()],
+                    protocol: Protocol::Tcp,
+                    direction: Direction::Both,
+                },
+                duration: Duration::from_secs(30),
+            },
+            deadline_unix_ms: 1,
+            netns_path: None,
+            netns_id: NetnsId { dev: 1, ino: 2 },
+            attachments: vec![AttachmentRecord {
+                interface: "eth0".into(),
+                hook: Hook::Egress,
+                mode: AttachMode::Clsact,
+                priority: 0x0C00,
+                handle: 0xC4A0_0001,
+                created_clsact: true,
+            }],
+        }
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("chaos-journal-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn write_replaces_atomically_and_empty_removes() {
+        let dir = tempdir("write");
+        let j = Journal::open(&dir).unwrap();
+        j.write(&[entry("f-1"), entry("f-2")]).unwrap();
+        let file: JournalFile = serde_json::from_slice(&std::fs::read(j.path()).unwrap()).unwrap();
+        assert_eq!(file.faults.len(), 2);
+        assert_eq!(file.faults[0], entry("f-1"), "round trip");
+        assert_eq!(file.owner, Owner::current().unwrap());
+        assert!(
+            !j.path().with_extension("json.tmp").exists(),
+            "temporary file left"
+        );
+        j.write(&[]).unwrap();
+        assert!(!j.path().exists(), "an empty journal is no file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn orphans_are_files_of_dead_or_reused_owners() {
+        let dir = tempdir("orphans");
+        let j = Journal::open(&dir).unwrap();
+        j.write(&[entry("mine")]).unwrap();
+        let me = Owner::current().unwrap();
+        let write = |name: &str, owner: Owner| {
+            let f = JournalFile {
+                owner,
+                faults: vec![entry(name)],
+            };
+            std::fs::write(
+                dir.join(format!("{name}.json")),
+                serde_json::to_vec(&f).unwrap(),
+            )
+            .unwrap();
+        };
+        // pid 1 is alive but started at another time than recorded: pid reuse, so an orphan.
+        write(
+            "reused",
+            Owner {
+                pid: 1,
+                start_time: u64::MAX,
+            },
+        );
+        // A pid that cannot exist.
+        write(
+            "dead",
+            Owner {
+                pid: u32::MAX - 1,
+                start_time: 1,
+            },
+        );
+        // Our own process under another file name: alive, not an orphan.
+        write("alive", me);
+        std::fs::write(dir.join("half.json.tmp"), b"{").unwrap();
+        let mut names: Vec<String> = j
+            .orphans()
+            .unwrap()
+            .into_iter()
+            .map(|(_, f)| f.faults[0].id.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["dead", "reused"]);
+        assert!(
+            !dir.join("half.json.tmp").exists(),
+            "interrupted write not cleaned"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

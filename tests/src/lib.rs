@@ -137,6 +137,12 @@ impl TestNet {
                 found.push(format!("qdisc: {line}"));
             }
         }
+        // We never pin; anything of ours under bpffs would be a leak.
+        let pinned = sh("find /sys/fs/bpf -iname '*chaos*' 2>/dev/null");
+        let pinned = String::from_utf8_lossy(&pinned.stdout).trim().to_string();
+        if !pinned.is_empty() {
+            found.push(format!("pinned: {pinned}"));
+        }
         // Debian's bpftool predates TCX and does not list TCX links per device, so count links
         // to our programs machine-wide (kernel tests run one at a time).
         let links = chaos_links();
@@ -301,7 +307,9 @@ impl UdpReceiver {
             let file = std::fs::File::open(PathBuf::from("/run/netns").join(&ns)).expect("netns");
             nix_setns(&file);
             let sock = UdpSocket::bind(addr).expect("bind receiver");
-            let size: libc::c_int = 8 << 20;
+            // Large enough to hold every datagram a test sends even if this thread never ran
+            // until the end: a lost datagram must be the fault's doing, not a full buffer.
+            let size: libc::c_int = 64 << 20;
             // SAFETY: setsockopt with a valid int option on our socket.
             unsafe {
                 libc::setsockopt(

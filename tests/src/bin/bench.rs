@@ -55,7 +55,7 @@ fn spec(net: &TestNet, remote: Vec<Cidr>) -> FaultSpec {
 
 fn iperf(net: &TestNet, seconds: u32) -> f64 {
     let out = sh(&format!(
-        "ip netns exec {} iperf3 -J -c {B4} -t {seconds} -p 5299",
+        "ip netns exec {} iperf3 -J -A 0,1 -c {B4} -t {seconds} -p 5299",
         net.a
     ));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -114,6 +114,61 @@ fn latencies(
         "revert_ms": { "p50": percentile(&revert, 0.5), "p99": percentile(&revert, 0.99), "max": revert[revert.len() - 1] },
         "revert_until_traffic_unaffected_ms": { "p50": percentile(&disarm, 0.5), "p99": percentile(&disarm, 0.99), "max": disarm[disarm.len() - 1] },
     })
+}
+
+/// A 64-byte Ethernet/IPv4/UDP frame (or its IPv6 twin) from 10.213.0.1 to 10.213.0.2: none
+/// of the benchmark's CIDRs contain it.
+fn frame(v6: bool) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    if v6 {
+        f.extend([0x86, 0xdd, 0x60, 0, 0, 0, 0, 16, 17, 64]);
+        f.extend([0xfd, 0, 0x02, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend([0xfd, 0, 0x02, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    } else {
+        f.extend([0x08, 0x00, 0x45, 0, 0, 50, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend([10, 213, 0, 1, 10, 213, 0, 2]);
+    }
+    f.extend([0x30, 0x39, 0x14, 0xb4, 0, 30, 0, 0]); // udp 12345 -> 5300
+    f.resize(f.len().max(64), 0xab);
+    f
+}
+
+/// The classifier's own cost per unmatched packet (BPF_PROG_TEST_RUN, 10^6 runs each), by
+/// number of remote CIDRs. Baseline: a rule for another protocol, which returns right after
+/// parsing (no trie lookup).
+fn classifier_cost(net: &TestNet) -> serde_json::Value {
+    use chaos_agent::datapath::{self, Hook};
+    const PASS: i32 = -1;
+    let mut rows = Vec::new();
+    let cases: [(&str, usize); 4] = [
+        ("baseline: other protocol", 0),
+        ("1 entry", 1),
+        ("1,000 entries", 1000),
+        ("65,536 entries", 65_536),
+    ];
+    for (label, n) in cases {
+        let mut s = spec(net, cidrs(n));
+        if n == 0 {
+            s.target.protocol = Protocol::Tcp;
+        }
+        let mut prepared = datapath::prepare().expect("prepare");
+        prepared.configure(&s, 14, &[]).expect("configure");
+        let mut row = json!({ "case": label, "entries": n });
+        for (family, v6) in [("ipv4", false), ("ipv6", true)] {
+            let mut runs: Vec<f64> = (0..5)
+                .map(|_| {
+                    let (ns, verdict) = prepared
+                        .test_run(Hook::Egress, &frame(v6), 1_000_000)
+                        .expect("test_run");
+                    assert_eq!(verdict, PASS, "unmatched packet not passed");
+                    ns as f64
+                })
+                .collect();
+            row[format!("{family}_ns_per_packet")] = json!(median(&mut runs));
+        }
+        rows.push(row);
+    }
+    json!(rows)
 }
 
 fn main() {
@@ -190,6 +245,7 @@ fn main() {
         })
         .collect();
 
+    let cost = classifier_cost(&net);
     let typical = latencies(&engine, &net, 1, runs);
     let large = latencies(&engine, &net, 65_536, (runs / 10).max(5));
     let report = json!({
@@ -199,6 +255,7 @@ fn main() {
         "iperf3_seconds_per_run": seconds,
         "rounds": rounds,
         "untargeted_throughput": throughput,
+        "classifier_cost_unmatched": cost,
         "apply_revert_latency": [typical, large],
         "targets": {
             "untargeted_throughput_ratio_at_65536_min": 0.98,
