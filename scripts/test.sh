@@ -23,6 +23,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 cargo test -p chaos-tests --locked --tests -- --test-threads=1
 
+echo "== real Debian kernels (6.1, no TCX: clsact path) under QEMU, x86_64 and arm64"
+cargo xtask vm-test
+
 echo "== benchmark (JSON in bench-out/, not a pass/fail gate)"
 cargo build --release --workspace --locked
 ./target/release/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-5}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null

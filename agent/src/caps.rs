@@ -55,43 +55,34 @@ pub fn detect() -> Capabilities {
         detail: "/sys/kernel/btf/vmlinux".into(),
     });
 
-    let probed = std::thread::spawn(|| -> Result<Vec<(&'static str, bool)>, String> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
-        let mut out = vec![("clsact", aya::programs::tc::qdisc_add_clsact("lo").is_ok())];
-        for kind in ["netem", "fq", "tbf", "htb"] {
-            out.push((
-                kind,
-                netlink::qdisc_kind_exists(kind).map_err(|e| format!("probe {kind}: {e}"))?,
-            ));
-        }
-        Ok(out)
-    })
-    .join()
-    .unwrap_or_else(|_| Err("probe thread panicked".into()));
-    match probed {
-        Ok(found) => {
-            for (name, present) in found {
-                let detail = match name {
-                    "clsact" => "sch_ingress: clsact hooks for tc BPF filters".to_string(),
-                    _ => format!("qdisc sch_{name}"),
-                };
-                features.push(Feature {
-                    name,
-                    present,
-                    detail,
-                });
+    // Each probe gets a throwaway namespace of its own: a kind that exists leaves its qdisc on
+    // `lo`, which would make the next probe fail with EEXIST.
+    let probe = |kind: &'static str| -> Result<bool, String> {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+            if kind == "clsact" {
+                return Ok(aya::programs::tc::qdisc_add_clsact("lo").is_ok());
             }
-        }
-        Err(e) => {
-            for name in ["clsact", "netem", "fq", "tbf", "htb"] {
-                features.push(Feature {
-                    name,
-                    present: false,
-                    detail: format!("not probed: {e}"),
-                });
-            }
-        }
+            netlink::qdisc_kind_exists(kind).map_err(|e| format!("probe {kind}: {e}"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("probe thread panicked".into()))
+    };
+    for name in ["clsact", "netem", "fq", "tbf", "htb"] {
+        let (present, detail) = match probe(name) {
+            Ok(present) if name == "clsact" => (
+                present,
+                "sch_ingress: clsact hooks for tc BPF filters".to_string(),
+            ),
+            Ok(present) => (present, format!("qdisc sch_{name}")),
+            Err(e) => (false, format!("not probed: {e}")),
+        };
+        features.push(Feature {
+            name,
+            present,
+            detail,
+        });
     }
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let v1: Vec<&str> = mounts

@@ -206,7 +206,8 @@ fn l3_offset(interface: &str) -> Result<u32, DatapathError> {
         {
             *dst = src as libc::c_char;
         }
-        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr);
+        // The request type differs between libcs (c_ulong on glibc, c_int on musl).
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR as _, &mut ifr);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         if rc < 0 {

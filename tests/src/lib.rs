@@ -277,9 +277,9 @@ fn drain_errqueue(sock: &UdpSocket) -> u64 {
         let rc = unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
+            msg.msg_iovlen = 1 as _;
             msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = control.len();
+            msg.msg_controllen = control.len() as _;
             libc::recvmsg(
                 sock.as_raw_fd(),
                 &mut msg,

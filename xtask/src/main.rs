@@ -3,6 +3,8 @@
 //! - `cargo xtask build-ebpf`: rebuild agent-ebpf/chaos.bpf.o with the pinned nightly and
 //!   bpf-linker, and record the hash of its sources next to it.
 //! - `cargo xtask check-ebpf`: fail if the eBPF sources changed since the object was built.
+//! - `cargo xtask vm-test`: build the VM harness (tests/vm, cached), the static test binary for
+//!   x86_64 and aarch64, and run it inside QEMU on real Debian kernels of both architectures.
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,8 @@ fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("build-ebpf") => build_ebpf(&root),
         Some("check-ebpf") => check_ebpf(&root),
-        _ => bail!("usage: cargo xtask build-ebpf | check-ebpf"),
+        Some("vm-test") => vm_test(&root),
+        _ => bail!("usage: cargo xtask build-ebpf | check-ebpf | vm-test"),
     }
 }
 
@@ -159,6 +162,57 @@ fn build_ebpf(root: &Path) -> Result<()> {
     );
     std::fs::write(root.join(HASH_FILE), record)?;
     println!("wrote {OBJECT} and {HASH_FILE}");
+    Ok(())
+}
+
+/// The architectures the VM suite covers: x86_64, and arm64 with a Raspberry Pi 4 class CPU.
+const VM_TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
+
+fn vm_test(root: &Path) -> Result<()> {
+    run(Command::new("bash").arg(root.join("tests/vm/build.sh")))?;
+    let vm_dir = std::env::var("CHAOS_VM_DIR").unwrap_or_else(|_| {
+        let cache = std::env::var("XDG_CACHE_HOME")
+            .unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap_or_default()));
+        format!("{cache}/chaos-vm")
+    });
+    let mut failed = Vec::new();
+    for target in VM_TARGETS {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+        run(Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "chaos-tests",
+                "--bin",
+                "chaos-vmtest",
+                "--target",
+                target,
+            ])
+            .current_dir(root))?;
+        let bin = root.join(format!("target/{target}/release/chaos-vmtest"));
+        println!("== {target}: chaos-vmtest in a VM");
+        let status = Command::new(format!("{vm_dir}/bin/vm-run"))
+            .arg(&bin)
+            .env("VM_TIMEOUT", "600")
+            .status()
+            .context("run vm-run")?;
+        if !status.success() {
+            failed.push(target);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("VM tests failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
     Ok(())
 }
 
