@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
+    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
     MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP, PortBitmap, Rule,
 };
 
@@ -132,6 +132,12 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
         ACTION_DROP => {
             state.affected += 1;
             Verdict::Drop
+        }
+        ACTION_STEER => {
+            // SAFETY: `priority` is a field of __sk_buff that tc programs may write.
+            unsafe { (*ctx.skb.skb).priority = rule.classid };
+            state.affected += 1;
+            Verdict::Pass
         }
         ACTION_CORRUPT => {
             if corrupt(ctx, &pkt) {

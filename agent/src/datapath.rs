@@ -3,6 +3,7 @@
 //!
 //! Everything here that names an interface runs inside the target namespace (the caller puts
 //! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
+use crate::qdisc::{self, Netem, Shape, ShapeError};
 use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, Protocol, invalid};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::links::Link as _;
@@ -10,9 +11,9 @@ use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandl
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, CpuState, Endpoint, FAMILY_V4, FAMILY_V6,
-    MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP,
-    PROTO_UDP, PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4,
+    FAMILY_V6, MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +32,8 @@ pub const CLSACT_PRIORITY_BASE: u16 = 0x0C00;
 pub enum DatapathError {
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
     #[error("{context}: {message}")]
     Kernel { context: String, message: String },
 }
@@ -128,6 +131,26 @@ pub struct Installed {
     ebpf: Ebpf,
     tcx_links: Vec<SchedClassifierLink>,
     pub records: Vec<AttachmentRecord>,
+    /// Interfaces where we put our root qdisc (shaping faults).
+    pub shaped: Vec<String>,
+}
+
+/// The shaping a kind needs, if any.
+pub fn shape_for(kind: &FaultKind) -> Option<Shape> {
+    match *kind {
+        FaultKind::Latency {
+            ms,
+            jitter_ms,
+            correlation,
+        } => Some(Shape::Netem(Netem {
+            latency_ns: (ms * 1e6).round() as u64,
+            jitter_ns: (jitter_ms * 1e6).round() as u64,
+            delay_correlation: correlation,
+            limit: 10_000,
+        })),
+        FaultKind::Bandwidth { bytes_per_sec } => Some(Shape::Rate(bytes_per_sec)),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +189,9 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
         }
         FaultKind::Corrupt { percent } => (ACTION_CORRUPT, fraction(percent), fraction(percent)),
         FaultKind::Partition => (ACTION_DROP, PROBABILITY_ONE, PROBABILITY_ONE),
+        FaultKind::Latency { .. } | FaultKind::Bandwidth { .. } => {
+            (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE)
+        }
     };
     Rule {
         action,
@@ -179,6 +205,12 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
         l3_offset,
         probability_after_hit: after_hit.min(PROBABILITY_ONE),
         probability_after_miss: after_miss.min(PROBABILITY_ONE),
+        classid: if action == ACTION_STEER {
+            qdisc::SHAPE_CLASSID
+        } else {
+            0
+        },
+        _pad: 0,
     }
 }
 
@@ -412,11 +444,20 @@ pub fn install(
     let l3 = l3_offset(interface)?;
     prepared.configure(spec, l3, excluded)?;
     let ebpf = prepared.ebpf;
+    // The class must exist before anything is steered into it.
+    let shaped = match shape_for(&spec.kind) {
+        Some(shape) => {
+            qdisc::install(interface, &shape)?;
+            vec![interface.to_string()]
+        }
+        None => Vec::new(),
+    };
 
     let mut installed = Installed {
         ebpf,
         tcx_links: Vec::new(),
         records: Vec::new(),
+        shaped,
     };
     let hooks = [
         (spec.target.direction.egress(), Hook::Egress),
@@ -536,6 +577,14 @@ impl Installed {
         }
         if let Err(e) = remove_clsact_attachments(&self.records) {
             first_error.get_or_insert(e);
+        }
+        // After the classifiers: nothing is steered into the class while it goes away.
+        for interface in &self.shaped {
+            if let Err(e) = qdisc::remove(interface) {
+                first_error.get_or_insert(kernel(format!("remove root qdisc of {interface}"))(
+                    Box::new(e),
+                ));
+            }
         }
         first_error.map_or(Ok(()), Err)
     }

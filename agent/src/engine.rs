@@ -9,6 +9,7 @@ use crate::datapath::{
 };
 use crate::journal::{Entry, Journal};
 use crate::netns::{Netns, NetnsError};
+use crate::qdisc::ShapeError;
 use crate::spec::{DEFAULT_MAX_DURATION, FaultSpec, InvalidInput, NetnsRef};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,6 +46,11 @@ impl EngineError {
                 | EngineError::NotFound(_)
                 | EngineError::Netns(NetnsError::Missing { .. })
                 | EngineError::Datapath(DatapathError::Invalid(_))
+                | EngineError::Datapath(DatapathError::Shape(
+                    ShapeError::Foreign { .. }
+                        | ShapeError::Busy { .. }
+                        | ShapeError::Missing { .. }
+                ))
         )
     }
 }
@@ -128,6 +134,7 @@ pub struct Reclaimed {
     pub journals: usize,
     pub faults: usize,
     pub clsact_filters: usize,
+    pub qdiscs: usize,
     pub errors: Vec<String>,
 }
 
@@ -369,7 +376,15 @@ impl Engine {
         let netns = Netns::open(&spec.target.netns)?;
         // Intent first: if we crash mid-install, the journal already names what may be there.
         let planned = planned_attachments(&spec, self.config.attach, slot);
-        self.write_journal(st, Some(entry(id, &spec, deadline, &netns, planned)))?;
+        let shaped = if spec.kind.shapes() {
+            vec![spec.target.interface.clone()]
+        } else {
+            Vec::new()
+        };
+        self.write_journal(
+            st,
+            Some(entry(id, &spec, deadline, &netns, planned, shaped)),
+        )?;
         let journaled = started.elapsed();
         let prepared = self.take_prepared()?;
         let prepared_at = started.elapsed();
@@ -455,6 +470,7 @@ impl Engine {
                     a.deadline,
                     &a.netns,
                     a.installed.records.clone(),
+                    a.installed.shaped.clone(),
                 )
             })
             .collect();
@@ -488,7 +504,8 @@ impl Engine {
                     .filter(|a| a.mode == AttachMode::Clsact)
                     .cloned()
                     .collect();
-                if clsact.is_empty() {
+                let shaped = fault.shaped.clone();
+                if clsact.is_empty() && shaped.is_empty() {
                     continue;
                 }
                 let netns = match find_netns(fault) {
@@ -497,8 +514,21 @@ impl Engine {
                     None => continue,
                 };
                 let n = clsact.len();
-                match netns.run(move || datapath::remove_clsact_attachments(&clsact)) {
-                    Ok(Ok(())) => report.clsact_filters += n,
+                let removed = netns.run(move || {
+                    datapath::remove_clsact_attachments(&clsact)?;
+                    for interface in &shaped {
+                        crate::qdisc::remove(interface).map_err(|e| DatapathError::Kernel {
+                            context: format!("remove root qdisc of {interface}"),
+                            message: e.to_string(),
+                        })?;
+                    }
+                    Ok::<(), DatapathError>(())
+                });
+                match removed {
+                    Ok(Ok(())) => {
+                        report.clsact_filters += n;
+                        report.qdiscs += fault.shaped.len();
+                    }
                     Ok(Err(e)) => report.errors.push(format!("{}: {e}", fault.id)),
                     Err(e) => report.errors.push(format!("{}: {e}", fault.id)),
                 }
@@ -544,6 +574,7 @@ fn entry(
     deadline: SystemTime,
     netns: &Netns,
     attachments: Vec<AttachmentRecord>,
+    shaped: Vec<String>,
 ) -> Entry {
     Entry {
         id: id.to_string(),
@@ -552,6 +583,7 @@ fn entry(
         netns_path: netns.path.clone(),
         netns_id: netns.id,
         attachments,
+        shaped,
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Entry {
     pub netns_path: Option<PathBuf>,
     pub netns_id: NetnsId,
     pub attachments: Vec<AttachmentRecord>,
+    /// Interfaces where the fault put our root qdisc (`c4a0:`).
+    #[serde(default)]
+    pub shaped: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -165,6 +168,7 @@ mod tests {
                 handle: 0xC4A0_0001,
                 created_clsact: true,
             }],
+            shaped: vec!["eth0".into()],
         }
     }
 

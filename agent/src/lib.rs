@@ -6,6 +6,7 @@ pub mod engine;
 pub mod journal;
 pub mod netlink;
 pub mod netns;
+pub mod qdisc;
 pub mod server;
 pub mod spec;
 

@@ -32,7 +32,20 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
             },
             Some(pb::fault_spec::Kind::Corrupt(c)) => FaultKind::Corrupt { percent: c.percent },
             Some(pb::fault_spec::Kind::Partition(_)) => FaultKind::Partition,
-            None => return Err(invalid("kind", "must be one of loss, corrupt, partition")),
+            Some(pb::fault_spec::Kind::Latency(l)) => FaultKind::Latency {
+                ms: l.ms,
+                jitter_ms: l.jitter_ms,
+                correlation: l.correlation,
+            },
+            Some(pb::fault_spec::Kind::Bandwidth(b)) => FaultKind::Bandwidth {
+                bytes_per_sec: spec::parse_rate(&b.rate)?,
+            },
+            None => {
+                return Err(invalid(
+                    "kind",
+                    "must be one of loss, corrupt, partition, latency, bandwidth",
+                ));
+            }
         };
         let t = p.target.ok_or_else(|| invalid("target", "is required"))?;
         let netns = match t.namespace {
@@ -75,6 +88,20 @@ impl From<&FaultSpec> for pb::FaultSpec {
                 pb::fault_spec::Kind::Corrupt(pb::Corrupt { percent })
             }
             FaultKind::Partition => pb::fault_spec::Kind::Partition(pb::Partition {}),
+            FaultKind::Latency {
+                ms,
+                jitter_ms,
+                correlation,
+            } => pb::fault_spec::Kind::Latency(pb::Latency {
+                ms,
+                jitter_ms,
+                correlation,
+            }),
+            FaultKind::Bandwidth { bytes_per_sec } => {
+                pb::fault_spec::Kind::Bandwidth(pb::Bandwidth {
+                    rate: format!("{bytes_per_sec}bps"),
+                })
+            }
         };
         let t = &s.target;
         pb::FaultSpec {

@@ -31,6 +31,15 @@ pub enum FaultKind {
     Corrupt { percent: f64 },
     /// Drop every matched packet.
     Partition,
+    /// Delay matched packets (netem): `ms` plus or minus `jitter_ms`, with `correlation`
+    /// (percent) between successive delays.
+    Latency {
+        ms: f64,
+        jitter_ms: f64,
+        correlation: f64,
+    },
+    /// Limit matched traffic to `rate` bytes per second.
+    Bandwidth { bytes_per_sec: u64 },
 }
 
 impl FaultKind {
@@ -39,7 +48,17 @@ impl FaultKind {
             FaultKind::Loss { .. } => "loss",
             FaultKind::Corrupt { .. } => "corrupt",
             FaultKind::Partition => "partition",
+            FaultKind::Latency { .. } => "latency",
+            FaultKind::Bandwidth { .. } => "bandwidth",
         }
+    }
+
+    /// Shaping kinds need a qdisc tree on the interface; the others act in the classifier.
+    pub fn shapes(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::Latency { .. } | FaultKind::Bandwidth { .. }
+        )
     }
 }
 
@@ -301,6 +320,39 @@ impl FaultSpec {
             }
             FaultKind::Corrupt { percent: p } => percent("--percent", p)?,
             FaultKind::Partition => {}
+            FaultKind::Latency {
+                ms,
+                jitter_ms,
+                correlation,
+            } => {
+                if !(ms.is_finite() && ms > 0.0 && ms <= 600_000.0) {
+                    return Err(invalid(
+                        "--ms",
+                        format!("must be greater than 0 and at most 600000 (got {ms})"),
+                    ));
+                }
+                if !(jitter_ms.is_finite() && (0.0..=600_000.0).contains(&jitter_ms)) {
+                    return Err(invalid(
+                        "--jitter-ms",
+                        format!("must be between 0 and 600000 (got {jitter_ms})"),
+                    ));
+                }
+                percent("--correlation", correlation)?;
+            }
+            FaultKind::Bandwidth { bytes_per_sec } => {
+                if bytes_per_sec == 0 {
+                    return Err(invalid("--rate", "must be greater than 0"));
+                }
+            }
+        }
+        if self.kind.shapes() && self.target.direction != Direction::Egress {
+            return Err(invalid(
+                "--direction",
+                format!(
+                    "{} shapes egress only for now (ingress needs an IFB device, not yet supported)",
+                    self.kind.name()
+                ),
+            ));
         }
         let iface = &self.target.interface;
         if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
@@ -327,6 +379,43 @@ impl FaultSpec {
         }
         Ok(())
     }
+}
+
+/// Parses a rate as tc does: `1mbit`, `500kbit`, `10gbit`, `100bit` (bits per second, decimal
+/// prefixes) or `1mbps`, `64kbps` (bytes per second). Returns bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, InvalidInput> {
+    let bad = || {
+        invalid(
+            "--rate",
+            format!("`{s}` must look like 1mbit, 500kbit, 10gbit or 2mbps"),
+        )
+    };
+    let lower = s.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(bad)?;
+    let (num, unit) = lower.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let bits_per_sec = match unit {
+        "bit" => n,
+        "kbit" => n * 1e3,
+        "mbit" => n * 1e6,
+        "gbit" => n * 1e9,
+        "tbit" => n * 1e12,
+        "bps" => n * 8.0,
+        "kbps" => n * 8e3,
+        "mbps" => n * 8e6,
+        "gbps" => n * 8e9,
+        _ => return Err(bad()),
+    };
+    let bytes = (bits_per_sec / 8.0).round();
+    if !(1.0..=1e13).contains(&bytes) {
+        return Err(invalid(
+            "--rate",
+            format!("`{s}` must be between 8bit and 80tbit"),
+        ));
+    }
+    Ok(bytes as u64)
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, `1m30s`. A bare number is refused: its unit is a guess.
@@ -503,6 +592,44 @@ mod tests {
         let mut s = spec(FaultKind::Partition, DEFAULT_DURATION);
         s.target.interface = "a-very-long-interface-name".into();
         assert_eq!(s.validate(max).unwrap_err().field, "--interface");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1mbit").unwrap(), 125_000);
+        assert_eq!(parse_rate("10Gbit").unwrap(), 1_250_000_000);
+        assert_eq!(parse_rate("2mbps").unwrap(), 2_000_000);
+        assert_eq!(parse_rate("1.5mbit").unwrap(), 187_500);
+        for bad in ["", "10", "mbit", "1 mbit", "1xbit", "0mbit", "-1mbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shaping_is_egress_only_for_now() {
+        let mut s = spec(
+            FaultKind::Latency {
+                ms: 100.0,
+                jitter_ms: 0.0,
+                correlation: 0.0,
+            },
+            DEFAULT_DURATION,
+        );
+        assert!(s.validate(DEFAULT_MAX_DURATION).is_ok());
+        s.target.direction = Direction::Both;
+        assert_eq!(
+            s.validate(DEFAULT_MAX_DURATION).unwrap_err().field,
+            "--direction"
+        );
+        let s = spec(
+            FaultKind::Latency {
+                ms: 0.0,
+                jitter_ms: 0.0,
+                correlation: 0.0,
+            },
+            DEFAULT_DURATION,
+        );
+        assert_eq!(s.validate(DEFAULT_MAX_DURATION).unwrap_err().field, "--ms");
     }
 
     #[test]

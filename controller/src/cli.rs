@@ -77,6 +77,28 @@ enum FaultArgs {
         #[command(flatten)]
         common: Common,
     },
+    /// Delay matched packets (netem, egress).
+    Latency {
+        /// Added delay in milliseconds.
+        #[arg(long)]
+        ms: f64,
+        /// Random variation of the delay, plus or minus, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        jitter_ms: f64,
+        /// Correlation between successive delays, percent.
+        #[arg(long, default_value_t = 0.0)]
+        correlation: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Limit the bandwidth of matched traffic (egress).
+    Bandwidth {
+        /// tc syntax: 1mbit, 500kbit, 10gbit, 2mbps.
+        #[arg(long)]
+        rate: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -128,8 +150,8 @@ struct Common {
 }
 
 impl FaultArgs {
-    fn parts(&self) -> (FaultKind, &Common) {
-        match self {
+    fn parts(&self) -> Result<(FaultKind, &Common), InvalidInput> {
+        Ok(match self {
             FaultArgs::Loss {
                 percent,
                 correlation,
@@ -145,7 +167,26 @@ impl FaultArgs {
                 (FaultKind::Corrupt { percent: *percent }, common)
             }
             FaultArgs::Partition { common } => (FaultKind::Partition, common),
-        }
+            FaultArgs::Latency {
+                ms,
+                jitter_ms,
+                correlation,
+                common,
+            } => (
+                FaultKind::Latency {
+                    ms: *ms,
+                    jitter_ms: *jitter_ms,
+                    correlation: *correlation,
+                },
+                common,
+            ),
+            FaultArgs::Bandwidth { rate, common } => (
+                FaultKind::Bandwidth {
+                    bytes_per_sec: spec::parse_rate(rate)?,
+                },
+                common,
+            ),
+        })
     }
 }
 
@@ -182,9 +223,15 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .unwrap_or_else(|| agent_client::DEFAULT_AGENT.to_string());
     match cli.command {
         Command::Inject { fault } => {
-            let (kind, common) = fault.parts();
-            let spec = match spec_from(kind, common) {
+            let spec = match fault
+                .parts()
+                .and_then(|(kind, common)| spec_from(kind, common))
+            {
                 Ok(s) => s,
+                Err(e) => return refuse(e),
+            };
+            let common = match fault.parts() {
+                Ok((_, common)) => common,
                 Err(e) => return refuse(e),
             };
             if common.local {
@@ -388,6 +435,8 @@ fn kind_name(f: &pb::Fault) -> &'static str {
         Some(pb::fault_spec::Kind::Loss(_)) => "loss",
         Some(pb::fault_spec::Kind::Corrupt(_)) => "corrupt",
         Some(pb::fault_spec::Kind::Partition(_)) => "partition",
+        Some(pb::fault_spec::Kind::Latency(_)) => "latency",
+        Some(pb::fault_spec::Kind::Bandwidth(_)) => "bandwidth",
         None => "unknown",
     }
 }

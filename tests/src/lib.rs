@@ -589,3 +589,63 @@ pub fn tcp_retrans_segs() -> u64 {
         .and_then(|x| x.parse().ok())
         .expect("value")
 }
+
+/// Round-trip times (ms) of `count` sequential UDP echoes from namespace `from` to an echo
+/// server this function runs at `to` in namespace `to_ns`. A lost probe counts as `f64::NAN`.
+pub fn udp_rtts(from: &str, to_ns: &str, to: SocketAddr, count: usize) -> Vec<f64> {
+    let server = in_ns(to_ns, move || UdpSocket::bind(to).expect("bind echo"));
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    let rtts = in_ns(from, move || {
+        let bind: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let sock = UdpSocket::bind(bind).expect("bind client");
+        sock.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut out = Vec::with_capacity(count);
+        let mut buf = [0u8; 64];
+        for i in 0..count as u64 {
+            let start = Instant::now();
+            sock.send_to(&i.to_be_bytes(), to).expect("send");
+            let rtt = loop {
+                match sock.recv(&mut buf) {
+                    Ok(8) if buf[..8] == i.to_be_bytes() => {
+                        break start.elapsed().as_secs_f64() * 1e3;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break f64::NAN,
+                }
+            };
+            out.push(rtt);
+        }
+        out
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echo.join();
+    rtts
+}
+
+/// Median of the non-NaN values.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}

@@ -19,6 +19,10 @@ pub const PROBABILITY_ONE: u64 = 1 << 32;
 pub const ACTION_NONE: u32 = 0;
 pub const ACTION_DROP: u32 = 1;
 pub const ACTION_CORRUPT: u32 = 2;
+/// Steer the packet into a shaping class (netem, rate) the agent created under its own root
+/// qdisc, by setting skb->priority to `Rule::classid`. Unmatched packets never get that
+/// priority, so they bypass the shaped class entirely.
+pub const ACTION_STEER: u32 = 3;
 
 /// The rule has remote CIDRs: a packet matches only if its remote address is in the trie of its
 /// family (an empty trie for the other family then matches nothing).
@@ -50,6 +54,9 @@ pub struct Rule {
     pub l3_offset: u32,
     pub probability_after_hit: u64,
     pub probability_after_miss: u64,
+    /// For `ACTION_STEER`: the class (major:minor) matched packets go to.
+    pub classid: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.

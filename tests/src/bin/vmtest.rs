@@ -6,12 +6,13 @@
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
 use chaos_agent::{Engine, EngineConfig, caps};
-use chaos_tests::{UdpReceiver, addr, binomial_bounds, udp_send};
+use chaos_tests::{UdpReceiver, addr, binomial_bounds, median, udp_rtts, udp_send};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 const B: &str = "10.0.0.2";
+const OTHER: &str = "10.0.0.3";
 
 fn spec(kind: FaultKind, direction: Direction) -> FaultSpec {
     FaultSpec {
@@ -163,6 +164,84 @@ fn main() {
         "traffic flows after revert",
         got == 300,
         format!("received {got} of 300"),
+    );
+
+    // Latency (netem under our HTB root), only towards 10.0.0.2; 10.0.0.3 on the same
+    // interface must not be delayed.
+    let ok = Command::new("/bin/ip")
+        .args(["-n", "b", "addr", "add", "10.0.0.3/24", "dev", "vb"])
+        .status()
+        .expect("ip");
+    assert!(ok.success(), "add 10.0.0.3");
+    let probes = 40;
+    let base_hit = median(&udp_rtts("a", "b", addr(B, 7000), probes));
+    let base_other = median(&udp_rtts("a", "b", addr(OTHER, 7001), probes));
+    let mut lat = spec(
+        FaultKind::Latency {
+            ms: 100.0,
+            jitter_ms: 0.0,
+            correlation: 0.0,
+        },
+        Direction::Egress,
+    );
+    lat.target.remote = vec![format!("{B}/32").parse().expect("cidr")];
+    lat.target.protocol = Protocol::All;
+    let f = e.apply(lat).expect("apply latency");
+    let hit = udp_rtts("a", "b", addr(B, 7002), probes);
+    let other = udp_rtts("a", "b", addr(OTHER, 7003), probes);
+    let tree = residue();
+    e.revert(&f.id).expect("revert latency");
+    let min = hit.iter().copied().fold(f64::INFINITY, f64::min);
+    let (m_hit, m_other) = (median(&hit), median(&other));
+    c.check(
+        "netem tree while active",
+        tree.contains("htb c4a0:") && tree.contains("netem c4a1:"),
+        tree.replace('\n', " | "),
+    );
+    c.check(
+        "100 ms: every RTT at least 100 ms",
+        min >= 100.0 && hit.iter().all(|r| !r.is_nan()),
+        format!("min {min:.2} ms over {probes} probes, baseline median {base_hit:.2} ms"),
+    );
+    c.check(
+        "100 ms: median within +5 ms",
+        m_hit <= base_hit + 105.0,
+        format!(
+            "median {m_hit:.2} ms (baseline {base_hit:.2} ms, added {:.2} ms)",
+            m_hit - base_hit
+        ),
+    );
+    c.check(
+        "other destination not delayed",
+        (m_other - base_other).abs() <= 1.0,
+        format!("median {m_other:.2} ms vs {base_other:.2} ms before"),
+    );
+    c.check(
+        "revert restores the default root qdisc",
+        residue().is_empty(),
+        residue(),
+    );
+
+    let mut jit = spec(
+        FaultKind::Latency {
+            ms: 50.0,
+            jitter_ms: 20.0,
+            correlation: 0.0,
+        },
+        Direction::Egress,
+    );
+    jit.target.protocol = Protocol::All;
+    let f = e.apply(jit).expect("apply jitter");
+    let rtts = udp_rtts("a", "b", addr(B, 7004), 60);
+    e.revert(&f.id).expect("revert jitter");
+    let lo = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rtts.iter().copied().fold(0.0, f64::max);
+    let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+    let sd = (rtts.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rtts.len() as f64).sqrt();
+    c.check(
+        "jitter 50 +- 20 ms: spread within bounds",
+        lo >= 30.0 && hi <= 75.0 + base_hit && sd > 5.0,
+        format!("min {lo:.1} max {hi:.1} mean {mean:.1} sd {sd:.1} ms"),
     );
     drop(e);
 
