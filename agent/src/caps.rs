@@ -135,30 +135,47 @@ pub fn detect() -> Capabilities {
         caps.has("clsact"),
         "sch_ingress missing: modprobe sch_ingress cls_bpf (CONFIG_NET_SCH_INGRESS)",
     ));
-    let planned = |name, feature: &str, module: &str, kinds: Vec<&'static str>, has: bool| {
-        Backend {
-            name,
-            available: false,
-            fault_kinds: kinds,
-            reason: if has {
-                format!("{feature} present; this backend is not in this build yet")
-            } else {
-                format!(
-                    "{module} missing: modprobe {module}, or install the distro's extra kernel modules package"
-                )
-            },
-        }
+    // Shaping: our HTB root with a netem leaf (latency, jitter) or a rate (bandwidth).
+    let missing = |module: &str| {
+        format!(
+            "{module} missing: modprobe {module}, or install the distro's extra kernel modules package"
+        )
     };
-    let has_netem = caps.has("netem");
-    let has_fq = caps.has("fq");
-    caps.backends.push(planned(
-        "netem",
-        "netem",
-        "sch_netem",
-        vec!["latency", "jitter", "reorder", "duplicate"],
-        has_netem,
-    ));
-    caps.backends
-        .push(planned("edt/fq", "fq", "sch_fq", vec!["latency"], has_fq));
+    let (has_netem, has_htb) = (caps.has("netem"), caps.has("htb"));
+    caps.backends.push(Backend {
+        name: "htb+netem",
+        available: has_netem && has_htb,
+        fault_kinds: vec!["latency"],
+        reason: if !has_htb {
+            missing("sch_htb")
+        } else if !has_netem {
+            missing("sch_netem")
+        } else {
+            String::new()
+        },
+    });
+    caps.backends.push(Backend {
+        name: "htb",
+        available: has_htb,
+        fault_kinds: vec!["bandwidth"],
+        reason: if has_htb {
+            String::new()
+        } else {
+            missing("sch_htb")
+        },
+    });
+    caps.backends.push(Backend {
+        name: "edt/fq",
+        available: false,
+        fault_kinds: vec!["latency"],
+        reason: if caps.has("fq") {
+            "sch_fq present; the EDT backend is not in this build yet".into()
+        } else {
+            format!(
+                "{}; the EDT backend is not in this build yet",
+                missing("sch_fq")
+            )
+        },
+    });
     caps
 }
