@@ -135,6 +135,10 @@ pub struct Installed {
     pub shaped: Vec<String>,
 }
 
+/// Packets netem may hold: 500 ms at ~20,000 packets/s without tail drops that would pose as
+/// loss. (iproute2's default is 1,000.)
+const NETEM_LIMIT: u32 = 10_000;
+
 /// The shaping a kind needs, if any.
 pub fn shape_for(kind: &FaultKind) -> Option<Shape> {
     match *kind {
@@ -142,11 +146,30 @@ pub fn shape_for(kind: &FaultKind) -> Option<Shape> {
             ms,
             jitter_ms,
             correlation,
+            distribution,
         } => Some(Shape::Netem(Netem {
             latency_ns: (ms * 1e6).round() as u64,
             jitter_ns: (jitter_ms * 1e6).round() as u64,
             delay_correlation: correlation,
-            limit: 10_000,
+            distribution,
+            limit: NETEM_LIMIT,
+            ..Netem::default()
+        })),
+        FaultKind::Reorder {
+            percent,
+            ms,
+            correlation,
+        } => Some(Shape::Netem(Netem {
+            latency_ns: (ms * 1e6).round() as u64,
+            reorder: percent,
+            reorder_correlation: correlation,
+            limit: NETEM_LIMIT,
+            ..Netem::default()
+        })),
+        FaultKind::Duplicate { percent } => Some(Shape::Netem(Netem {
+            duplicate: percent,
+            limit: NETEM_LIMIT,
+            ..Netem::default()
         })),
         FaultKind::Bandwidth { bytes_per_sec } => Some(Shape::Rate(bytes_per_sec)),
         _ => None,
@@ -189,9 +212,10 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
         }
         FaultKind::Corrupt { percent } => (ACTION_CORRUPT, fraction(percent), fraction(percent)),
         FaultKind::Partition => (ACTION_DROP, PROBABILITY_ONE, PROBABILITY_ONE),
-        FaultKind::Latency { .. } | FaultKind::Bandwidth { .. } => {
-            (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE)
-        }
+        FaultKind::Latency { .. }
+        | FaultKind::Bandwidth { .. }
+        | FaultKind::Reorder { .. }
+        | FaultKind::Duplicate { .. } => (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE),
     };
     Rule {
         action,

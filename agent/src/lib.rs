@@ -4,6 +4,7 @@ pub mod caps;
 pub mod datapath;
 pub mod engine;
 pub mod journal;
+pub mod netem_dist;
 pub mod netlink;
 pub mod netns;
 pub mod qdisc;

@@ -7,6 +7,7 @@
 //! Only a root qdisc the kernel created by default (handle 0: noqueue, pfifo_fast, mq,
 //! fq_codel) is replaced; deleting ours gives the device its default back. A root someone else
 //! configured (a CNI's) is left alone and the fault is refused.
+use crate::netem_dist::Distribution;
 use crate::netlink::{
     self, RTM_DELQDISC, RTM_NEWQDISC, RTM_NEWTCLASS, TC_H_ROOT, TCA_OPTIONS, TcRequest,
 };
@@ -34,6 +35,12 @@ pub struct Netem {
     pub jitter_ns: u64,
     /// Percent.
     pub delay_correlation: f64,
+    pub distribution: Option<Distribution>,
+    /// Percent of packets sent at once instead of after the delay (so they overtake).
+    pub reorder: f64,
+    pub reorder_correlation: f64,
+    /// Percent of packets sent twice.
+    pub duplicate: f64,
     /// Packets netem may hold; enough for long delays at high rates.
     pub limit: u32,
 }
@@ -73,12 +80,23 @@ fn fraction(percent: f64) -> u32 {
 /// (64 ns); the 64-bit attributes carry nanoseconds and take precedence, as iproute2 sends them.
 pub fn netem_options(n: &Netem) -> Vec<u8> {
     const TCA_NETEM_CORR: u16 = 1;
+    const TCA_NETEM_DELAY_DIST: u16 = 2;
+    const TCA_NETEM_REORDER: u16 = 3;
     const TCA_NETEM_LATENCY64: u16 = 10;
     const TCA_NETEM_JITTER64: u16 = 11;
     let ticks = |ns: u64| (ns / 64).min(u32::MAX as u64) as u32;
+    // As iproute2: reordering applies to every packet (gap 1) unless a gap is given.
+    let gap = if n.reorder > 0.0 { 1 } else { 0 };
     let mut out = Vec::new();
     // latency, limit, loss, gap, duplicate, jitter
-    for v in [ticks(n.latency_ns), n.limit, 0, 0, 0, ticks(n.jitter_ns)] {
+    for v in [
+        ticks(n.latency_ns),
+        n.limit,
+        0,
+        gap,
+        fraction(n.duplicate),
+        ticks(n.jitter_ns),
+    ] {
         out.extend_from_slice(&v.to_ne_bytes());
     }
     let mut attr = |ty: u16, data: &[u8]| {
@@ -92,6 +110,17 @@ pub fn netem_options(n: &Netem) -> Vec<u8> {
         corr.extend_from_slice(&v.to_ne_bytes());
     }
     attr(TCA_NETEM_CORR, &corr);
+    if n.reorder > 0.0 {
+        let r: Vec<u8> = [fraction(n.reorder), fraction(n.reorder_correlation)]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        attr(TCA_NETEM_REORDER, &r);
+    }
+    if let Some(d) = n.distribution {
+        let table: Vec<u8> = d.table().iter().flat_map(|v| v.to_ne_bytes()).collect();
+        attr(TCA_NETEM_DELAY_DIST, &table);
+    }
     attr(TCA_NETEM_LATENCY64, &(n.latency_ns as i64).to_ne_bytes());
     attr(TCA_NETEM_JITTER64, &(n.jitter_ns as i64).to_ne_bytes());
     out
@@ -231,6 +260,7 @@ mod tests {
             jitter_ns: 10_000_000,
             delay_correlation: 25.0,
             limit: 10_000,
+            ..Netem::default()
         });
         let word = |i: usize| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap());
         assert_eq!(word(0), 100_000_000 / 64, "latency in psched ticks");
@@ -255,6 +285,24 @@ mod tests {
             10_000_000
         );
         assert_eq!(o.len(), 64);
+        let d = netem_options(&Netem {
+            latency_ns: 10_000_000,
+            reorder: 25.0,
+            duplicate: 5.0,
+            distribution: Some(Distribution::Normal),
+            ..Netem::default()
+        });
+        let word = |i: usize| u32::from_ne_bytes(d[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(
+            (word(3), word(4)),
+            (1, fraction(5.0)),
+            "gap 1 for reorder, duplicate"
+        );
+        assert_eq!(
+            d.len(),
+            64 + 12 + 4 + 8192,
+            "reorder attribute and the 4,096-entry table"
+        );
     }
 
     #[test]

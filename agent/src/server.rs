@@ -36,14 +36,24 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                 ms: l.ms,
                 jitter_ms: l.jitter_ms,
                 correlation: l.correlation,
+                distribution: match l.distribution.as_str() {
+                    "" => None,
+                    d => Some(d.parse()?),
+                },
             },
+            Some(pb::fault_spec::Kind::Reorder(r)) => FaultKind::Reorder {
+                percent: r.percent,
+                ms: r.ms,
+                correlation: r.correlation,
+            },
+            Some(pb::fault_spec::Kind::Duplicate(d)) => FaultKind::Duplicate { percent: d.percent },
             Some(pb::fault_spec::Kind::Bandwidth(b)) => FaultKind::Bandwidth {
                 bytes_per_sec: spec::parse_rate(&b.rate)?,
             },
             None => {
                 return Err(invalid(
                     "kind",
-                    "must be one of loss, corrupt, partition, latency, bandwidth",
+                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate",
                 ));
             }
         };
@@ -92,11 +102,27 @@ impl From<&FaultSpec> for pb::FaultSpec {
                 ms,
                 jitter_ms,
                 correlation,
+                distribution,
             } => pb::fault_spec::Kind::Latency(pb::Latency {
                 ms,
                 jitter_ms,
                 correlation,
+                distribution: distribution
+                    .map(|d| d.name().to_string())
+                    .unwrap_or_default(),
             }),
+            FaultKind::Reorder {
+                percent,
+                ms,
+                correlation,
+            } => pb::fault_spec::Kind::Reorder(pb::Reorder {
+                percent,
+                ms,
+                correlation,
+            }),
+            FaultKind::Duplicate { percent } => {
+                pb::fault_spec::Kind::Duplicate(pb::Duplicate { percent })
+            }
             FaultKind::Bandwidth { bytes_per_sec } => {
                 pb::fault_spec::Kind::Bandwidth(pb::Bandwidth {
                     rate: format!("{bytes_per_sec}bps"),

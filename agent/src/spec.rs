@@ -1,5 +1,6 @@
 //! What a fault is, independent of how it is applied: kind, target, duration. Parsing and
 //! validation of user input live here, once, for the CLI and the gRPC boundary alike.
+pub use crate::netem_dist::Distribution;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
@@ -37,7 +38,18 @@ pub enum FaultKind {
         ms: f64,
         jitter_ms: f64,
         correlation: f64,
+        #[serde(default)]
+        distribution: Option<Distribution>,
     },
+    /// Send `percent` of matched packets at once and delay the rest by `ms`, so they overtake.
+    Reorder {
+        percent: f64,
+        ms: f64,
+        correlation: f64,
+    },
+    /// Send `percent` of matched packets twice. (No correlation: iproute2 no longer sends
+    /// netem's duplicate correlation, and we encode what `tc` encodes.)
+    Duplicate { percent: f64 },
     /// Limit matched traffic to `rate` bytes per second.
     Bandwidth { bytes_per_sec: u64 },
 }
@@ -50,6 +62,8 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::Latency { .. } => "latency",
             FaultKind::Bandwidth { .. } => "bandwidth",
+            FaultKind::Reorder { .. } => "reorder",
+            FaultKind::Duplicate { .. } => "duplicate",
         }
     }
 
@@ -310,6 +324,16 @@ impl FaultSpec {
                 ))
             }
         };
+        let delay_ms = |ms: f64| {
+            if ms.is_finite() && ms > 0.0 && ms <= 600_000.0 {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "--ms",
+                    format!("must be greater than 0 and at most 600000 (got {ms})"),
+                ))
+            }
+        };
         match self.kind {
             FaultKind::Loss {
                 percent: p,
@@ -324,20 +348,34 @@ impl FaultSpec {
                 ms,
                 jitter_ms,
                 correlation,
+                distribution,
             } => {
-                if !(ms.is_finite() && ms > 0.0 && ms <= 600_000.0) {
-                    return Err(invalid(
-                        "--ms",
-                        format!("must be greater than 0 and at most 600000 (got {ms})"),
-                    ));
-                }
+                delay_ms(ms)?;
                 if !(jitter_ms.is_finite() && (0.0..=600_000.0).contains(&jitter_ms)) {
                     return Err(invalid(
                         "--jitter-ms",
                         format!("must be between 0 and 600000 (got {jitter_ms})"),
                     ));
                 }
+                if distribution.is_some() && jitter_ms == 0.0 {
+                    return Err(invalid(
+                        "--distribution",
+                        "needs --jitter-ms greater than 0 (it shapes the jitter)",
+                    ));
+                }
                 percent("--correlation", correlation)?;
+            }
+            FaultKind::Reorder {
+                percent: p,
+                ms,
+                correlation,
+            } => {
+                percent("--percent", p)?;
+                percent("--correlation", correlation)?;
+                delay_ms(ms)?;
+            }
+            FaultKind::Duplicate { percent: p } => {
+                percent("--percent", p)?;
             }
             FaultKind::Bandwidth { bytes_per_sec } => {
                 if bytes_per_sec == 0 {
@@ -612,6 +650,7 @@ mod tests {
                 ms: 100.0,
                 jitter_ms: 0.0,
                 correlation: 0.0,
+                distribution: None,
             },
             DEFAULT_DURATION,
         );
@@ -626,6 +665,7 @@ mod tests {
                 ms: 0.0,
                 jitter_ms: 0.0,
                 correlation: 0.0,
+                distribution: None,
             },
             DEFAULT_DURATION,
         );

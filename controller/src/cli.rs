@@ -88,6 +88,28 @@ enum FaultArgs {
         /// Correlation between successive delays, percent.
         #[arg(long, default_value_t = 0.0)]
         correlation: f64,
+        /// Shape of the jitter: normal, pareto or paretonormal (default: uniform).
+        #[arg(long)]
+        distribution: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Reorder: send a percentage of matched packets at once and delay the rest (netem, egress).
+    Reorder {
+        #[arg(long)]
+        percent: f64,
+        /// The delay of the packets that are not sent at once.
+        #[arg(long)]
+        ms: f64,
+        #[arg(long, default_value_t = 0.0)]
+        correlation: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Send a percentage of matched packets twice (netem, egress).
+    Duplicate {
+        #[arg(long)]
+        percent: f64,
         #[command(flatten)]
         common: Common,
     },
@@ -171,15 +193,33 @@ impl FaultArgs {
                 ms,
                 jitter_ms,
                 correlation,
+                distribution,
                 common,
             } => (
                 FaultKind::Latency {
                     ms: *ms,
                     jitter_ms: *jitter_ms,
                     correlation: *correlation,
+                    distribution: distribution.as_deref().map(str::parse).transpose()?,
                 },
                 common,
             ),
+            FaultArgs::Reorder {
+                percent,
+                ms,
+                correlation,
+                common,
+            } => (
+                FaultKind::Reorder {
+                    percent: *percent,
+                    ms: *ms,
+                    correlation: *correlation,
+                },
+                common,
+            ),
+            FaultArgs::Duplicate { percent, common } => {
+                (FaultKind::Duplicate { percent: *percent }, common)
+            }
             FaultArgs::Bandwidth { rate, common } => (
                 FaultKind::Bandwidth {
                     bytes_per_sec: spec::parse_rate(rate)?,
@@ -437,6 +477,8 @@ fn kind_name(f: &pb::Fault) -> &'static str {
         Some(pb::fault_spec::Kind::Partition(_)) => "partition",
         Some(pb::fault_spec::Kind::Latency(_)) => "latency",
         Some(pb::fault_spec::Kind::Bandwidth(_)) => "bandwidth",
+        Some(pb::fault_spec::Kind::Reorder(_)) => "reorder",
+        Some(pb::fault_spec::Kind::Duplicate(_)) => "duplicate",
         None => "unknown",
     }
 }

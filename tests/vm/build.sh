@@ -11,7 +11,9 @@ KVER=${KVER:-6.1.0-56}          # Debian kernel ABI; must still be on the mirror
 # netem and fq: clsact (sch_ingress) and cls_bpf for tc-BPF on a kernel without TCX, htb/prio/tbf for
 # shaping classes, ifb + mirred for ingress shaping, u32/matchall/gact for comparisons with tc filters.
 MODULES=${MODULES:-"drivers/net/veth drivers/net/ifb net/sched/sch_netem net/sched/sch_fq net/sched/sch_ingress net/sched/cls_bpf net/sched/act_bpf net/sched/sch_htb net/sched/sch_prio net/sched/sch_tbf net/sched/act_mirred net/sched/cls_u32 net/sched/cls_matchall net/sched/act_gact"}
-STAMP="$H/built-$KVER"
+# Bump HARNESS when the initramfs contents change, so cached artifacts are rebuilt.
+HARNESS=2
+STAMP="$H/built-$KVER-h$HARNESS"
 if [ -f "$STAMP" ] && [ -f "$H/x86_64/kernel" ] && [ -f "$H/aarch64/kernel" ]; then
   echo "vm harness cached in $H ($KVER)"; exit 0
 fi
@@ -85,6 +87,8 @@ for arch in x86_64 aarch64; do
   find "$arch/sysroot/lib/modules" -name '*.ko' -exec cp {} "$arch/initrd/lib/modules/" \;
   cp "$arch/sysroot/bin/busybox" "$arch/initrd/bin/"
   copy_with_libs "$arch/sysroot" "$arch/initrd" "$tri" /bin/ip /sbin/tc   # /sbin/ip is an absolute symlink to /bin/ip
+  # netem distribution tables, so tests can compare `tc ... distribution normal` with ours
+  mkdir -p "$arch/initrd/usr/lib/$tri/tc" && cp "$arch/sysroot/usr/lib/$tri/tc/"*.dist "$arch/initrd/usr/lib/$tri/tc/"
   cp init "$arch/initrd/init"
   (cd "$arch/initrd" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$arch/initramfs.cpio.gz"
   if [ $arch = x86_64 ]; then   # bzImage is XZ: decompressing it under TCG costs ~4 s per boot; boot the ELF via PVH instead

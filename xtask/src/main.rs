@@ -193,12 +193,22 @@ fn vm_test(root: &Path) -> Result<()> {
             .current_dir(root))?;
         let bin = root.join(format!("target/{target}/release/chaos-vmtest"));
         println!("== {target}: chaos-vmtest in a VM");
-        let status = Command::new(format!("{vm_dir}/bin/vm-run"))
+        let out = Command::new(format!("{vm_dir}/bin/vm-run"))
             .arg(&bin)
             .env("VM_TIMEOUT", "600")
-            .status()
+            .stderr(std::process::Stdio::inherit())
+            .output()
             .context("run vm-run")?;
-        if !status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        // The benchmark line the test prints: kept as JSON beside the host's bench.json.
+        if let Some(json) = text.lines().find_map(|l| l.strip_prefix("BENCH ")) {
+            let dir = root.join("bench-out");
+            std::fs::create_dir_all(&dir)?;
+            let arch = target.split('-').next().unwrap_or(target);
+            std::fs::write(dir.join(format!("vm-{arch}.json")), json)?;
+        }
+        if !out.status.success() {
             failed.push(target);
         }
     }
