@@ -9,13 +9,13 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::generated::{bpf_get_prandom_u32, bpf_redirect},
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
     MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP, PortBitmap, Rule,
 };
 
@@ -24,13 +24,13 @@ static RULE: Array<Rule> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<PortBitmap> = Array::with_max_entries(1, 0);
 #[map]
-static REMOTE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static REMOTE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map]
-static REMOTE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static REMOTE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map]
-static LOCAL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static LOCAL_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map]
-static LOCAL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static LOCAL_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map]
 static EXCLUDED: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_EXCLUDED, 0);
 #[map]
@@ -110,9 +110,10 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
     let Some(pkt) = parse(ctx, rule.l3_offset) else {
         return Verdict::Pass;
     };
-    if !matches(rule, &pkt, direction) {
+    // The remote CIDR's value: a per-destination delay in microseconds (0: the rule's).
+    let Some(remote_value) = matches(rule, &pkt, direction) else {
         return Verdict::Pass;
-    }
+    };
     state.matched += 1;
     if rule.action == ACTION_NONE {
         return Verdict::Pass;
@@ -139,6 +140,21 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
             state.affected += 1;
             Verdict::Pass
         }
+        ACTION_DELAY => {
+            let delay = if remote_value != 0 { remote_value as u64 * 1000 } else { rule.delay_ns };
+            // Earliest departure time for fq: never earlier than a time the stack already set
+            // (TCP pacing), so we only ever add delay.
+            let at = unsafe { bpf_ktime_get_ns() } + delay;
+            // SAFETY: `tstamp` is a field of __sk_buff that tc programs may write.
+            unsafe {
+                let skb = ctx.skb.skb;
+                if (*skb).tstamp < at {
+                    (*skb).tstamp = at;
+                }
+            }
+            state.affected += 1;
+            Verdict::Pass
+        }
         ACTION_CORRUPT => {
             if corrupt(ctx, &pkt) {
                 state.affected += 1;
@@ -149,15 +165,16 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
     }
 }
 
+/// `Some(value of the remote CIDR, 0 if the rule has none)` when the packet matches.
 #[inline(always)]
-fn matches(rule: &Rule, pkt: &Packet, direction: Direction) -> bool {
+fn matches(rule: &Rule, pkt: &Packet, direction: Direction) -> Option<u32> {
     if rule.protocol != PROTO_ALL {
         let proto = match pkt.protocol {
             IPPROTO_ICMP | IPPROTO_ICMPV6 => PROTO_ICMP,
             p => p as u32,
         };
         if proto != rule.protocol {
-            return false;
+            return None;
         }
     }
     // The remote end is the destination of what we send and the source of what we receive.
@@ -165,39 +182,35 @@ fn matches(rule: &Rule, pkt: &Packet, direction: Direction) -> bool {
         Direction::Egress => (&pkt.dst, &pkt.src),
         Direction::Ingress => (&pkt.src, &pkt.dst),
     };
-    if rule.match_flags & MATCH_REMOTE != 0 && !in_cidrs(pkt.family, remote, &REMOTE_V4, &REMOTE_V6)
-    {
-        return false;
+    let mut remote_value = 0;
+    if rule.match_flags & MATCH_REMOTE != 0 {
+        remote_value = in_cidrs(pkt.family, remote, &REMOTE_V4, &REMOTE_V6)?;
     }
-    if rule.match_flags & MATCH_LOCAL != 0 && !in_cidrs(pkt.family, local, &LOCAL_V4, &LOCAL_V6) {
-        return false;
+    if rule.match_flags & MATCH_LOCAL != 0 {
+        in_cidrs(pkt.family, local, &LOCAL_V4, &LOCAL_V6)?;
     }
     if rule.match_flags & MATCH_PORTS != 0 {
-        let Some((sport, dport)) = pkt.ports else {
-            return false;
-        };
-        let Some(ports) = PORTS.get(0) else {
-            return false;
-        };
+        let (sport, dport) = pkt.ports?;
+        let ports = PORTS.get(0)?;
         if !ports.contains(sport) && !ports.contains(dport) {
-            return false;
+            return None;
         }
     }
-    !is_excluded(pkt)
+    if is_excluded(pkt) { None } else { Some(remote_value) }
 }
 
 #[inline(always)]
 fn in_cidrs(
     family: u8,
     addr: &[u8; 16],
-    v4: &LpmTrie<[u8; 4], u8>,
-    v6: &LpmTrie<[u8; 16], u8>,
-) -> bool {
+    v4: &LpmTrie<[u8; 4], u32>,
+    v6: &LpmTrie<[u8; 16], u32>,
+) -> Option<u32> {
     if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
-        v4.get(&key).is_some()
+        v4.get(&key).copied()
     } else {
-        v6.get(&Key::new(128, *addr)).is_some()
+        v6.get(&Key::new(128, *addr)).copied()
     }
 }
 

@@ -36,6 +36,34 @@ impl Capabilities {
 /// The fault kinds this build serves through the eBPF datapath.
 pub const EBPF_KINDS: &[&str] = &["loss", "corrupt", "partition"];
 
+/// Whether the kernel has a qdisc (or clsact) kind, probed in a throwaway namespace of its own:
+/// a kind that exists leaves its qdisc on that namespace's `lo`, which would make the next
+/// probe fail with EEXIST.
+pub fn probe(kind: &'static str) -> Result<bool, String> {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        if kind == "clsact" {
+            return Ok(aya::programs::tc::qdisc_add_clsact("lo").is_ok());
+        }
+        netlink::qdisc_kind_exists(kind).map_err(|e| format!("probe {kind}: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("probe thread panicked".into()))
+}
+
+/// [`probe`], once per process: the backend choice for every latency fault asks.
+pub fn has_qdisc(kind: &'static str) -> bool {
+    static NETEM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static FQ: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cell = match kind {
+        "netem" => &NETEM,
+        "fq" => &FQ,
+        _ => return probe(kind).unwrap_or(false),
+    };
+    *cell.get_or_init(|| probe(kind).unwrap_or(false))
+}
+
 pub fn detect() -> Capabilities {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -55,20 +83,6 @@ pub fn detect() -> Capabilities {
         detail: "/sys/kernel/btf/vmlinux".into(),
     });
 
-    // Each probe gets a throwaway namespace of its own: a kind that exists leaves its qdisc on
-    // `lo`, which would make the next probe fail with EEXIST.
-    let probe = |kind: &'static str| -> Result<bool, String> {
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
-            if kind == "clsact" {
-                return Ok(aya::programs::tc::qdisc_add_clsact("lo").is_ok());
-            }
-            netlink::qdisc_kind_exists(kind).map_err(|e| format!("probe {kind}: {e}"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("probe thread panicked".into()))
-    };
     for name in ["clsact", "netem", "fq", "tbf", "htb"] {
         let (present, detail) = match probe(name) {
             Ok(present) if name == "clsact" => (
@@ -164,17 +178,15 @@ pub fn detect() -> Capabilities {
             missing("sch_htb")
         },
     });
+    let has_fq = caps.has("fq");
     caps.backends.push(Backend {
         name: "edt/fq",
-        available: false,
-        fault_kinds: vec!["latency"],
-        reason: if caps.has("fq") {
-            "sch_fq present; the EDT backend is not in this build yet".into()
+        available: has_fq,
+        fault_kinds: vec!["latency (constant, per destination)"],
+        reason: if has_fq {
+            String::new()
         } else {
-            format!(
-                "{}; the EDT backend is not in this build yet",
-                missing("sch_fq")
-            )
+            missing("sch_fq")
         },
     });
     caps

@@ -4,16 +4,16 @@
 //! Everything here that names an interface runs inside the target namespace (the caller puts
 //! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
 use crate::qdisc::{self, Netem, Shape, ShapeError};
-use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, Protocol, invalid};
+use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, LatencyBackend, Protocol, invalid};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::links::Link as _;
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4,
-    FAMILY_V6, MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint,
+    FAMILY_V4, FAMILY_V6, MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -139,14 +139,62 @@ pub struct Installed {
 /// loss. (iproute2's default is 1,000.)
 const NETEM_LIMIT: u32 = 10_000;
 
-/// The shaping a kind needs, if any.
-pub fn shape_for(kind: &FaultKind) -> Option<Shape> {
-    match *kind {
+/// fq's horizon is 10 s by default and drops packets timed beyond it; our own fq root gets a
+/// horizon past the longest delay we set instead.
+const EDT_MIN_HORIZON_NS: u64 = 10_000_000_000;
+
+/// Whether a latency fault uses EDT: asked for, or needed (per-destination delays), or the
+/// only way on this kernel (no netem, fq present, and nothing that needs netem).
+fn uses_edt(kind: &FaultKind, has: impl Fn(&'static str) -> bool) -> Result<bool, DatapathError> {
+    let FaultKind::Latency {
+        jitter_ms,
+        correlation,
+        distribution,
+        backend,
+        per_destination,
+        ..
+    } = kind
+    else {
+        return Ok(false);
+    };
+    let needs_netem = *jitter_ms > 0.0 || *correlation > 0.0 || distribution.is_some();
+    Ok(match backend {
+        LatencyBackend::Edt => true,
+        LatencyBackend::Netem => false,
+        LatencyBackend::Auto if !per_destination.is_empty() => true,
+        LatencyBackend::Auto if has("netem") || needs_netem => false,
+        LatencyBackend::Auto if has("fq") => true,
+        LatencyBackend::Auto => {
+            return Err(ShapeError::Missing {
+                kind: "netem (or sch_fq for the EDT backend)",
+            }
+            .into());
+        }
+    })
+}
+
+/// The shaping a kind needs, if any, with the latency backend resolved against this kernel.
+pub fn shape_for(kind: &FaultKind) -> Result<Option<Shape>, DatapathError> {
+    if uses_edt(kind, crate::caps::has_qdisc)? {
+        let FaultKind::Latency {
+            ms,
+            per_destination,
+            ..
+        } = kind
+        else {
+            return Ok(None);
+        };
+        let longest = per_destination.iter().map(|d| d.ms).fold(*ms, f64::max);
+        let horizon_ns = ((longest * 1e6) as u64 + 1_000_000_000).max(EDT_MIN_HORIZON_NS);
+        return Ok(Some(Shape::Fq { horizon_ns }));
+    }
+    Ok(match *kind {
         FaultKind::Latency {
             ms,
             jitter_ms,
             correlation,
             distribution,
+            ..
         } => Some(Shape::Netem(Netem {
             latency_ns: (ms * 1e6).round() as u64,
             jitter_ns: (jitter_ms * 1e6).round() as u64,
@@ -173,7 +221,7 @@ pub fn shape_for(kind: &FaultKind) -> Option<Shape> {
         })),
         FaultKind::Bandwidth { bytes_per_sec } => Some(Shape::Rate(bytes_per_sec)),
         _ => None,
-    }
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,8 +231,8 @@ pub struct Counters {
     pub affected: u64,
 }
 
-/// Translate a spec into the rule the datapath evaluates.
-pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
+/// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it.
+pub fn rule_for(spec: &FaultSpec, l3_offset: u32, shape: Option<&Shape>) -> Rule {
     let t = &spec.target;
     let mut match_flags = 0;
     if !t.remote.is_empty() {
@@ -217,6 +265,19 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
         | FaultKind::Reorder { .. }
         | FaultKind::Duplicate { .. } => (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE),
     };
+    let (action, delay_ns) = match (shape, &spec.kind) {
+        (Some(Shape::Fq { .. }), FaultKind::Latency { ms, .. }) => {
+            (ACTION_DELAY, (ms * 1e6).round() as u64)
+        }
+        _ => (action, 0),
+    };
+    if let FaultKind::Latency {
+        per_destination, ..
+    } = &spec.kind
+        && !per_destination.is_empty()
+    {
+        match_flags |= MATCH_REMOTE;
+    }
     Rule {
         action,
         match_flags,
@@ -229,6 +290,7 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32) -> Rule {
         l3_offset,
         probability_after_hit: after_hit.min(PROBABILITY_ONE),
         probability_after_miss: after_miss.min(PROBABILITY_ONE),
+        delay_ns,
         classid: if action == ACTION_STEER {
             qdisc::SHAPE_CLASSID
         } else {
@@ -299,29 +361,31 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, Dat
     })
 }
 
-fn fill_cidrs(ebpf: &mut Ebpf, prefix: &str, cidrs: &[Cidr]) -> Result<(), DatapathError> {
+/// Inserts `(CIDR, value)` pairs into the tries named `{prefix}_V4` / `{prefix}_V6`. A later
+/// pair for the same CIDR overrides an earlier one.
+fn fill_cidrs(ebpf: &mut Ebpf, prefix: &str, cidrs: &[(Cidr, u32)]) -> Result<(), DatapathError> {
     {
-        let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> = ctx!(
+        let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> = ctx!(
             LpmTrie::try_from(map(ebpf, &format!("{prefix}_V4"))?),
             "{prefix}_V4"
         )?;
-        for c in cidrs {
+        for (c, value) in cidrs {
             if let IpAddr::V4(a) = c.addr {
                 ctx!(
-                    v4.insert(&Key::new(c.prefix as u32, a.octets()), 1, 0),
+                    v4.insert(&Key::new(c.prefix as u32, a.octets()), value, 0),
                     "insert {c}"
                 )?;
             }
         }
     }
-    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> = ctx!(
+    let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> = ctx!(
         LpmTrie::try_from(map(ebpf, &format!("{prefix}_V6"))?),
         "{prefix}_V6"
     )?;
-    for c in cidrs {
+    for (c, value) in cidrs {
         if let IpAddr::V6(a) = c.addr {
             ctx!(
-                v6.insert(&Key::new(c.prefix as u32, a.octets()), 1, 0),
+                v6.insert(&Key::new(c.prefix as u32, a.octets()), value, 0),
                 "insert {c}"
             )?;
         }
@@ -362,20 +426,34 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Fills the maps from `spec`. `l3_offset` is where the IP header starts (14 on Ethernet).
+    /// Fills the maps from `spec` and the shaping chosen for it. `l3_offset` is where the IP
+    /// header starts (14 on Ethernet).
     pub fn configure(
         &mut self,
         spec: &FaultSpec,
+        shape: Option<&Shape>,
         l3_offset: u32,
         excluded: &[SocketAddr],
     ) -> Result<(), DatapathError> {
         let ebpf = &mut self.ebpf;
-        let rule = rule_for(spec, l3_offset);
+        let rule = rule_for(spec, l3_offset, shape);
         let mut rules: Array<&mut MapData, Rule> =
             ctx!(Array::try_from(map(ebpf, "RULE")?), "RULE")?;
         ctx!(rules.set(0, rule, 0), "set RULE")?;
-        fill_cidrs(ebpf, "REMOTE", &spec.target.remote)?;
-        fill_cidrs(ebpf, "LOCAL", &spec.target.local)?;
+        let mut remote: Vec<(Cidr, u32)> = spec.target.remote.iter().map(|c| (*c, 0)).collect();
+        if let FaultKind::Latency {
+            per_destination, ..
+        } = &spec.kind
+        {
+            remote.extend(
+                per_destination
+                    .iter()
+                    .map(|d| (d.cidr, (d.ms * 1000.0).round() as u32)),
+            );
+        }
+        let local: Vec<(Cidr, u32)> = spec.target.local.iter().map(|c| (*c, 0)).collect();
+        fill_cidrs(ebpf, "REMOTE", &remote)?;
+        fill_cidrs(ebpf, "LOCAL", &local)?;
         if !spec.target.ports.is_empty() {
             let mut bitmap = PortBitmap::empty();
             for p in &spec.target.ports {
@@ -466,10 +544,11 @@ pub fn install(
 ) -> Result<Installed, DatapathError> {
     let interface = spec.target.interface.as_str();
     let l3 = l3_offset(interface)?;
-    prepared.configure(spec, l3, excluded)?;
+    let shape = shape_for(&spec.kind)?;
+    prepared.configure(spec, shape.as_ref(), l3, excluded)?;
     let ebpf = prepared.ebpf;
     // The class must exist before anything is steered into it.
-    let shaped = match shape_for(&spec.kind) {
+    let shaped = match shape {
         Some(shape) => {
             qdisc::install(interface, &shape)?;
             vec![interface.to_string()]
@@ -714,6 +793,7 @@ mod tests {
                 correlation: 0.0,
             }),
             14,
+            None,
         );
         assert_eq!(r.action, ACTION_DROP);
         assert_eq!(r.probability_after_hit, r.probability_after_miss);
@@ -730,6 +810,7 @@ mod tests {
                 correlation: 75.0,
             }),
             14,
+            None,
         );
         let (hit, miss) = (p(r.probability_after_hit), p(r.probability_after_miss));
         assert!((hit - 0.8).abs() < 1e-9, "P(l|l) = p + c(1-p)");
@@ -740,7 +821,7 @@ mod tests {
 
     #[test]
     fn edges() {
-        let all = rule_for(&spec(FaultKind::Partition), 0);
+        let all = rule_for(&spec(FaultKind::Partition), 0, None);
         assert_eq!(
             (all.probability_after_hit, all.probability_after_miss),
             (PROBABILITY_ONE, PROBABILITY_ONE)
@@ -751,12 +832,65 @@ mod tests {
                 correlation: 100.0,
             }),
             0,
+            None,
         );
         assert_eq!(full.probability_after_hit, PROBABILITY_ONE);
-        let none = rule_for(&spec(FaultKind::Corrupt { percent: 0.0 }), 0);
+        let none = rule_for(&spec(FaultKind::Corrupt { percent: 0.0 }), 0, None);
         assert_eq!(
             (none.action, none.probability_after_miss),
             (ACTION_CORRUPT, 0)
+        );
+    }
+
+    #[test]
+    fn latency_backend_choice() {
+        use crate::spec::DestDelay;
+        let lat = |backend, jitter_ms, per_destination: Vec<DestDelay>| FaultKind::Latency {
+            ms: 100.0,
+            jitter_ms,
+            correlation: 0.0,
+            distribution: None,
+            backend,
+            per_destination,
+        };
+        let all = |_: &'static str| true;
+        let fq_only = |k: &'static str| k == "fq";
+        let neither = |_: &'static str| false;
+        let dest: Vec<DestDelay> = vec!["10.0.0.5=250".parse().unwrap()];
+        assert!(
+            !uses_edt(&lat(LatencyBackend::Auto, 0.0, vec![]), all).unwrap(),
+            "netem first"
+        );
+        assert!(
+            uses_edt(&lat(LatencyBackend::Auto, 0.0, vec![]), fq_only).unwrap(),
+            "fq when no netem"
+        );
+        assert!(
+            !uses_edt(&lat(LatencyBackend::Auto, 5.0, vec![]), fq_only).unwrap(),
+            "jitter needs netem"
+        );
+        assert!(
+            uses_edt(&lat(LatencyBackend::Auto, 0.0, dest.clone()), all).unwrap(),
+            "per destination"
+        );
+        assert!(uses_edt(&lat(LatencyBackend::Edt, 0.0, vec![]), all).unwrap());
+        assert!(uses_edt(&lat(LatencyBackend::Auto, 0.0, vec![]), neither).is_err());
+        let spec = FaultSpec {
+            kind: lat(LatencyBackend::Edt, 0.0, dest),
+            ..spec(FaultKind::Partition)
+        };
+        let r = rule_for(
+            &spec,
+            14,
+            Some(&Shape::Fq {
+                horizon_ns: EDT_MIN_HORIZON_NS,
+            }),
+        );
+        assert_eq!((r.action, r.delay_ns), (ACTION_DELAY, 100_000_000));
+        assert_ne!(
+            r.match_flags & MATCH_REMOTE,
+            0,
+            "per-destination CIDRs are remote matches"
         );
     }
 

@@ -27,6 +27,10 @@ pub enum Shape {
     Netem(Netem),
     /// Bytes per second.
     Rate(u64),
+    /// An fq root that holds packets until the departure time the classifier set (EDT).
+    Fq {
+        horizon_ns: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -181,6 +185,9 @@ pub fn install(interface: &str, shape: &Shape) -> Result<(), ShapeError> {
         }
     }
     let create = libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+    if let Shape::Fq { horizon_ns } = shape {
+        return install_fq(interface, ifindex, *horizon_ns, create);
+    }
     const TCA_HTB_INIT: u16 = 2;
     const TCA_HTB_DIRECT_QLEN: u16 = 5;
     // tc_htb_glob: version 3, rate2quantum 10, defcls 0 (unclassified goes direct), debug, direct_pkts
@@ -202,7 +209,7 @@ pub fn install(interface: &str, shape: &Shape) -> Result<(), ShapeError> {
     let result = (|| {
         let rate = match shape {
             Shape::Rate(r) => *r,
-            Shape::Netem(_) => UNLIMITED,
+            Shape::Netem(_) | Shape::Fq { .. } => UNLIMITED,
         };
         let mut class = TcRequest::new(RTM_NEWTCLASS, create, ifindex, SHAPE_CLASSID, ROOT_HANDLE);
         class.kind("htb").nested_options(&htb_class_options(rate));
@@ -226,18 +233,47 @@ pub fn install(interface: &str, shape: &Shape) -> Result<(), ShapeError> {
     result
 }
 
+/// EDT: our fq root. fq keeps a packet until its skb->tstamp; packets without one pass as
+/// before. Limits are raised so that delayed packets are held, not dropped (fq's defaults: 100
+/// packets per flow, 10,000 in all), and the horizon covers our longest delay.
+fn install_fq(
+    interface: &str,
+    ifindex: u32,
+    horizon_ns: u64,
+    create: i32,
+) -> Result<(), ShapeError> {
+    const TCA_FQ_PLIMIT: u16 = 1;
+    const TCA_FQ_FLOW_PLIMIT: u16 = 2;
+    const TCA_FQ_HORIZON: u16 = 14;
+    const TCA_FQ_HORIZON_DROP: u16 = 15;
+    let horizon_us = (horizon_ns / 1000).min(u32::MAX as u64) as u32;
+    let mut root = TcRequest::new(RTM_NEWQDISC, create, ifindex, ROOT_HANDLE, TC_H_ROOT);
+    root.kind("fq").nested_options(&[
+        (TCA_FQ_PLIMIT, 100_000u32.to_ne_bytes().to_vec()),
+        (TCA_FQ_FLOW_PLIMIT, 10_000u32.to_ne_bytes().to_vec()),
+        (TCA_FQ_HORIZON, horizon_us.to_ne_bytes().to_vec()),
+        // Cap rather than drop a packet timed beyond the horizon.
+        (TCA_FQ_HORIZON_DROP, vec![0]),
+    ]);
+    root.send().map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => ShapeError::Missing { kind: "fq" },
+        _ => kernel(format!("add fq root to {interface}"))(e),
+    })
+}
+
 /// Deletes our root qdisc (and everything under it) if `interface` has it. Must run inside the
 /// target namespace. Missing is fine: this also cleans up after crashes.
 pub fn remove(interface: &str) -> io::Result<()> {
     let Ok(ifindex) = netlink::ifindex(interface) else {
         return Ok(());
     };
-    let ours = netlink::qdiscs(ifindex)?
+    let qdiscs = netlink::qdiscs(ifindex)?;
+    let Some(ours) = qdiscs
         .iter()
-        .any(|q| q.parent == TC_H_ROOT && q.handle == ROOT_HANDLE);
-    if !ours {
+        .find(|q| q.parent == TC_H_ROOT && q.handle == ROOT_HANDLE)
+    else {
         return Ok(());
-    }
+    };
     let mut r = TcRequest::new(
         RTM_DELQDISC,
         libc::NLM_F_ACK,
@@ -245,7 +281,7 @@ pub fn remove(interface: &str) -> io::Result<()> {
         ROOT_HANDLE,
         TC_H_ROOT,
     );
-    r.kind("htb");
+    r.kind(&ours.kind);
     r.send()
 }
 

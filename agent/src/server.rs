@@ -40,6 +40,12 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     "" => None,
                     d => Some(d.parse()?),
                 },
+                backend: l.backend.parse()?,
+                per_destination: l
+                    .dest_ms
+                    .iter()
+                    .map(|d| d.parse())
+                    .collect::<Result<_, _>>()?,
             },
             Some(pb::fault_spec::Kind::Reorder(r)) => FaultKind::Reorder {
                 percent: r.percent,
@@ -103,6 +109,8 @@ impl From<&FaultSpec> for pb::FaultSpec {
                 jitter_ms,
                 correlation,
                 distribution,
+                backend,
+                ref per_destination,
             } => pb::fault_spec::Kind::Latency(pb::Latency {
                 ms,
                 jitter_ms,
@@ -110,6 +118,11 @@ impl From<&FaultSpec> for pb::FaultSpec {
                 distribution: distribution
                     .map(|d| d.name().to_string())
                     .unwrap_or_default(),
+                backend: format!("{backend:?}").to_lowercase(),
+                dest_ms: per_destination
+                    .iter()
+                    .map(|d| format!("{}={}", d.cidr, d.ms))
+                    .collect(),
             }),
             FaultKind::Reorder {
                 percent,

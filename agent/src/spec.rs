@@ -40,6 +40,11 @@ pub enum FaultKind {
         correlation: f64,
         #[serde(default)]
         distribution: Option<Distribution>,
+        #[serde(default)]
+        backend: LatencyBackend,
+        /// Delays for particular destinations (EDT only); they are matched as remote CIDRs.
+        #[serde(default)]
+        per_destination: Vec<DestDelay>,
     },
     /// Send `percent` of matched packets at once and delay the rest by `ms`, so they overtake.
     Reorder {
@@ -52,6 +57,60 @@ pub enum FaultKind {
     Duplicate { percent: f64 },
     /// Limit matched traffic to `rate` bytes per second.
     Bandwidth { bytes_per_sec: u64 },
+}
+
+/// How latency is applied: netem under our HTB root (jitter, distributions), or earliest
+/// departure times set by the classifier and held by an fq root (constant delays, per
+/// destination, scales to many destinations). `Auto` takes netem when the kernel has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyBackend {
+    #[default]
+    Auto,
+    Netem,
+    Edt,
+}
+
+impl FromStr for LatencyBackend {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "" | "auto" => Ok(LatencyBackend::Auto),
+            "netem" => Ok(LatencyBackend::Netem),
+            "edt" => Ok(LatencyBackend::Edt),
+            _ => Err(invalid(
+                "--backend",
+                format!("`{s}` must be auto, netem or edt"),
+            )),
+        }
+    }
+}
+
+/// `CIDR=MS`: this destination gets this delay.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DestDelay {
+    pub cidr: Cidr,
+    pub ms: f64,
+}
+
+impl FromStr for DestDelay {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        let bad = |rule: String| invalid("--dest-ms", rule);
+        let (cidr, ms) = s
+            .split_once('=')
+            .ok_or_else(|| bad(format!("`{s}` must look like 10.0.0.5=250")))?;
+        let cidr: Cidr = cidr.parse().map_err(|e: InvalidInput| bad(e.rule))?;
+        let ms: f64 = ms
+            .parse()
+            .map_err(|_| bad(format!("`{ms}` in `{s}` is not a number of milliseconds")))?;
+        if !(ms.is_finite() && ms > 0.0 && ms <= 600_000.0) {
+            return Err(bad(format!(
+                "delay in `{s}` must be greater than 0 and at most 600000"
+            )));
+        }
+        Ok(DestDelay { cidr, ms })
+    }
 }
 
 impl FaultKind {
@@ -349,12 +408,30 @@ impl FaultSpec {
                 jitter_ms,
                 correlation,
                 distribution,
+                ref backend,
+                ref per_destination,
             } => {
                 delay_ms(ms)?;
                 if !(jitter_ms.is_finite() && (0.0..=600_000.0).contains(&jitter_ms)) {
                     return Err(invalid(
                         "--jitter-ms",
                         format!("must be between 0 and 600000 (got {jitter_ms})"),
+                    ));
+                }
+                let uses_netem_only =
+                    jitter_ms > 0.0 || distribution.is_some() || correlation > 0.0;
+                if *backend == LatencyBackend::Edt && uses_netem_only {
+                    return Err(invalid(
+                        "--backend",
+                        "edt gives constant delays: --jitter-ms, --correlation and --distribution need netem",
+                    ));
+                }
+                if !per_destination.is_empty()
+                    && (*backend == LatencyBackend::Netem || uses_netem_only)
+                {
+                    return Err(invalid(
+                        "--dest-ms",
+                        "per-destination delays need the edt backend (no jitter, correlation or distribution)",
                     ));
                 }
                 if distribution.is_some() && jitter_ms == 0.0 {
@@ -651,6 +728,8 @@ mod tests {
                 jitter_ms: 0.0,
                 correlation: 0.0,
                 distribution: None,
+                backend: LatencyBackend::Auto,
+                per_destination: vec![],
             },
             DEFAULT_DURATION,
         );
@@ -666,6 +745,8 @@ mod tests {
                 jitter_ms: 0.0,
                 correlation: 0.0,
                 distribution: None,
+                backend: LatencyBackend::Auto,
+                per_destination: vec![],
             },
             DEFAULT_DURATION,
         );

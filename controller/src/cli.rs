@@ -91,6 +91,13 @@ enum FaultArgs {
         /// Shape of the jitter: normal, pareto or paretonormal (default: uniform).
         #[arg(long)]
         distribution: Option<String>,
+        /// auto (netem if the kernel has it, else EDT), netem, or edt (constant delays held by
+        /// an fq root; scales to many destinations).
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// A delay for one destination, CIDR=MS (repeatable; EDT).
+        #[arg(long = "dest-ms")]
+        dest_ms: Vec<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -194,6 +201,8 @@ impl FaultArgs {
                 jitter_ms,
                 correlation,
                 distribution,
+                backend,
+                dest_ms,
                 common,
             } => (
                 FaultKind::Latency {
@@ -201,6 +210,11 @@ impl FaultArgs {
                     jitter_ms: *jitter_ms,
                     correlation: *correlation,
                     distribution: distribution.as_deref().map(str::parse).transpose()?,
+                    backend: backend.parse()?,
+                    per_destination: dest_ms
+                        .iter()
+                        .map(|d| d.parse())
+                        .collect::<Result<_, _>>()?,
                 },
                 common,
             ),

@@ -23,9 +23,13 @@ pub const ACTION_CORRUPT: u32 = 2;
 /// qdisc, by setting skb->priority to `Rule::classid`. Unmatched packets never get that
 /// priority, so they bypass the shaped class entirely.
 pub const ACTION_STEER: u32 = 3;
+/// Set the packet's earliest departure time (skb->tstamp) `Rule::delay_ns` ahead, or the
+/// delay stored with its remote CIDR; an fq root qdisc holds it until then (EDT).
+pub const ACTION_DELAY: u32 = 4;
 
 /// The rule has remote CIDRs: a packet matches only if its remote address is in the trie of its
-/// family (an empty trie for the other family then matches nothing).
+/// family (an empty trie for the other family then matches nothing). A remote CIDR's value is
+/// a per-destination delay in microseconds for `ACTION_DELAY` (0: the rule's `delay_ns`).
 pub const MATCH_REMOTE: u32 = 1 << 0;
 /// The rule has local CIDRs, likewise.
 pub const MATCH_LOCAL: u32 = 1 << 1;
@@ -57,6 +61,8 @@ pub struct Rule {
     /// For `ACTION_STEER`: the class (major:minor) matched packets go to.
     pub classid: u32,
     pub _pad: u32,
+    /// For `ACTION_DELAY`: the delay of destinations whose CIDR carries none.
+    pub delay_ns: u64,
 }
 
 /// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.

@@ -152,7 +152,7 @@ fn classifier_cost(net: &TestNet) -> serde_json::Value {
             s.target.protocol = Protocol::Tcp;
         }
         let mut prepared = datapath::prepare().expect("prepare");
-        prepared.configure(&s, 14, &[]).expect("configure");
+        prepared.configure(&s, None, 14, &[]).expect("configure");
         let mut row = json!({ "case": label, "entries": n });
         for (family, v6) in [("ipv4", false), ("ipv6", true)] {
             let mut runs: Vec<f64> = (0..5)

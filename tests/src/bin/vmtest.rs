@@ -92,6 +92,58 @@ fn netem_params(show: &str) -> String {
         .unwrap_or_default()
 }
 
+/// EDT: the classifier sets departure times, our fq root holds packets until then. One delay
+/// for all, then different delays per destination from the same map.
+fn edt(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_other: f64) {
+    use chaos_agent::spec::LatencyBackend;
+    let latency = |ms: f64, per_destination: Vec<&str>| {
+        all_proto(FaultKind::Latency {
+            ms,
+            jitter_ms: 0.0,
+            correlation: 0.0,
+            distribution: None,
+            backend: LatencyBackend::Edt,
+            per_destination: per_destination
+                .iter()
+                .map(|d| d.parse().expect("dest-ms"))
+                .collect(),
+        })
+    };
+    let f = e.apply(latency(100.0, vec![])).expect("apply edt");
+    let tree = residue();
+    let rtts = udp_rtts("a", "b", addr(B, 7300), 30);
+    e.revert(&f.id).expect("revert edt");
+    let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+    let m = median(&rtts);
+    c.check(
+        "edt: fq root c4a0: while active",
+        tree.contains("qdisc fq c4a0: root"),
+        tree.replace('\n', " | "),
+    );
+    c.check(
+        "edt 100 ms: every RTT at least 100 ms, median within +5 ms",
+        min >= 100.0 && m <= base_b + 105.0 && rtts.iter().all(|r| !r.is_nan()),
+        format!("min {min:.2} median {m:.2} ms (baseline {base_b:.2})"),
+    );
+    c.check(
+        "edt: revert restores the default root qdisc",
+        residue().is_empty(),
+        residue(),
+    );
+
+    let f = e
+        .apply(latency(100.0, vec!["10.0.0.2/32=50", "10.0.0.3/32=150"]))
+        .expect("apply per-destination");
+    let to_b = median(&udp_rtts("a", "b", addr(B, 7301), 20));
+    let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7302), 20));
+    e.revert(&f.id).expect("revert");
+    c.check(
+        "edt per destination: 50 ms and 150 ms from one map",
+        (50.0..=base_b + 55.0).contains(&to_b) && (150.0..=base_other + 155.0).contains(&to_other),
+        format!("10.0.0.2 median {to_b:.2} ms, 10.0.0.3 median {to_other:.2} ms"),
+    );
+}
+
 /// Our netlink encoding gives the same netem as iproute2's for the same settings: each case is
 /// applied once by chaos and once by hand with `tc` on a second veth, and `tc qdisc show`
 /// must print the same parameters for both.
@@ -111,6 +163,8 @@ fn netem_matches_tc(c: &mut Checks, e: &Arc<Engine>) {
                 jitter_ms: 10.0,
                 correlation: 25.0,
                 distribution: None,
+                backend: Default::default(),
+                per_destination: vec![],
             },
             "delay 100ms 10ms 25%",
         ),
@@ -120,6 +174,8 @@ fn netem_matches_tc(c: &mut Checks, e: &Arc<Engine>) {
                 jitter_ms: 0.0,
                 correlation: 0.0,
                 distribution: None,
+                backend: Default::default(),
+                per_destination: vec![],
             },
             "delay 2.5ms",
         ),
@@ -129,6 +185,8 @@ fn netem_matches_tc(c: &mut Checks, e: &Arc<Engine>) {
                 jitter_ms: 20.0,
                 correlation: 0.0,
                 distribution: Some(Distribution::Normal),
+                backend: Default::default(),
+                per_destination: vec![],
             },
             "delay 50ms 20ms distribution normal",
         ),
@@ -138,6 +196,8 @@ fn netem_matches_tc(c: &mut Checks, e: &Arc<Engine>) {
                 jitter_ms: 20.0,
                 correlation: 0.0,
                 distribution: Some(Distribution::ParetoNormal),
+                backend: Default::default(),
+                per_destination: vec![],
             },
             "delay 50ms 20ms distribution paretonormal",
         ),
@@ -244,6 +304,8 @@ fn bench_added_delay(e: &Arc<Engine>, baseline: f64) {
                 jitter_ms: 0.0,
                 correlation: 0.0,
                 distribution: None,
+                backend: Default::default(),
+                per_destination: vec![],
             }))
             .expect("apply");
         let ours = median(&udp_rtts("a", "b", addr(B, 7201), probes)) - baseline;
@@ -376,6 +438,8 @@ fn main() {
             jitter_ms: 0.0,
             correlation: 0.0,
             distribution: None,
+            backend: Default::default(),
+            per_destination: vec![],
         },
         Direction::Egress,
     );
@@ -423,6 +487,8 @@ fn main() {
             jitter_ms: 20.0,
             correlation: 0.0,
             distribution: None,
+            backend: Default::default(),
+            per_destination: vec![],
         },
         Direction::Egress,
     );
@@ -439,6 +505,7 @@ fn main() {
         lo >= 30.0 && hi <= 70.0 + TCG_SPIKE_MS + base_hit && sd > 5.0,
         format!("min {lo:.1} max {hi:.1} mean {mean:.1} sd {sd:.1} ms"),
     );
+    edt(&mut c, &e, base_hit, base_other);
     netem_matches_tc(&mut c, &e);
     reorder_and_duplicate(&mut c, &e);
     bench_added_delay(&e, base_hit);
