@@ -201,13 +201,22 @@ fn vm_test(root: &Path) -> Result<()> {
             .context("run vm-run")?;
         let text = String::from_utf8_lossy(&out.stdout);
         print!("{text}");
-        // The benchmark line the test prints: kept as JSON beside the host's bench.json.
-        if let Some(json) = text.lines().find_map(|l| l.strip_prefix("BENCH ")) {
-            let dir = root.join("bench-out");
-            std::fs::create_dir_all(&dir)?;
-            let arch = target.split('-').next().unwrap_or(target);
-            std::fs::write(dir.join(format!("vm-{arch}.json")), json)?;
-        }
+        // The benchmark lines the test prints: kept as JSON beside the host's bench.json.
+        let bench = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or("null")
+        };
+        let (delay, dest) = (bench("BENCH "), bench("BENCH_DEST "));
+        let dir = root.join("bench-out");
+        std::fs::create_dir_all(&dir)?;
+        let arch = target.split('-').next().unwrap_or(target);
+        std::fs::write(
+            dir.join(format!("vm-{arch}.json")),
+            format!(
+                "{{\"added_delay_vs_tc_netem\":{delay},\"per_destination_map_vs_u32\":{dest}}}\n"
+            ),
+        )?;
         if !out.status.success() {
             failed.push(target);
         }

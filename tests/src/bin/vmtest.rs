@@ -321,6 +321,76 @@ fn bench_added_delay(e: &Arc<Engine>, baseline: f64) {
     );
 }
 
+/// `n` distinct /32s in 10.64.0.0/10 that are not B, then B itself last (the worst case for a
+/// linear filter list).
+fn destinations(n: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..n.saturating_sub(1) as u32)
+        .map(|i| std::net::Ipv4Addr::from(0x0A40_0000u32 + i).to_string())
+        .collect();
+    v.push(B.to_string());
+    v
+}
+
+/// Per-destination delays for 1, 1,000 and 10,000 destinations: our one-map classifier (EDT)
+/// vs one u32 filter per destination under a prio qdisc with netem on the shaped band (how
+/// Litmus does it). Traffic goes to the destination matched last; the cost shows as RTT above
+/// the 10 ms requested.
+fn bench_per_destination(e: &Arc<Engine>, baseline: f64) {
+    use chaos_agent::spec::LatencyBackend;
+    let mut rows = Vec::new();
+    for n in [1usize, 1000, 10_000] {
+        let dests = destinations(n);
+        let per_destination = dests
+            .iter()
+            .map(|d| format!("{d}/32=10").parse().expect("dest"))
+            .collect();
+        let t = std::time::Instant::now();
+        let f = e
+            .apply(all_proto(FaultKind::Latency {
+                ms: 10.0,
+                jitter_ms: 0.0,
+                correlation: 0.0,
+                distribution: None,
+                backend: LatencyBackend::Edt,
+                per_destination,
+            }))
+            .expect("apply per-destination");
+        let apply_ms = t.elapsed().as_secs_f64() * 1e3;
+        let ours = median(&udp_rtts("a", "b", addr(B, 7400), 40)) - baseline - 10.0;
+        e.revert(&f.id).expect("revert");
+
+        tc(&[
+            "-n", "a", "qdisc", "add", "dev", "va", "root", "handle", "1:", "prio", "bands", "4",
+            "priomap", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0",
+            "0",
+        ]);
+        tc(&[
+            "-n", "a", "qdisc", "add", "dev", "va", "parent", "1:4", "handle", "40:", "netem",
+            "delay", "10ms",
+        ]);
+        // One u32 hash table holds at most 4,095 filters (12-bit node ids): spread them over
+        // priorities, each one more list to walk.
+        let batch: String = dests
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let prio = 1 + i / 4000;
+                format!("filter add dev va parent 1:0 protocol ip prio {prio} u32 match ip dst {d}/32 flowid 1:4\n")
+            })
+            .collect();
+        std::fs::write("/run/u32.batch", batch).expect("batch");
+        let t = std::time::Instant::now();
+        tc(&["-n", "a", "-b", "/run/u32.batch"]);
+        let u32_setup_ms = t.elapsed().as_secs_f64() * 1e3;
+        let theirs = median(&udp_rtts("a", "b", addr(B, 7401), 40)) - baseline - 10.0;
+        tc(&["-n", "a", "qdisc", "del", "dev", "va", "root"]);
+        rows.push(format!(
+            "{{\"destinations\":{n},\"chaos_map_extra_ms\":{ours:.3},\"u32_filters_extra_ms\":{theirs:.3},\"chaos_apply_ms\":{apply_ms:.1},\"u32_setup_ms\":{u32_setup_ms:.1}}}"
+        ));
+    }
+    println!("BENCH_DEST [{}]", rows.join(","));
+}
+
 struct Checks(u32);
 
 impl Checks {
@@ -509,6 +579,7 @@ fn main() {
     netem_matches_tc(&mut c, &e);
     reorder_and_duplicate(&mut c, &e);
     bench_added_delay(&e, base_hit);
+    bench_per_destination(&e, base_hit);
     drop(e);
 
     // Crash recovery: a child applies, is killed -9; a new engine removes what it left.
