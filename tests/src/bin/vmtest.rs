@@ -280,6 +280,7 @@ fn reorder_and_duplicate(c: &mut Checks, e: &Arc<Engine>) {
 
 /// Added delay through chaos vs `tc qdisc add ... netem delay` by hand, same kernel, same run.
 fn bench_added_delay(e: &Arc<Engine>, baseline: f64) {
+    use chaos_agent::spec::LatencyBackend;
     let mut rows = Vec::new();
     for (ms, probes) in [(10.0, 60), (100.0, 20), (500.0, 8)] {
         tc(&[
@@ -298,21 +299,27 @@ fn bench_added_delay(e: &Arc<Engine>, baseline: f64) {
         ]);
         let hand = median(&udp_rtts("a", "b", addr(B, 7200), probes)) - baseline;
         tc(&["-n", "a", "qdisc", "del", "dev", "va", "root"]);
-        let f = e
-            .apply(all_proto(FaultKind::Latency {
-                ms,
-                jitter_ms: 0.0,
-                correlation: 0.0,
-                distribution: None,
-                backend: Default::default(),
-                per_destination: vec![],
-            }))
-            .expect("apply");
-        let ours = median(&udp_rtts("a", "b", addr(B, 7201), probes)) - baseline;
-        e.revert(&f.id).expect("revert");
+        // Ours through each backend: netem under our HTB root, and EDT under our fq root.
+        let mut added = Vec::new();
+        for (backend, port) in [(LatencyBackend::Netem, 7201), (LatencyBackend::Edt, 7202)] {
+            let f = e
+                .apply(all_proto(FaultKind::Latency {
+                    ms,
+                    jitter_ms: 0.0,
+                    correlation: 0.0,
+                    distribution: None,
+                    backend,
+                    per_destination: vec![],
+                }))
+                .expect("apply");
+            added.push(median(&udp_rtts("a", "b", addr(B, port), probes)) - baseline);
+            e.revert(&f.id).expect("revert");
+        }
+        let (netem, edt) = (added[0], added[1]);
         rows.push(format!(
-            "{{\"requested_ms\":{ms},\"probes\":{probes},\"added_ms_chaos\":{ours:.3},\"added_ms_tc_netem\":{hand:.3},\"ratio\":{:.4}}}",
-            ours / hand
+            "{{\"requested_ms\":{ms},\"probes\":{probes},\"added_ms_chaos_netem\":{netem:.3},\"added_ms_chaos_edt\":{edt:.3},\"added_ms_tc_netem\":{hand:.3},\"ratio_netem\":{:.4},\"ratio_edt\":{:.4}}}",
+            netem / hand,
+            edt / hand
         ));
     }
     println!(
