@@ -21,8 +21,12 @@ mkdir -p "$H"/{apt/lists/partial,apt/cache/archives/partial,debs,bin}
 cd "$H"
 
 # 1. host packages (exact names; no recommends). qemu-user: optional, only for quick qemu-user runs.
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-  qemu-system-x86 qemu-system-arm qemu-user cpio binutils python3 >/dev/null
+# (a fresh machine may have empty package lists: update once if the first attempt fails)
+HOSTPKGS="qemu-system-x86 qemu-system-arm qemu-user cpio binutils python3"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $HOSTPKGS >/dev/null 2>&1 || {
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $HOSTPKGS >/dev/null
+}
 
 # 2. private apt state that sees amd64+arm64 (does not touch dpkg's architecture list)
 touch apt/status
