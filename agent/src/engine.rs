@@ -114,6 +114,9 @@ struct State {
     active: BTreeMap<String, Active>,
     /// Faults that ended recently, with final counters, for callers that ask after the fact.
     ended: VecDeque<FaultStatus>,
+    /// Reverts that failed part-way: what may still be in the kernel stays in the journal, so
+    /// the next start (of this or another engine) reclaims it.
+    leftovers: Vec<Entry>,
 }
 
 pub struct Engine {
@@ -319,6 +322,14 @@ impl Engine {
             let spec = active.spec.clone();
             let deadline = active.deadline;
             let backend = self.config.attach.name();
+            let journaled = entry(
+                &id,
+                &active.spec,
+                active.deadline,
+                &active.netns,
+                active.installed.records.clone(),
+                active.installed.shaped.clone(),
+            );
             let res = active
                 .netns
                 .run(move || active.installed.uninstall())
@@ -338,10 +349,11 @@ impl Engine {
             if st.ended.len() > ENDED_HISTORY {
                 st.ended.pop_front();
             }
-            // Whether or not removal fully worked, this engine no longer holds the fault; the
-            // journal keeps an entry only while kernel state may remain.
+            // The fault has ended either way; if removal failed part-way, the journal keeps
+            // its entry so the leftovers are reclaimed at the next start.
             if let Err(e) = &res {
-                tracing::error!(%id, "revert: {e}");
+                tracing::error!(%id, "revert: {e}; kept in the journal for reclaim");
+                st.leftovers.push(journaled);
             }
             if let Err(e) = self.write_journal(st, None) {
                 tracing::error!("journal: {e}");
@@ -474,6 +486,7 @@ impl Engine {
                 )
             })
             .collect();
+        entries.extend(st.leftovers.iter().cloned());
         entries.extend(pending);
         self.journal
             .write(&entries)
