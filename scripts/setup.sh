@@ -18,5 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The toolchain in rust-toolchain.toml, with clippy and rustfmt (rustup installs on first use).
-rustup show active-toolchain >/dev/null
+# The toolchain pinned in rust-toolchain.toml, with clippy and rustfmt, installed explicitly
+# (rustup's auto-install may be off: RUSTUP_AUTO_INSTALL=0). A no-op when already there.
+rustup toolchain install 1.95.0 --profile minimal --component clippy,rustfmt >/dev/null 2>&1 ||
+  { echo "setup: cannot install Rust 1.95.0 with clippy and rustfmt via rustup" >&2; exit 1; }
