@@ -51,6 +51,13 @@ enum Command {
     },
     /// Kernel features found here and what each backend can serve.
     Doctor,
+    /// Follow a fault's counters on the agent until it ends.
+    Watch {
+        id: String,
+        /// Seconds between updates.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,6 +304,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::List => list(&agent, cli.json).await,
         Command::Revert { id, all } => revert(&agent, id, all, cli.json).await,
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
+        Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
     }
 }
 
@@ -522,6 +530,42 @@ async fn revert(agent: &str, id: Option<String>, all: bool, json: bool) -> Resul
         Err(s) if s.code() == tonic::Code::NotFound => refuse(s.message()),
         Err(s) => Err(anyhow::anyhow!("agent: {}", s.message())),
     }
+}
+
+async fn watch(agent: &str, id: &str, interval: f64, json: bool) -> Result<ExitCode> {
+    if !(interval.is_finite() && interval > 0.0) {
+        return refuse(format!(
+            "invalid --interval: must be greater than 0 (got {interval})"
+        ));
+    }
+    let mut client = agent_client::connect(agent).await?;
+    let req = pb::WatchCountersRequest {
+        id: id.to_string(),
+        interval_ms: (interval * 1000.0).round() as u32,
+    };
+    let mut stream = match client.watch_counters(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return refuse(s.message()),
+        Err(s) => return Err(anyhow::anyhow!("agent: {}", s.message())),
+    };
+    while let Some(update) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("agent: {}", s.message()))?
+    {
+        let c = update.counters.unwrap_or_default();
+        let counters = Counters {
+            seen: c.seen,
+            matched: c.matched,
+            affected: c.affected,
+        };
+        let name = if update.ended { "ended" } else { "counters" };
+        event(json, name, &update.id, Some(&counters), json!({}));
+        if update.ended {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {

@@ -170,6 +170,48 @@ fn deadline_expiry_reverts_on_its_own() {
     assert!(net.residue().is_empty());
 }
 
+/// `chaosctl watch` follows a fault's counters (WatchCounters) until the node ends it.
+#[test]
+fn watch_follows_counters_until_the_fault_ends() {
+    let _g = serial();
+    let net = TestNet::new("watch");
+    let agent = Agent::start(&net, &[]);
+    let o = agent.chaosctl(&[
+        "inject",
+        "partition",
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--duration",
+        "1500ms",
+        "--json",
+    ]);
+    let id = fault_id(&o);
+    let sender = {
+        let (a, b) = (net.a.clone(), net.b.clone());
+        std::thread::spawn(move || udp_probe(&a, &b, addr(B4, 5130), 300))
+    };
+    let o = agent.chaosctl(&["watch", &id, "--interval", "0.2", "--json"]);
+    sender.join().expect("sender");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let updates = events.iter().filter(|e| e["event"] == "counters").count();
+    let last = events.last().expect("events");
+    println!("{updates} updates, then {last}");
+    assert!(
+        updates >= 3,
+        "expected several updates over 1.5 s: {events:?}"
+    );
+    assert_eq!(last["event"], "ended", "{events:?}");
+    assert!(last["counters"]["affected"].as_u64().unwrap() > 0, "{last}");
+    let o = agent.chaosctl(&["watch", "f-00000000"]);
+    assert_eq!(o.status.code(), Some(2), "unknown id: {}", stderr(&o));
+}
+
 /// kill -9 of the agent mid-fault, then restart: no residue within 1 s, in 20 trials (half with
 /// TCX links, half with clsact filters, which only the journal can find again).
 #[test]
