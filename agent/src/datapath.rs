@@ -67,6 +67,16 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// The hooks a direction attaches to, egress first.
+    pub fn for_direction(direction: crate::spec::Direction) -> impl Iterator<Item = Hook> {
+        [
+            (direction.egress(), Hook::Egress),
+            (direction.ingress(), Hook::Ingress),
+        ]
+        .into_iter()
+        .filter_map(|(on, hook)| on.then_some(hook))
+    }
+
     fn attach_type(self) -> TcAttachType {
         match self {
             Hook::Egress => TcAttachType::Egress,
@@ -562,11 +572,7 @@ pub fn install(
         records: Vec::new(),
         shaped,
     };
-    let hooks = [
-        (spec.target.direction.egress(), Hook::Egress),
-        (spec.target.direction.ingress(), Hook::Ingress),
-    ];
-    for hook in hooks.iter().filter(|(on, _)| *on).map(|(_, h)| *h) {
+    for hook in Hook::for_direction(spec.target.direction) {
         if let Err(e) = installed.attach(interface, hook, mode, slot) {
             // Leave nothing half-applied.
             let _ = installed.uninstall();

@@ -601,16 +601,10 @@ fn entry(
 }
 
 fn planned_attachments(spec: &FaultSpec, mode: AttachMode, slot: u16) -> Vec<AttachmentRecord> {
-    let hooks = [
-        (spec.target.direction.egress(), Hook::Egress),
-        (spec.target.direction.ingress(), Hook::Ingress),
-    ];
-    hooks
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, hook)| AttachmentRecord {
+    Hook::for_direction(spec.target.direction)
+        .map(|hook| AttachmentRecord {
             interface: spec.target.interface.clone(),
-            hook: *hook,
+            hook,
             mode,
             priority: datapath::CLSACT_PRIORITY_BASE + slot,
             handle: datapath::CLSACT_HANDLE,

@@ -56,11 +56,16 @@ impl TcRequest {
 
     /// Sends the request in the calling thread's namespace and waits for the kernel's answer.
     pub fn send(mut self) -> io::Result<()> {
+        let sock = Socket::open()?;
+        sock.send(self.finish())?;
+        sock.ack()
+    }
+
+    /// The message with its length filled in.
+    fn finish(&mut self) -> &[u8] {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        let sock = Socket::open()?;
-        sock.send(&self.buf)?;
-        sock.ack()
+        &self.buf
     }
 }
 
@@ -142,10 +147,8 @@ pub struct QdiscInfo {
 /// The qdiscs of `ifindex` in the calling thread's namespace (RTM_GETQDISC dump).
 pub fn qdiscs(ifindex: u32) -> io::Result<Vec<QdiscInfo>> {
     let mut req = TcRequest::new(RTM_GETQDISC, libc::NLM_F_DUMP, 0, 0, 0);
-    let len = req.buf.len() as u32;
-    req.buf[0..4].copy_from_slice(&len.to_ne_bytes());
     let sock = Socket::open()?;
-    sock.send(&req.buf)?;
+    sock.send(req.finish())?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
     loop {

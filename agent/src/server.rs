@@ -165,6 +165,16 @@ impl From<&FaultSpec> for pb::FaultSpec {
     }
 }
 
+impl From<pb::Counters> for Counters {
+    fn from(c: pb::Counters) -> Self {
+        Counters {
+            seen: c.seen,
+            matched: c.matched,
+            affected: c.affected,
+        }
+    }
+}
+
 pub fn counters_pb(c: Counters) -> pb::Counters {
     pb::Counters {
         seen: c.seen,

@@ -445,12 +445,7 @@ async fn inject_remote(spec: FaultSpec, agent: &str, json: bool) -> Result<ExitC
 }
 
 fn fault_counters(f: &pb::Fault) -> Counters {
-    let c = f.counters.unwrap_or_default();
-    Counters {
-        seen: c.seen,
-        matched: c.matched,
-        affected: c.affected,
-    }
+    f.counters.unwrap_or_default().into()
 }
 
 async fn list(agent: &str, json: bool) -> Result<ExitCode> {
@@ -553,12 +548,7 @@ async fn watch(agent: &str, id: &str, interval: f64, json: bool) -> Result<ExitC
         .await
         .map_err(|s| anyhow::anyhow!("agent: {}", s.message()))?
     {
-        let c = update.counters.unwrap_or_default();
-        let counters = Counters {
-            seen: c.seen,
-            matched: c.matched,
-            affected: c.affected,
-        };
+        let counters: Counters = update.counters.unwrap_or_default().into();
         let name = if update.ended { "ended" } else { "counters" };
         event(json, name, &update.id, Some(&counters), json!({}));
         if update.ended {
