@@ -60,6 +60,8 @@ pub fn chaos_egress(ctx: TcContext) -> i32 {
         // congestion), which real network loss never is. A redirect to an ifindex that cannot
         // exist frees the packet and tells the stack it was sent. Works under TCX and clsact.
         Verdict::Drop => unsafe { bpf_redirect(u32::MAX, 0) as i32 },
+        // Only ingress redirects (egress shaping happens in this device's own root qdisc).
+        Verdict::Redirect(_) => PASS,
     }
 }
 
@@ -69,6 +71,9 @@ pub fn chaos_ingress(ctx: TcContext) -> i32 {
         Verdict::Pass => PASS,
         // On ingress the sender is elsewhere: a plain drop is invisible to it.
         Verdict::Drop => TC_ACT_SHOT as i32,
+        // Into the IFB's egress queue, where our shaping tree holds it; IFB then hands it back
+        // to this device's ingress path, skipping tc ingress (so it is not classified twice).
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
     }
 }
 
@@ -81,6 +86,7 @@ enum Direction {
 enum Verdict {
     Pass,
     Drop,
+    Redirect(u32),
 }
 
 /// What the parser learned about one packet. Addresses are kept as the packet has them;
@@ -138,6 +144,9 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
             // SAFETY: `priority` is a field of __sk_buff that tc programs may write.
             unsafe { (*ctx.skb.skb).priority = rule.classid };
             state.affected += 1;
+            if direction == Direction::Ingress && rule.redirect_ifindex != 0 {
+                return Verdict::Redirect(rule.redirect_ifindex);
+            }
             Verdict::Pass
         }
         ACTION_DELAY => {

@@ -3,7 +3,7 @@
 //!
 //! Everything here that names an interface runs inside the target namespace (the caller puts
 //! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
-use crate::qdisc::{self, Netem, Shape, ShapeError};
+use crate::qdisc::{self, Netem, Shape, ShapeError, Snapshot};
 use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, LatencyBackend, Protocol, invalid};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::links::Link as _;
@@ -141,17 +141,94 @@ pub struct Installed {
     ebpf: Ebpf,
     tcx_links: Vec<SchedClassifierLink>,
     pub records: Vec<AttachmentRecord>,
-    /// Interfaces where we put our root qdisc (shaping faults).
-    pub shaped: Vec<String>,
+    /// Shaping faults: the devices where this fault has its class.
+    pub shaped: Vec<ShapingSite>,
+    slot: u16,
+}
+
+/// A device carrying our root qdisc: the target interface (egress), or the IFB device its
+/// ingress traffic is redirected through. Faults on one device share the root, one class each.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShapingSite {
+    pub device: String,
+    /// Set when `device` is an IFB we created to shape this interface's ingress.
+    pub ifb_for: Option<String>,
+}
+
+impl ShapingSite {
+    /// The site that shapes `hook` traffic of `interface`. The IFB's name is derived from the
+    /// interface's (FNV-1a), so a later run finds it again; it fits IFNAMSIZ.
+    pub fn for_hook(interface: &str, hook: Hook) -> Self {
+        match hook {
+            Hook::Egress => ShapingSite {
+                device: interface.to_string(),
+                ifb_for: None,
+            },
+            Hook::Ingress => {
+                let hash = interface.bytes().fold(0x811c_9dc5u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                ShapingSite {
+                    device: format!("chifb{hash:08x}"),
+                    ifb_for: Some(interface.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// What to do about a site's root qdisc when a fault is installed there.
+#[derive(Debug, Clone)]
+pub enum RootPlan {
+    /// Another fault of this engine already put our root there.
+    Share,
+    /// Put our root in place of the kernel's default (creating the IFB first for ingress).
+    Create,
+    /// Replace another tool's tree, snapshotted (and journaled) beforehand (`--force`).
+    Replace(Snapshot),
+}
+
+/// Removes a site's root once its last fault is gone: our root qdisc, the tree it replaced put
+/// back, the IFB deleted if we made it. Must run inside the target namespace. Missing is fine.
+pub fn remove_site(site: &ShapingSite, replaced: Option<&Snapshot>) -> Result<(), DatapathError> {
+    let context = || format!("remove the root qdisc of {}", site.device);
+    if site.ifb_for.is_some() {
+        return crate::netlink::link_del(&site.device)
+            .map_err(|e| kernel(format!("delete {}", site.device))(Box::new(e)));
+    }
+    qdisc::remove_root(&site.device, replaced).map_err(|e| kernel(context())(Box::new(e)))
+}
+
+/// The foreign root tree of `device`, snapshotted and proven restorable, for `--force`; `None`
+/// if the root there is not someone else's. Must run inside the target namespace.
+pub fn snapshot_foreign(device: &str) -> Result<Option<Snapshot>, DatapathError> {
+    if !matches!(qdisc::root(device)?, qdisc::Root::Foreign { .. }) {
+        return Ok(None);
+    }
+    let ifindex = crate::netlink::ifindex(device)
+        .map_err(|e| kernel(format!("interface {device}"))(Box::new(e)))?;
+    let snapshot =
+        Snapshot::take(ifindex).map_err(|e| kernel(format!("snapshot {device}"))(Box::new(e)))?;
+    snapshot.rehearse().map_err(|e| {
+        DatapathError::Shape(ShapeError::Unrestorable {
+            interface: device.to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    Ok(Some(snapshot))
+}
+
+/// Where the classifier sends a shaping fault's matched packets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Steering {
+    pub classid: u32,
+    /// The IFB ingress traffic is redirected to (0: none).
+    pub redirect_ifindex: u32,
 }
 
 /// Packets netem may hold: 500 ms at ~20,000 packets/s without tail drops that would pose as
 /// loss. (iproute2's default is 1,000.)
 const NETEM_LIMIT: u32 = 10_000;
-
-/// fq's horizon is 10 s by default and drops packets timed beyond it; our own fq root gets a
-/// horizon past the longest delay we set instead.
-const EDT_MIN_HORIZON_NS: u64 = 10_000_000_000;
 
 /// Whether a latency fault uses EDT: asked for, or needed (per-destination delays), or the
 /// only way on this kernel (no netem, fq present, and nothing that needs netem).
@@ -186,17 +263,7 @@ fn uses_edt(kind: &FaultKind, has: impl Fn(&'static str) -> bool) -> Result<bool
 /// The shaping a kind needs, if any, with the latency backend resolved against this kernel.
 pub fn shape_for(kind: &FaultKind) -> Result<Option<Shape>, DatapathError> {
     if uses_edt(kind, crate::caps::has_qdisc)? {
-        let FaultKind::Latency {
-            ms,
-            per_destination,
-            ..
-        } = kind
-        else {
-            return Ok(None);
-        };
-        let longest = per_destination.iter().map(|d| d.ms).fold(*ms, f64::max);
-        let horizon_ns = ((longest * 1e6) as u64 + 1_000_000_000).max(EDT_MIN_HORIZON_NS);
-        return Ok(Some(Shape::Fq { horizon_ns }));
+        return Ok(Some(Shape::Fq));
     }
     Ok(match *kind {
         FaultKind::Latency {
@@ -242,7 +309,12 @@ pub struct Counters {
 }
 
 /// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it.
-pub fn rule_for(spec: &FaultSpec, l3_offset: u32, shape: Option<&Shape>) -> Rule {
+pub fn rule_for(
+    spec: &FaultSpec,
+    l3_offset: u32,
+    shape: Option<&Shape>,
+    steering: Steering,
+) -> Rule {
     let t = &spec.target;
     let mut match_flags = 0;
     if !t.remote.is_empty() {
@@ -276,7 +348,7 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32, shape: Option<&Shape>) -> Rule
         | FaultKind::Duplicate { .. } => (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {
-        (Some(Shape::Fq { .. }), FaultKind::Latency { ms, .. }) => {
+        (Some(Shape::Fq), FaultKind::Latency { ms, .. }) => {
             (ACTION_DELAY, (ms * 1e6).round() as u64)
         }
         _ => (action, 0),
@@ -302,11 +374,15 @@ pub fn rule_for(spec: &FaultSpec, l3_offset: u32, shape: Option<&Shape>) -> Rule
         probability_after_miss: after_miss.min(PROBABILITY_ONE),
         delay_ns,
         classid: if action == ACTION_STEER {
-            qdisc::SHAPE_CLASSID
+            steering.classid
         } else {
             0
         },
-        _pad: 0,
+        redirect_ifindex: if action == ACTION_STEER {
+            steering.redirect_ifindex
+        } else {
+            0
+        },
     }
 }
 
@@ -442,11 +518,12 @@ impl Prepared {
         &mut self,
         spec: &FaultSpec,
         shape: Option<&Shape>,
+        steering: Steering,
         l3_offset: u32,
         excluded: &[SocketAddr],
     ) -> Result<(), DatapathError> {
         let ebpf = &mut self.ebpf;
-        let rule = rule_for(spec, l3_offset, shape);
+        let rule = rule_for(spec, l3_offset, shape, steering);
         let mut rules: Array<&mut MapData, Rule> =
             ctx!(Array::try_from(map(ebpf, "RULE")?), "RULE")?;
         ctx!(rules.set(0, rule, 0), "set RULE")?;
@@ -544,42 +621,119 @@ fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Datap
 }
 
 /// Configures and attaches one prepared fault. Must run inside the target namespace.
-/// `slot` picks the clsact priority; `excluded` are control-plane endpoints never to match.
+/// `slot` picks the clsact priority and the shaping class; `excluded` are control-plane
+/// endpoints never to match; `sites` are where a shaping fault's classes go (see
+/// [`ShapingSite::for_hook`]), with what to do about each root.
 pub fn install(
     mut prepared: Prepared,
     spec: &FaultSpec,
     mode: AttachMode,
     slot: u16,
     excluded: &[SocketAddr],
+    sites: &[(ShapingSite, RootPlan)],
 ) -> Result<Installed, DatapathError> {
     let interface = spec.target.interface.as_str();
     let l3 = l3_offset(interface)?;
     let shape = shape_for(&spec.kind)?;
-    prepared.configure(spec, shape.as_ref(), l3, excluded)?;
-    let ebpf = prepared.ebpf;
-    // The class must exist before anything is steered into it.
-    let shaped = match shape {
-        Some(shape) => {
-            qdisc::install(interface, &shape)?;
-            vec![interface.to_string()]
+    let mut steering = Steering::default();
+    let mut done: Vec<&(ShapingSite, RootPlan)> = Vec::new();
+    if let Some(shape) = &shape {
+        steering.classid = qdisc::classid(slot);
+        // The classes must exist before anything is steered into them.
+        for planned @ (site, plan) in sites {
+            let added = add_to_site(site, plan, shape, slot).and_then(|()| {
+                done.push(planned);
+                if site.ifb_for.is_none() {
+                    return Ok(());
+                }
+                steering.redirect_ifindex = crate::netlink::ifindex(&site.device)
+                    .map_err(|e| kernel(format!("interface {}", site.device))(Box::new(e)))?;
+                Ok(())
+            });
+            if let Err(e) = added {
+                undo_sites(&done, slot);
+                return Err(e);
+            }
         }
-        None => Vec::new(),
-    };
-
+    }
+    if let Err(e) = prepared.configure(spec, shape.as_ref(), steering, l3, excluded) {
+        undo_sites(&done, slot);
+        return Err(e);
+    }
     let mut installed = Installed {
-        ebpf,
+        ebpf: prepared.ebpf,
         tcx_links: Vec::new(),
         records: Vec::new(),
-        shaped,
+        shaped: done.iter().map(|(site, _)| site.clone()).collect(),
+        slot,
     };
     for hook in Hook::for_direction(spec.target.direction) {
         if let Err(e) = installed.attach(interface, hook, mode, slot) {
             // Leave nothing half-applied.
             let _ = installed.uninstall();
+            undo_sites(&done, slot);
             return Err(e);
         }
     }
     Ok(installed)
+}
+
+/// Takes away what `install` put on these sites before it failed.
+fn undo_sites(done: &[&(ShapingSite, RootPlan)], slot: u16) {
+    for (site, plan) in done {
+        let _ = qdisc::remove_class(&site.device, slot);
+        match plan {
+            RootPlan::Share => {}
+            RootPlan::Create => {
+                let _ = remove_site(site, None);
+            }
+            RootPlan::Replace(snapshot) => {
+                let _ = remove_site(site, Some(snapshot));
+            }
+        }
+    }
+}
+
+/// Puts the site's root in place if the plan says so, then the fault's class under it. On
+/// failure, what this call created is gone again.
+fn add_to_site(
+    site: &ShapingSite,
+    plan: &RootPlan,
+    shape: &Shape,
+    slot: u16,
+) -> Result<(), DatapathError> {
+    let replaced = match plan {
+        RootPlan::Share => None,
+        RootPlan::Create => {
+            if site.ifb_for.is_some() {
+                crate::netlink::ifb_add(&site.device).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EEXIST) => DatapathError::Shape(ShapeError::Busy {
+                        interface: site.device.clone(),
+                    }),
+                    Some(libc::EOPNOTSUPP) => DatapathError::Shape(ShapeError::Missing {
+                        kind: "ifb (for ingress shaping)",
+                    }),
+                    _ => kernel(format!("create IFB {}", site.device))(Box::new(e)),
+                })?;
+            }
+            None
+        }
+        RootPlan::Replace(snapshot) => Some(snapshot),
+    };
+    let created = !matches!(plan, RootPlan::Share);
+    let result = (|| {
+        if created {
+            qdisc::install_root(&site.device, shape, replaced)?;
+        }
+        qdisc::add_class(&site.device, shape, slot)
+    })();
+    if let Err(e) = result {
+        if created {
+            let _ = remove_site(site, replaced);
+        }
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 impl Installed {
@@ -688,11 +842,22 @@ impl Installed {
             first_error.get_or_insert(e);
         }
         // After the classifiers: nothing is steered into the class while it goes away.
-        for interface in &self.shaped {
-            if let Err(e) = qdisc::remove(interface) {
-                first_error.get_or_insert(kernel(format!("remove root qdisc of {interface}"))(
-                    Box::new(e),
-                ));
+        if let Err(e) = self.uninstall_classes() {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Removes this fault's shaping classes. The roots stay: other faults may share them (the
+    /// engine removes a root with [`remove_site`] when its last fault goes).
+    fn uninstall_classes(&self) -> Result<(), DatapathError> {
+        let mut first_error = None;
+        for site in &self.shaped {
+            if let Err(e) = qdisc::remove_class(&site.device, self.slot) {
+                first_error.get_or_insert(kernel(format!(
+                    "remove the shaping class of {}",
+                    site.device
+                ))(Box::new(e)));
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -782,6 +947,7 @@ mod tests {
                 ports: vec![],
                 protocol: Protocol::Udp,
                 direction: Direction::Egress,
+                force: false,
             },
             duration: Duration::from_secs(1),
         }
@@ -800,6 +966,7 @@ mod tests {
             }),
             14,
             None,
+            Steering::default(),
         );
         assert_eq!(r.action, ACTION_DROP);
         assert_eq!(r.probability_after_hit, r.probability_after_miss);
@@ -817,6 +984,7 @@ mod tests {
             }),
             14,
             None,
+            Steering::default(),
         );
         let (hit, miss) = (p(r.probability_after_hit), p(r.probability_after_miss));
         assert!((hit - 0.8).abs() < 1e-9, "P(l|l) = p + c(1-p)");
@@ -827,7 +995,7 @@ mod tests {
 
     #[test]
     fn edges() {
-        let all = rule_for(&spec(FaultKind::Partition), 0, None);
+        let all = rule_for(&spec(FaultKind::Partition), 0, None, Steering::default());
         assert_eq!(
             (all.probability_after_hit, all.probability_after_miss),
             (PROBABILITY_ONE, PROBABILITY_ONE)
@@ -839,9 +1007,15 @@ mod tests {
             }),
             0,
             None,
+            Steering::default(),
         );
         assert_eq!(full.probability_after_hit, PROBABILITY_ONE);
-        let none = rule_for(&spec(FaultKind::Corrupt { percent: 0.0 }), 0, None);
+        let none = rule_for(
+            &spec(FaultKind::Corrupt { percent: 0.0 }),
+            0,
+            None,
+            Steering::default(),
+        );
         assert_eq!(
             (none.action, none.probability_after_miss),
             (ACTION_CORRUPT, 0)
@@ -885,13 +1059,7 @@ mod tests {
             kind: lat(LatencyBackend::Edt, 0.0, dest),
             ..spec(FaultKind::Partition)
         };
-        let r = rule_for(
-            &spec,
-            14,
-            Some(&Shape::Fq {
-                horizon_ns: EDT_MIN_HORIZON_NS,
-            }),
-        );
+        let r = rule_for(&spec, 14, Some(&Shape::Fq), Steering::default());
         assert_eq!((r.action, r.delay_ns), (ACTION_DELAY, 100_000_000));
         assert_ne!(
             r.match_flags & MATCH_REMOTE,

@@ -5,13 +5,14 @@
 //! Crash recovery is the same idea at start: whatever orphaned journals say is installed, and
 //! nobody desires, is removed.
 use crate::datapath::{
-    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, Installed,
+    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, Installed, RootPlan,
+    ShapingSite,
 };
-use crate::journal::{Entry, Journal};
-use crate::netns::{Netns, NetnsError};
+use crate::journal::{Entry, Journal, SiteEntry};
+use crate::netns::{Netns, NetnsError, NetnsId};
 use crate::qdisc::ShapeError;
 use crate::spec::{DEFAULT_MAX_DURATION, FaultSpec, InvalidInput, NetnsRef};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -49,6 +50,9 @@ impl EngineError {
                 | EngineError::Datapath(DatapathError::Shape(
                     ShapeError::Foreign { .. }
                         | ShapeError::Busy { .. }
+                        | ShapeError::Mixed { .. }
+                        | ShapeError::Unrestorable { .. }
+                        | ShapeError::Changed { .. }
                         | ShapeError::Missing { .. }
                 ))
         )
@@ -117,6 +121,16 @@ struct State {
     /// Reverts that failed part-way: what may still be in the kernel stays in the journal, so
     /// the next start (of this or another engine) reclaims it.
     leftovers: Vec<Entry>,
+    /// Devices carrying our root qdisc, with the faults that have a class there. A root goes
+    /// when its last fault does.
+    sites: BTreeMap<(NetnsId, String), Site>,
+}
+
+struct Site {
+    entry: SiteEntry,
+    /// "htb" or "fq": faults needing the other kind cannot share this root.
+    root_kind: &'static str,
+    users: BTreeSet<String>,
 }
 
 pub struct Engine {
@@ -328,13 +342,14 @@ impl Engine {
                 active.deadline,
                 &active.netns,
                 active.installed.records.clone(),
-                active.installed.shaped.clone(),
             );
+            let sites = active.installed.shaped.clone();
             let res = active
                 .netns
                 .run(move || active.installed.uninstall())
                 .map_err(EngineError::from)
                 .and_then(|r| r.map_err(EngineError::from));
+            let res = res.and_then(|()| self.release_sites(st, &id, &active.netns, &sites));
             let detached = started.elapsed();
             let ended = FaultStatus {
                 id: id.clone(),
@@ -386,33 +401,27 @@ impl Engine {
         let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
         let started = std::time::Instant::now();
         let netns = Netns::open(&spec.target.netns)?;
+        let sites = self.plan_sites(st, id, &spec, &netns)?;
         // Intent first: if we crash mid-install, the journal already names what may be there.
         let planned = planned_attachments(&spec, self.config.attach, slot);
-        let shaped = if spec.kind.shapes() {
-            vec![spec.target.interface.clone()]
-        } else {
-            Vec::new()
-        };
-        self.write_journal(
-            st,
-            Some(entry(id, &spec, deadline, &netns, planned, shaped)),
-        )?;
+        self.write_journal(st, Some(entry(id, &spec, deadline, &netns, planned)))?;
         let journaled = started.elapsed();
         let prepared = self.take_prepared()?;
         let prepared_at = started.elapsed();
         let (mode, excluded) = (self.config.attach, self.config.excluded.clone());
         let spec_in = spec.clone();
-        let installed =
-            netns.run(move || datapath::install(prepared, &spec_in, mode, slot, &excluded));
+        let sites_in = sites.clone();
+        let installed = netns
+            .run(move || datapath::install(prepared, &spec_in, mode, slot, &excluded, &sites_in))
+            .map_err(EngineError::from)
+            .and_then(|r| r.map_err(EngineError::from));
         let installed = match installed {
-            Ok(Ok(i)) => i,
-            Ok(Err(e)) => {
-                self.write_journal(st, None)?;
-                return Err(e.into());
-            }
+            Ok(i) => i,
             Err(e) => {
+                // install took away what it put in place; forget the sites it would have used.
+                self.forget_sites(st, id, &netns, &sites);
                 self.write_journal(st, None)?;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let attached = started.elapsed();
@@ -434,6 +443,133 @@ impl Engine {
             journal_done = ?(started.elapsed() - attached),
             "install timings"
         );
+        result
+    }
+
+    /// Where a shaping fault's classes go and what to do about each root: share our root if
+    /// this engine already has one there, else create it, or with `--force` replace another
+    /// tool's tree (snapshotted here, so the journal holds it before anything is touched).
+    /// Records the fault as a user of each site.
+    fn plan_sites(
+        &self,
+        st: &mut State,
+        id: &str,
+        spec: &FaultSpec,
+        netns: &Netns,
+    ) -> Result<Vec<(ShapingSite, RootPlan)>, EngineError> {
+        let Some(shape) = datapath::shape_for(&spec.kind)? else {
+            return Ok(Vec::new());
+        };
+        let want = crate::qdisc::root_kind(&shape);
+        let mut plans = Vec::new();
+        for hook in Hook::for_direction(spec.target.direction) {
+            let site = ShapingSite::for_hook(&spec.target.interface, hook);
+            let key = (netns.id, site.device.clone());
+            let plan = match st.sites.get(&key) {
+                Some(s) if s.root_kind == want => RootPlan::Share,
+                Some(s) => {
+                    let name = |k| {
+                        if k == "fq" {
+                            "edt (fq)"
+                        } else {
+                            "netem/bandwidth (htb)"
+                        }
+                    };
+                    return Err(DatapathError::Shape(ShapeError::Mixed {
+                        interface: spec.target.interface.clone(),
+                        have: name(s.root_kind),
+                        want: name(want),
+                    })
+                    .into());
+                }
+                None if spec.target.force && site.ifb_for.is_none() => {
+                    let device = site.device.clone();
+                    match netns.run(move || datapath::snapshot_foreign(&device))?? {
+                        Some(snapshot) => RootPlan::Replace(snapshot),
+                        None => RootPlan::Create,
+                    }
+                }
+                None => RootPlan::Create,
+            };
+            plans.push((site, plan));
+        }
+        for (site, plan) in &plans {
+            let key = (netns.id, site.device.clone());
+            st.sites
+                .entry(key)
+                .or_insert_with(|| Site {
+                    entry: SiteEntry {
+                        site: site.clone(),
+                        netns_path: netns.path.clone(),
+                        netns_id: netns.id,
+                        replaced: match plan {
+                            RootPlan::Replace(s) => Some(s.clone()),
+                            _ => None,
+                        },
+                    },
+                    root_kind: want,
+                    users: BTreeSet::new(),
+                })
+                .users
+                .insert(id.to_string());
+        }
+        Ok(plans)
+    }
+
+    /// Undoes `plan_sites` for an install that failed (and cleaned the kernel up itself).
+    fn forget_sites(
+        &self,
+        st: &mut State,
+        id: &str,
+        netns: &Netns,
+        plans: &[(ShapingSite, RootPlan)],
+    ) {
+        for (site, _) in plans {
+            let key = (netns.id, site.device.clone());
+            if let Some(s) = st.sites.get_mut(&key) {
+                s.users.remove(id);
+                if s.users.is_empty() {
+                    st.sites.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The fault `id` no longer uses `sites`: each site whose last user it was loses our root
+    /// (and gets back what `--force` replaced). A site that cannot be removed stays in the
+    /// journal, so the next start reclaims it.
+    fn release_sites(
+        &self,
+        st: &mut State,
+        id: &str,
+        netns: &Netns,
+        sites: &[ShapingSite],
+    ) -> Result<(), EngineError> {
+        let mut result = Ok(());
+        for site in sites {
+            let key = (netns.id, site.device.clone());
+            let Some(s) = st.sites.get_mut(&key) else {
+                continue;
+            };
+            s.users.remove(id);
+            if !s.users.is_empty() {
+                continue;
+            }
+            let entry = s.entry.clone();
+            let removed = netns
+                .run(move || datapath::remove_site(&entry.site, entry.replaced.as_ref()))
+                .map_err(EngineError::from)
+                .and_then(|r| r.map_err(EngineError::from));
+            match removed {
+                Ok(()) => {
+                    st.sites.remove(&key);
+                }
+                Err(e) => {
+                    tracing::error!(device = %site.device, "remove root qdisc: {e}; kept in the journal for reclaim");
+                    result = result.and(Err(e));
+                }
+            }
+        }
         result
     }
 
@@ -482,14 +618,14 @@ impl Engine {
                     a.deadline,
                     &a.netns,
                     a.installed.records.clone(),
-                    a.installed.shaped.clone(),
                 )
             })
             .collect();
         entries.extend(st.leftovers.iter().cloned());
         entries.extend(pending);
+        let sites: Vec<SiteEntry> = st.sites.values().map(|s| s.entry.clone()).collect();
         self.journal
-            .write(&entries)
+            .write(&entries, &sites)
             .map_err(|source| EngineError::Journal {
                 path: self.journal.path().to_path_buf(),
                 source,
@@ -517,33 +653,30 @@ impl Engine {
                     .filter(|a| a.mode == AttachMode::Clsact)
                     .cloned()
                     .collect();
-                let shaped = fault.shaped.clone();
-                if clsact.is_empty() && shaped.is_empty() {
+                if clsact.is_empty() {
                     continue;
                 }
-                let netns = match find_netns(fault) {
-                    Some(n) => n,
+                let Some(netns) = find_netns(&fault.netns_path, fault.netns_id) else {
                     // The namespace is gone, and everything attached inside it.
-                    None => continue,
+                    continue;
                 };
                 let n = clsact.len();
-                let removed = netns.run(move || {
-                    datapath::remove_clsact_attachments(&clsact)?;
-                    for interface in &shaped {
-                        crate::qdisc::remove(interface).map_err(|e| DatapathError::Kernel {
-                            context: format!("remove root qdisc of {interface}"),
-                            message: e.to_string(),
-                        })?;
-                    }
-                    Ok::<(), DatapathError>(())
-                });
-                match removed {
-                    Ok(Ok(())) => {
-                        report.clsact_filters += n;
-                        report.qdiscs += fault.shaped.len();
-                    }
+                match netns.run(move || datapath::remove_clsact_attachments(&clsact)) {
+                    Ok(Ok(())) => report.clsact_filters += n,
                     Ok(Err(e)) => report.errors.push(format!("{}: {e}", fault.id)),
                     Err(e) => report.errors.push(format!("{}: {e}", fault.id)),
+                }
+            }
+            // After the filters: nothing is steered into a class while its root goes.
+            for site in file.sites {
+                let Some(netns) = find_netns(&site.netns_path, site.netns_id) else {
+                    continue;
+                };
+                let device = site.site.device.clone();
+                match netns.run(move || datapath::remove_site(&site.site, site.replaced.as_ref())) {
+                    Ok(Ok(())) => report.qdiscs += 1,
+                    Ok(Err(e)) => report.errors.push(format!("{device}: {e}")),
+                    Err(e) => report.errors.push(format!("{device}: {e}")),
                 }
             }
             if report.errors.is_empty() {
@@ -565,15 +698,14 @@ impl Drop for Engine {
 }
 
 /// The namespace a journal entry was applied in, if it still exists and is the same one.
-fn find_netns(fault: &Entry) -> Option<Netns> {
-    let candidates = fault
-        .netns_path
+fn find_netns(path: &Option<PathBuf>, id: NetnsId) -> Option<Netns> {
+    let candidates = path
         .iter()
         .cloned()
         .chain([PathBuf::from("/proc/self/ns/net")]);
     for path in candidates {
         if let Ok(n) = Netns::open_path(&path, "--netns")
-            && n.id == fault.netns_id
+            && n.id == id
         {
             return Some(n);
         }
@@ -587,7 +719,6 @@ fn entry(
     deadline: SystemTime,
     netns: &Netns,
     attachments: Vec<AttachmentRecord>,
-    shaped: Vec<String>,
 ) -> Entry {
     Entry {
         id: id.to_string(),
@@ -596,7 +727,6 @@ fn entry(
         netns_path: netns.path.clone(),
         netns_id: netns.id,
         attachments,
-        shaped,
     }
 }
 

@@ -4,8 +4,9 @@
 //! One file per engine instance (`<pid>.json`), so `chaosctl --local` and the daemon can run side
 //! by side. A file whose owner is gone (pid dead, or reused by a process that started at another
 //! time) is an orphan.
-use crate::datapath::AttachmentRecord;
+use crate::datapath::{AttachmentRecord, ShapingSite};
 use crate::netns::NetnsId;
+use crate::qdisc::Snapshot;
 use crate::spec::FaultSpec;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
@@ -50,15 +51,24 @@ pub struct Entry {
     pub netns_path: Option<PathBuf>,
     pub netns_id: NetnsId,
     pub attachments: Vec<AttachmentRecord>,
-    /// Interfaces where the fault put our root qdisc (`c4a0:`).
-    #[serde(default)]
-    pub shaped: Vec<String>,
+}
+
+/// A device where this engine put its root qdisc (shared by its shaping faults there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteEntry {
+    pub site: ShapingSite,
+    pub netns_path: Option<PathBuf>,
+    pub netns_id: NetnsId,
+    /// The other tool's tree our root replaced (`--force`), to put back.
+    pub replaced: Option<Snapshot>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JournalFile {
     pub owner: Owner,
     pub faults: Vec<Entry>,
+    #[serde(default)]
+    pub sites: Vec<SiteEntry>,
 }
 
 pub struct Journal {
@@ -84,8 +94,8 @@ impl Journal {
 
     /// Replaces the journal with `faults`: write a temporary file, fsync, rename over the old
     /// one, fsync the directory. A reader sees the old or the new journal, never half of one.
-    pub fn write(&self, faults: &[Entry]) -> io::Result<()> {
-        if faults.is_empty() {
+    pub fn write(&self, faults: &[Entry], sites: &[SiteEntry]) -> io::Result<()> {
+        if faults.is_empty() && sites.is_empty() {
             return match std::fs::remove_file(&self.path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -94,6 +104,7 @@ impl Journal {
         let file = JournalFile {
             owner: self.owner,
             faults: faults.to_vec(),
+            sites: sites.to_vec(),
         };
         let tmp = self.path.with_extension("json.tmp");
         {
@@ -154,6 +165,7 @@ mod tests {
                     ports: vec!["80".parse().unwrap()],
                     protocol: Protocol::Tcp,
                     direction: Direction::Both,
+                    force: false,
                 },
                 duration: Duration::from_secs(30),
             },
@@ -168,7 +180,6 @@ mod tests {
                 handle: 0xC4A0_0001,
                 created_clsact: true,
             }],
-            shaped: vec!["eth0".into()],
         }
     }
 
@@ -182,7 +193,7 @@ mod tests {
     fn write_replaces_atomically_and_empty_removes() {
         let dir = tempdir("write");
         let j = Journal::open(&dir).unwrap();
-        j.write(&[entry("f-1"), entry("f-2")]).unwrap();
+        j.write(&[entry("f-1"), entry("f-2")], &[]).unwrap();
         let file: JournalFile = serde_json::from_slice(&std::fs::read(j.path()).unwrap()).unwrap();
         assert_eq!(file.faults.len(), 2);
         assert_eq!(file.faults[0], entry("f-1"), "round trip");
@@ -191,7 +202,7 @@ mod tests {
             !j.path().with_extension("json.tmp").exists(),
             "temporary file left"
         );
-        j.write(&[]).unwrap();
+        j.write(&[], &[]).unwrap();
         assert!(!j.path().exists(), "an empty journal is no file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -200,12 +211,13 @@ mod tests {
     fn orphans_are_files_of_dead_or_reused_owners() {
         let dir = tempdir("orphans");
         let j = Journal::open(&dir).unwrap();
-        j.write(&[entry("mine")]).unwrap();
+        j.write(&[entry("mine")], &[]).unwrap();
         let me = Owner::current().unwrap();
         let write = |name: &str, owner: Owner| {
             let f = JournalFile {
                 owner,
                 faults: vec![entry(name)],
+                sites: vec![],
             };
             std::fs::write(
                 dir.join(format!("{name}.json")),

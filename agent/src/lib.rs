@@ -10,6 +10,7 @@ pub mod netns;
 pub mod qdisc;
 pub mod server;
 pub mod spec;
+pub mod tc_snapshot;
 
 pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};
 pub use spec::{FaultKind, FaultSpec, InvalidInput, Target};

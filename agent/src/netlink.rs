@@ -6,8 +6,15 @@ pub const RTM_NEWQDISC: u16 = 36;
 pub const RTM_DELQDISC: u16 = 37;
 pub const RTM_GETQDISC: u16 = 38;
 pub const RTM_NEWTCLASS: u16 = 40;
+pub const RTM_DELTCLASS: u16 = 41;
+pub const RTM_GETTCLASS: u16 = 42;
+pub const RTM_NEWTFILTER: u16 = 44;
+pub const RTM_GETTFILTER: u16 = 46;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+pub const TC_H_INGRESS: u32 = 0xFFFF_FFF1;
 pub const TC_H_ROOT: u32 = 0xFFFF_FFFF;
-const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
+const TC_H_CLSACT: u32 = TC_H_INGRESS;
 const CLSACT_HANDLE: u32 = 0xFFFF_0000;
 pub const TCA_KIND: u16 = 1;
 pub const TCA_OPTIONS: u16 = 2;
@@ -22,16 +29,28 @@ pub struct TcRequest {
 
 impl TcRequest {
     pub fn new(kind: u16, flags: i32, ifindex: u32, handle: u32, parent: u32) -> Self {
-        let mut buf = vec![0u8; HDR + TCMSG];
+        let mut r = Self::with_header(kind, flags, TCMSG);
+        // tcmsg: family, pad[3], ifindex, handle, parent, info
+        r.buf[HDR + 4..HDR + 8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+        r.buf[HDR + 8..HDR + 12].copy_from_slice(&handle.to_ne_bytes());
+        r.buf[HDR + 12..HDR + 16].copy_from_slice(&parent.to_ne_bytes());
+        r
+    }
+
+    /// A netlink message of type `kind` with a zeroed family header of `len` bytes.
+    fn with_header(kind: u16, flags: i32, len: usize) -> Self {
+        let mut buf = vec![0u8; HDR + len];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         let flags = (libc::NLM_F_REQUEST | flags) as u16;
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
         buf[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        // tcmsg: family, pad[3], ifindex, handle, parent, info
-        buf[HDR + 4..HDR + 8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-        buf[HDR + 8..HDR + 12].copy_from_slice(&handle.to_ne_bytes());
-        buf[HDR + 12..HDR + 16].copy_from_slice(&parent.to_ne_bytes());
         TcRequest { buf }
+    }
+
+    /// tcmsg's `tcm_info`: for filters, priority << 16 | protocol (network byte order).
+    pub fn info(&mut self, info: u32) -> &mut Self {
+        self.buf[HDR + 16..HDR + 20].copy_from_slice(&info.to_ne_bytes());
+        self
     }
 
     pub fn attr(&mut self, ty: u16, data: &[u8]) -> &mut Self {
@@ -146,9 +165,52 @@ pub struct QdiscInfo {
 
 /// The qdiscs of `ifindex` in the calling thread's namespace (RTM_GETQDISC dump).
 pub fn qdiscs(ifindex: u32) -> io::Result<Vec<QdiscInfo>> {
-    let mut req = TcRequest::new(RTM_GETQDISC, libc::NLM_F_DUMP, 0, 0, 0);
+    Ok(dump(RTM_GETQDISC, ifindex, 0)?
+        .into_iter()
+        .map(|m| QdiscInfo {
+            kind: m.kind(),
+            handle: m.handle,
+            parent: m.parent,
+        })
+        .collect())
+}
+
+/// One tc object (qdisc, class or filter) from a dump: its tcmsg and its attributes as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcMessage {
+    pub handle: u32,
+    pub parent: u32,
+    pub info: u32,
+    /// (type with its flags, payload)
+    pub attrs: Vec<(u16, Vec<u8>)>,
+}
+
+impl TcMessage {
+    pub fn attr(&self, ty: u16) -> Option<&[u8]> {
+        self.attrs
+            .iter()
+            .find(|(t, _)| t & !NLA_F_NESTED == ty)
+            .map(|(_, d)| d.as_slice())
+    }
+
+    pub fn kind(&self) -> String {
+        self.attr(TCA_KIND)
+            .map(|d| {
+                String::from_utf8_lossy(d)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Dumps qdiscs, classes (`RTM_GETTCLASS`) or filters (`RTM_GETTFILTER`, of `parent`) of
+/// `ifindex` in the calling thread's namespace.
+pub fn dump(msg_type: u16, ifindex: u32, parent: u32) -> io::Result<Vec<TcMessage>> {
+    let mut req = TcRequest::new(msg_type, libc::NLM_F_DUMP, ifindex, 0, parent);
     let sock = Socket::open()?;
     sock.send(req.finish())?;
+    let reply_type = msg_type - 2;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
     loop {
@@ -168,15 +230,17 @@ pub fn qdiscs(ifindex: u32) -> io::Result<Vec<QdiscInfo>> {
                     );
                     return Err(io::Error::from_raw_os_error(errno));
                 }
-                RTM_NEWQDISC if len >= HDR + TCMSG => {
+                k if k == reply_type && len >= HDR + TCMSG => {
                     let m = &buf[off + HDR..off + len];
                     let word =
                         |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().unwrap_or_default());
+                    // Qdisc dumps cover every device; the others honour the ifindex.
                     if word(4) == ifindex {
-                        out.push(QdiscInfo {
-                            kind: attr_string(&m[TCMSG..], TCA_KIND),
+                        out.push(TcMessage {
                             handle: word(8),
                             parent: word(12),
+                            info: word(16),
+                            attrs: attrs(&m[TCMSG..]),
                         });
                     }
                 }
@@ -187,21 +251,55 @@ pub fn qdiscs(ifindex: u32) -> io::Result<Vec<QdiscInfo>> {
     }
 }
 
-fn attr_string(mut attrs: &[u8], want: u16) -> String {
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
+fn attrs(mut data: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let ty = u16::from_ne_bytes([data[2], data[3]]);
+        if len < 4 || len > data.len() {
             break;
         }
-        if ty == want {
-            return String::from_utf8_lossy(&attrs[4..len])
-                .trim_end_matches('\0')
-                .to_string();
-        }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+        out.push((ty, data[4..len].to_vec()));
+        data = &data[len.next_multiple_of(4).min(data.len())..];
     }
-    String::new()
+    out
+}
+
+/// Creates an IFB device named `name`, up, in the calling thread's namespace.
+pub fn ifb_add(name: &str) -> io::Result<()> {
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    const IFINFOMSG: usize = 16;
+    let mut r = TcRequest::with_header(
+        RTM_NEWLINK,
+        libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL,
+        IFINFOMSG,
+    );
+    // ifinfomsg: family, pad, type, index, flags, change
+    let up = libc::IFF_UP as u32;
+    r.buf[HDR + 8..HDR + 12].copy_from_slice(&up.to_ne_bytes());
+    r.buf[HDR + 12..HDR + 16].copy_from_slice(&up.to_ne_bytes());
+    let mut ifname = name.as_bytes().to_vec();
+    ifname.push(0);
+    r.attr(IFLA_IFNAME, &ifname);
+    let mut info = Vec::new();
+    put_attr(&mut info, IFLA_INFO_KIND, b"ifb");
+    r.attr(IFLA_LINKINFO | NLA_F_NESTED, &info);
+    r.send()
+}
+
+/// Deletes the device `name` in the calling thread's namespace. Missing is fine.
+pub fn link_del(name: &str) -> io::Result<()> {
+    let Ok(index) = ifindex(name) else {
+        return Ok(());
+    };
+    let mut r = TcRequest::with_header(RTM_DELLINK, libc::NLM_F_ACK, 16);
+    r.buf[HDR + 4..HDR + 8].copy_from_slice(&(index as i32).to_ne_bytes());
+    match r.send() {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        other => other,
+    }
 }
 
 pub fn ifindex(interface: &str) -> io::Result<u32> {

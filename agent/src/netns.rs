@@ -26,7 +26,9 @@ pub enum NetnsError {
 
 /// The identity of a namespace (device and inode of its nsfs file), so a journal entry is never
 /// applied to a different namespace that reuses a name or a pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NetnsId {
     pub dev: u64,
     pub ino: u64,

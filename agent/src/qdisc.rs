@@ -1,25 +1,40 @@
-//! Shaping faults (latency, bandwidth): an HTB root qdisc with our reserved handle, one class
-//! for the fault, and for latency a netem leaf under it. The classifier steers matched packets
-//! into the class by setting skb->priority to its id (HTB classifies by priority first);
-//! everything else is unclassified, which HTB sends straight through its direct queue with no
-//! shaping and no delay.
+//! Shaping faults (latency, bandwidth, reorder, duplicate): an HTB root qdisc with our reserved
+//! handle, one class per fault (`c4a0:N`), and for netem kinds a netem leaf under it. The
+//! classifier steers matched packets into its fault's class by setting skb->priority to the
+//! class id (HTB classifies by priority first); everything else is unclassified, which HTB
+//! sends straight through its direct queue with no shaping and no delay. EDT faults share an
+//! fq root instead (nothing per fault: the classifier sets each packet's departure time).
 //!
-//! Only a root qdisc the kernel created by default (handle 0: noqueue, pfifo_fast, mq,
-//! fq_codel) is replaced; deleting ours gives the device its default back. A root someone else
-//! configured (a CNI's) is left alone and the fault is refused.
+//! The device is the target interface for egress, or the IFB device that ingress traffic is
+//! redirected through. A root the kernel created by default (handle 0: noqueue, pfifo_fast,
+//! mq, fq_codel) is replaced, and deleting ours gives the device its default back. A root
+//! someone else configured (a CNI's) is replaced only when asked (`--force`), after a
+//! [`Snapshot`] of its whole tree, which is restored when ours goes.
 use crate::netem_dist::Distribution;
 use crate::netlink::{
-    self, RTM_DELQDISC, RTM_NEWQDISC, RTM_NEWTCLASS, TC_H_ROOT, TCA_OPTIONS, TcRequest,
+    self, RTM_DELQDISC, RTM_DELTCLASS, RTM_NEWQDISC, RTM_NEWTCLASS, TC_H_ROOT, TCA_OPTIONS,
+    TcRequest,
 };
+pub use crate::tc_snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 use std::io;
 
 /// `c4a0:` — our root.
 pub const ROOT_HANDLE: u32 = 0xC4A0_0000;
-/// `c4a0:1` — the shaped class; the classifier's steering target.
-pub const SHAPE_CLASSID: u32 = 0xC4A0_0001;
-/// `c4a1:` — netem under the shaped class.
-pub const LEAF_HANDLE: u32 = 0xC4A1_0000;
+/// Majors `c4a1:` and up: the netem leaf under each fault's class.
+const LEAF_MAJOR_BASE: u32 = 0xC4A1;
+/// Shaping faults one engine can hold at once (a leaf major each, up to `ffff:`).
+pub const MAX_SLOTS: u16 = (0x1_0000 - LEAF_MAJOR_BASE) as u16;
+
+/// `c4a0:N` — the class of the fault in slot N-1: the classifier's steering target.
+pub fn classid(slot: u16) -> u32 {
+    ROOT_HANDLE | (u32::from(slot) + 1)
+}
+
+/// The netem leaf under the class of `slot`.
+fn leaf_handle(slot: u16) -> u32 {
+    (LEAF_MAJOR_BASE + u32::from(slot)) << 16
+}
 
 /// What the shaped class does to the packets steered into it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,9 +43,7 @@ pub enum Shape {
     /// Bytes per second.
     Rate(u64),
     /// An fq root that holds packets until the departure time the classifier set (EDT).
-    Fq {
-        horizon_ns: u64,
-    },
+    Fq,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -52,15 +65,33 @@ pub struct Netem {
 #[derive(Debug, thiserror::Error)]
 pub enum ShapeError {
     #[error(
-        "the root qdisc of {interface} is {kind} {handle}, not ours; chaos does not replace another tool's root qdisc (a --force with snapshot and exact restore is not implemented yet)"
+        "the root qdisc of {interface} is {kind} {handle}, not ours; chaos replaces another tool's root qdisc only with --force (it is snapshotted and restored exactly on revert)"
     )]
     Foreign {
         interface: String,
         kind: String,
         handle: String,
     },
-    #[error("{interface} already has a shaping fault (root qdisc c4a0:); revert it first")]
+    #[error(
+        "{interface} carries another chaos process's root qdisc (c4a0:); revert its faults first"
+    )]
     Busy { interface: String },
+    #[error(
+        "{interface} already carries {have} shaping faults; a {want} one cannot share its root qdisc (revert them first)"
+    )]
+    Mixed {
+        interface: String,
+        have: &'static str,
+        want: &'static str,
+    },
+    #[error(
+        "the root qdisc tree of {interface} cannot be restored exactly ({reason}), so --force does not replace it"
+    )]
+    Unrestorable { interface: String, reason: String },
+    #[error(
+        "the root qdisc tree of {interface} changed while the fault was being applied; nothing was replaced"
+    )]
+    Changed { interface: String },
     #[error(
         "sch_{kind} is missing from this kernel: modprobe sch_{kind}, or install the distro's extra kernel modules package"
     )]
@@ -166,28 +197,99 @@ fn htb_class_options(rate: u64) -> Vec<(u16, Vec<u8>)> {
 /// A latency-only class must never be what limits throughput: 100 Gbit/s.
 const UNLIMITED: u64 = 100_000_000_000 / 8;
 
-/// Builds the tree on `interface`. Must run inside the target namespace.
-pub fn install(interface: &str, shape: &Shape) -> Result<(), ShapeError> {
-    let ifindex = netlink::ifindex(interface).map_err(kernel(format!("interface {interface}")))?;
-    let qdiscs = netlink::qdiscs(ifindex).map_err(kernel(format!("list qdiscs of {interface}")))?;
-    if let Some(root) = qdiscs.iter().find(|q| q.parent == TC_H_ROOT) {
-        if root.handle == ROOT_HANDLE {
+/// What is at the root of a device now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    /// What the kernel put there (handle 0: noqueue, pfifo_fast, mq, fq_codel): deleting ours
+    /// brings it back.
+    Default,
+    /// Ours (`c4a0:`), of this kind.
+    Ours(String),
+    /// Someone else's.
+    Foreign { kind: String, handle: u32 },
+}
+
+/// The root of `device`. Must run inside the target namespace.
+pub fn root(device: &str) -> Result<Root, ShapeError> {
+    let ifindex = netlink::ifindex(device).map_err(kernel(format!("interface {device}")))?;
+    let qdiscs = netlink::qdiscs(ifindex).map_err(kernel(format!("list qdiscs of {device}")))?;
+    Ok(match qdiscs.into_iter().find(|q| q.parent == TC_H_ROOT) {
+        None => Root::Default,
+        Some(q) if q.handle == 0 => Root::Default,
+        Some(q) if q.handle == ROOT_HANDLE => Root::Ours(q.kind),
+        Some(q) => Root::Foreign {
+            kind: q.kind,
+            handle: q.handle,
+        },
+    })
+}
+
+/// The kernel's kind name for the root a shape needs.
+pub fn root_kind(shape: &Shape) -> &'static str {
+    match shape {
+        Shape::Fq => "fq",
+        Shape::Netem(_) | Shape::Rate(_) => "htb",
+    }
+}
+
+/// Puts our root for `shape` on `device`, which must have its default root, or the foreign
+/// tree `replacing` (snapshotted and journaled by the caller; checked again here so nothing
+/// that changed meanwhile is lost). Must run inside the target namespace.
+pub fn install_root(
+    device: &str,
+    shape: &Shape,
+    replacing: Option<&Snapshot>,
+) -> Result<(), ShapeError> {
+    let ifindex = netlink::ifindex(device).map_err(kernel(format!("interface {device}")))?;
+    match (root(device)?, replacing) {
+        (Root::Default, None) => {}
+        (Root::Ours(_), _) => {
             return Err(ShapeError::Busy {
-                interface: interface.into(),
+                interface: device.into(),
             });
         }
-        if root.handle != 0 {
+        (Root::Foreign { kind, handle }, None) => {
             return Err(ShapeError::Foreign {
-                interface: interface.into(),
-                kind: root.kind.clone(),
-                handle: format!("{:x}:", root.handle >> 16),
+                interface: device.into(),
+                kind,
+                handle: format!("{:x}:", handle >> 16),
+            });
+        }
+        (Root::Foreign { kind, handle }, Some(snapshot)) => {
+            let now = Snapshot::take(ifindex).map_err(kernel(format!("snapshot {device}")))?;
+            if now != *snapshot {
+                return Err(ShapeError::Changed {
+                    interface: device.into(),
+                });
+            }
+            let mut del = TcRequest::new(RTM_DELQDISC, libc::NLM_F_ACK, ifindex, handle, TC_H_ROOT);
+            del.kind(&kind);
+            del.send()
+                .map_err(kernel(format!("delete the root qdisc of {device}")))?;
+        }
+        (Root::Default, Some(_)) => {
+            return Err(ShapeError::Changed {
+                interface: device.into(),
             });
         }
     }
     let create = libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
-    if let Shape::Fq { horizon_ns } = shape {
-        return install_fq(interface, ifindex, *horizon_ns, create);
+    let result = match shape {
+        Shape::Fq => install_fq(device, ifindex, create),
+        Shape::Netem(_) | Shape::Rate(_) => install_htb(device, ifindex, create),
+    };
+    if result.is_err()
+        && let Some(snapshot) = replacing
+    {
+        // Put back what we took away.
+        if let Err(e) = snapshot.restore(ifindex) {
+            tracing::error!("restoring the root qdisc tree of {device}: {e}");
+        }
     }
+    result
+}
+
+fn install_htb(device: &str, ifindex: u32, create: i32) -> Result<(), ShapeError> {
     const TCA_HTB_INIT: u16 = 2;
     const TCA_HTB_DIRECT_QLEN: u16 = 5;
     // tc_htb_glob: version 3, rate2quantum 10, defcls 0 (unclassified goes direct), debug, direct_pkts
@@ -204,85 +306,132 @@ pub fn install(interface: &str, shape: &Shape) -> Result<(), ShapeError> {
     ]);
     root.send().map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) => ShapeError::Missing { kind: "htb" },
-        _ => kernel(format!("add htb root to {interface}"))(e),
-    })?;
-    let result = (|| {
-        let rate = match shape {
-            Shape::Rate(r) => *r,
-            Shape::Netem(_) | Shape::Fq { .. } => UNLIMITED,
-        };
-        let mut class = TcRequest::new(RTM_NEWTCLASS, create, ifindex, SHAPE_CLASSID, ROOT_HANDLE);
-        class.kind("htb").nested_options(&htb_class_options(rate));
-        class
-            .send()
-            .map_err(kernel(format!("add htb class to {interface}")))?;
-        if let Shape::Netem(n) = shape {
-            let mut leaf =
-                TcRequest::new(RTM_NEWQDISC, create, ifindex, LEAF_HANDLE, SHAPE_CLASSID);
-            leaf.kind("netem").attr(TCA_OPTIONS, &netem_options(n));
-            leaf.send().map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => ShapeError::Missing { kind: "netem" },
-                _ => kernel(format!("add netem to {interface}"))(e),
-            })?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = remove(interface);
-    }
-    result
+        _ => kernel(format!("add htb root to {device}"))(e),
+    })
 }
+
+/// The fault's own class under our htb root (with its netem leaf). Several faults share one
+/// root, each in its own class; an fq root needs nothing per fault. Must run inside the
+/// target namespace.
+pub fn add_class(device: &str, shape: &Shape, slot: u16) -> Result<(), ShapeError> {
+    let rate = match shape {
+        Shape::Fq => return Ok(()),
+        Shape::Rate(r) => *r,
+        Shape::Netem(_) => UNLIMITED,
+    };
+    if slot >= MAX_SLOTS {
+        return Err(ShapeError::Kernel {
+            context: format!("shaping class on {device}"),
+            source: io::Error::other(format!("at most {MAX_SLOTS} shaping faults at once")),
+        });
+    }
+    let ifindex = netlink::ifindex(device).map_err(kernel(format!("interface {device}")))?;
+    let create = libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+    let mut class = TcRequest::new(RTM_NEWTCLASS, create, ifindex, classid(slot), ROOT_HANDLE);
+    class.kind("htb").nested_options(&htb_class_options(rate));
+    class
+        .send()
+        .map_err(kernel(format!("add htb class to {device}")))?;
+    if let Shape::Netem(n) = shape {
+        let mut leaf = TcRequest::new(
+            RTM_NEWQDISC,
+            create,
+            ifindex,
+            leaf_handle(slot),
+            classid(slot),
+        );
+        leaf.kind("netem").attr(TCA_OPTIONS, &netem_options(n));
+        if let Err(e) = leaf.send() {
+            let _ = remove_class(device, slot);
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOENT) => ShapeError::Missing { kind: "netem" },
+                _ => kernel(format!("add netem to {device}"))(e),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the fault's class (and its leaf) from our htb root. Missing is fine. Must run
+/// inside the target namespace.
+pub fn remove_class(device: &str, slot: u16) -> io::Result<()> {
+    let Ok(ifindex) = netlink::ifindex(device) else {
+        return Ok(());
+    };
+    let mut r = TcRequest::new(
+        RTM_DELTCLASS,
+        libc::NLM_F_ACK,
+        ifindex,
+        classid(slot),
+        ROOT_HANDLE,
+    );
+    r.kind("htb");
+    match r.send() {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// fq's horizon: its default (10 s) drops packets timed beyond it; ours covers the longest
+/// delay a fault may ask for, so every fault can share one fq root as it is.
+const FQ_HORIZON_US: u32 = (crate::spec::MAX_DELAY_MS as u32 + 1_000) * 1_000;
 
 /// EDT: our fq root. fq keeps a packet until its skb->tstamp; packets without one pass as
 /// before. Limits are raised so that delayed packets are held, not dropped (fq's defaults: 100
-/// packets per flow, 10,000 in all), and the horizon covers our longest delay.
-fn install_fq(
-    interface: &str,
-    ifindex: u32,
-    horizon_ns: u64,
-    create: i32,
-) -> Result<(), ShapeError> {
+/// packets per flow, 10,000 in all).
+fn install_fq(device: &str, ifindex: u32, create: i32) -> Result<(), ShapeError> {
     const TCA_FQ_PLIMIT: u16 = 1;
     const TCA_FQ_FLOW_PLIMIT: u16 = 2;
     const TCA_FQ_HORIZON: u16 = 14;
     const TCA_FQ_HORIZON_DROP: u16 = 15;
-    let horizon_us = (horizon_ns / 1000).min(u32::MAX as u64) as u32;
     let mut root = TcRequest::new(RTM_NEWQDISC, create, ifindex, ROOT_HANDLE, TC_H_ROOT);
     root.kind("fq").nested_options(&[
         (TCA_FQ_PLIMIT, 100_000u32.to_ne_bytes().to_vec()),
         (TCA_FQ_FLOW_PLIMIT, 10_000u32.to_ne_bytes().to_vec()),
-        (TCA_FQ_HORIZON, horizon_us.to_ne_bytes().to_vec()),
+        (TCA_FQ_HORIZON, FQ_HORIZON_US.to_ne_bytes().to_vec()),
         // Cap rather than drop a packet timed beyond the horizon.
         (TCA_FQ_HORIZON_DROP, vec![0]),
     ]);
     root.send().map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) => ShapeError::Missing { kind: "fq" },
-        _ => kernel(format!("add fq root to {interface}"))(e),
+        _ => kernel(format!("add fq root to {device}"))(e),
     })
 }
 
-/// Deletes our root qdisc (and everything under it) if `interface` has it. Must run inside the
-/// target namespace. Missing is fine: this also cleans up after crashes.
-pub fn remove(interface: &str) -> io::Result<()> {
-    let Ok(ifindex) = netlink::ifindex(interface) else {
+/// Deletes our root qdisc (and everything under it) if `device` has it, then puts back the
+/// tree it replaced, if any. Must run inside the target namespace. Missing is fine: this also
+/// cleans up after crashes.
+pub fn remove_root(device: &str, replaced: Option<&Snapshot>) -> io::Result<()> {
+    let Ok(ifindex) = netlink::ifindex(device) else {
         return Ok(());
     };
     let qdiscs = netlink::qdiscs(ifindex)?;
-    let Some(ours) = qdiscs
+    if let Some(ours) = qdiscs
         .iter()
         .find(|q| q.parent == TC_H_ROOT && q.handle == ROOT_HANDLE)
-    else {
-        return Ok(());
-    };
-    let mut r = TcRequest::new(
-        RTM_DELQDISC,
-        libc::NLM_F_ACK,
-        ifindex,
-        ROOT_HANDLE,
-        TC_H_ROOT,
-    );
-    r.kind(&ours.kind);
-    r.send()
+    {
+        let mut r = TcRequest::new(
+            RTM_DELQDISC,
+            libc::NLM_F_ACK,
+            ifindex,
+            ROOT_HANDLE,
+            TC_H_ROOT,
+        );
+        r.kind(&ours.kind);
+        r.send()?;
+    }
+    match replaced {
+        // Only onto the default root: if someone configured the device since, theirs stays.
+        Some(snapshot) if matches!(root(device), Ok(Root::Default)) => snapshot.restore(ifindex),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                 ports: spec::parse_ports(&t.ports)?,
                 protocol: t.protocol.parse::<Protocol>()?,
                 direction: t.direction.parse::<Direction>()?,
+                force: t.force,
             },
             duration,
         })
@@ -159,6 +160,7 @@ impl From<&FaultSpec> for pb::FaultSpec {
                 ports: t.ports.iter().map(ToString::to_string).collect(),
                 protocol: format!("{:?}", t.protocol).to_lowercase(),
                 direction: format!("{:?}", t.direction).to_lowercase(),
+                force: t.force,
             }),
             duration_ms: s.duration.as_millis() as u64,
         }

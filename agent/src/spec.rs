@@ -357,6 +357,9 @@ pub struct Target {
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
     pub direction: Direction,
+    /// Replace a root qdisc another tool put on the interface (snapshotted, restored on revert).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +372,8 @@ pub struct FaultSpec {
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
+/// The longest delay (and jitter) a fault may ask for, in milliseconds: ten minutes.
+pub const MAX_DELAY_MS: f64 = 600_000.0;
 
 impl FaultSpec {
     /// Checks everything that can be checked without the kernel.
@@ -384,12 +389,12 @@ impl FaultSpec {
             }
         };
         let delay_ms = |ms: f64| {
-            if ms.is_finite() && ms > 0.0 && ms <= 600_000.0 {
+            if ms.is_finite() && ms > 0.0 && ms <= MAX_DELAY_MS {
                 Ok(())
             } else {
                 Err(invalid(
                     "--ms",
-                    format!("must be greater than 0 and at most 600000 (got {ms})"),
+                    format!("must be greater than 0 and at most {MAX_DELAY_MS} (got {ms})"),
                 ))
             }
         };
@@ -412,10 +417,18 @@ impl FaultSpec {
                 ref per_destination,
             } => {
                 delay_ms(ms)?;
-                if !(jitter_ms.is_finite() && (0.0..=600_000.0).contains(&jitter_ms)) {
+                if !(jitter_ms.is_finite() && (0.0..=MAX_DELAY_MS).contains(&jitter_ms)) {
                     return Err(invalid(
                         "--jitter-ms",
-                        format!("must be between 0 and 600000 (got {jitter_ms})"),
+                        format!("must be between 0 and {MAX_DELAY_MS} (got {jitter_ms})"),
+                    ));
+                }
+                if (*backend == LatencyBackend::Edt || !per_destination.is_empty())
+                    && self.target.direction != Direction::Egress
+                {
+                    return Err(invalid(
+                        "--direction",
+                        "the edt backend delays egress only (ingress latency uses netem, through an IFB device)",
                     ));
                 }
                 let uses_netem_only =
@@ -460,11 +473,11 @@ impl FaultSpec {
                 }
             }
         }
-        if self.kind.shapes() && self.target.direction != Direction::Egress {
+        if self.target.force && !self.kind.shapes() {
             return Err(invalid(
-                "--direction",
+                "--force",
                 format!(
-                    "{} shapes egress only for now (ingress needs an IFB device, not yet supported)",
+                    "only shaping faults replace a root qdisc; {} needs no --force",
                     self.kind.name()
                 ),
             ));
@@ -673,6 +686,7 @@ mod tests {
                 ports: vec![],
                 protocol: Protocol::All,
                 direction: Direction::Egress,
+                force: false,
             },
             duration,
         }
@@ -721,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn shaping_is_egress_only_for_now() {
+    fn edt_is_egress_only_and_force_only_for_shaping() {
         let mut s = spec(
             FaultKind::Latency {
                 ms: 100.0,
@@ -735,9 +749,19 @@ mod tests {
         );
         assert!(s.validate(DEFAULT_MAX_DURATION).is_ok());
         s.target.direction = Direction::Both;
+        assert!(s.validate(DEFAULT_MAX_DURATION).is_ok(), "netem via IFB");
+        if let FaultKind::Latency { backend, .. } = &mut s.kind {
+            *backend = LatencyBackend::Edt;
+        }
         assert_eq!(
             s.validate(DEFAULT_MAX_DURATION).unwrap_err().field,
             "--direction"
+        );
+        let mut p = spec(FaultKind::Partition, DEFAULT_DURATION);
+        p.target.force = true;
+        assert_eq!(
+            p.validate(DEFAULT_MAX_DURATION).unwrap_err().field,
+            "--force"
         );
         let s = spec(
             FaultKind::Latency {

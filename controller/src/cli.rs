@@ -163,6 +163,10 @@ struct Common {
     /// egress (leaving the interface), ingress, or both.
     #[arg(long, default_value = "egress")]
     direction: String,
+    /// Shaping faults: replace a root qdisc another tool (a CNI) put on the interface. Its
+    /// whole tree is snapshotted, proven restorable, and restored exactly on revert.
+    #[arg(long)]
+    force: bool,
     /// How long the fault lasts; the node reverts it on its own after that.
     #[arg(long, default_value = "5m")]
     duration: String,
@@ -267,6 +271,7 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
             ports: spec::parse_ports(&c.port)?,
             protocol: c.protocol.parse::<Protocol>()?,
             direction: c.direction.parse::<Direction>()?,
+            force: c.force,
         },
         duration: spec::parse_duration(&c.duration)?,
     })

@@ -137,6 +137,13 @@ impl TestNet {
                 found.push(format!("qdisc: {line}"));
             }
         }
+        // IFB devices for ingress shaping (chifb*) and --force rehearsals (chrh*).
+        let links = sh(&format!("ip -n {a} -o link show"));
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            if line.contains(": chifb") || line.contains(": chrh") {
+                found.push(format!("link: {line}"));
+            }
+        }
         // We never pin; anything of ours under bpffs would be a leak.
         let pinned = sh("find /sys/fs/bpf -iname '*chaos*' 2>/dev/null");
         let pinned = String::from_utf8_lossy(&pinned.stdout).trim().to_string();

@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 /// Received throughput in bit/s of a 2 s iperf3 TCP run from A to `to`.
 fn iperf(net: &TestNet, to: &str, port: u16) -> f64 {
+    iperf_dir(net, to, port, false)
+}
+
+/// Likewise, or with `reverse` from `to` to A (iperf3 -R: the data arrives on va's ingress).
+fn iperf_dir(net: &TestNet, to: &str, port: u16, reverse: bool) -> f64 {
     let mut server = Command::new("ip")
         .args([
             "netns",
@@ -23,8 +28,9 @@ fn iperf(net: &TestNet, to: &str, port: u16) -> f64 {
         .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
     let out = sh(&format!(
-        "ip netns exec {} iperf3 -J -c {to} -p {port} -t 2",
-        net.a
+        "ip netns exec {} iperf3 -J -c {to} -p {port} -t 2 {}",
+        net.a,
+        if reverse { "-R" } else { "" }
     ));
     let _ = server.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
@@ -114,7 +120,10 @@ fn a_foreign_root_qdisc_is_left_alone() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("tbf") && err.contains("not ours"), "{err}");
+    assert!(
+        err.contains("tbf") && err.contains("not ours") && err.contains("--force"),
+        "{err}"
+    );
     assert_eq!(root_qdisc(&net), before, "the foreign root qdisc changed");
     let filters = sh_ok(&format!(
         "ip netns exec {} tc filter show dev va egress",
@@ -174,6 +183,200 @@ fn latency_needs_netem_and_says_so() {
         root_qdisc(&net)
     );
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+fn fault_id(o: &std::process::Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    json_event(&out, "applied")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+fn tc(net: &TestNet, what: &str) -> String {
+    sh_ok(&format!("ip netns exec {} tc {what} show dev va", net.a))
+}
+
+/// Two shaping faults on one interface: one root of ours, a class each; each destination gets
+/// its own limit; the root goes with the last fault, not the first.
+#[test]
+fn shaping_faults_share_our_root_each_in_its_own_class() {
+    let _g = serial();
+    let net = TestNet::new("share");
+    let agent = Agent::start(&net, &[]);
+    let inject = |rate: &str, dest: &str| {
+        fault_id(&agent.chaosctl(&[
+            "inject",
+            "bandwidth",
+            "--rate",
+            rate,
+            "--dest",
+            dest,
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--json",
+        ]))
+    };
+    let first = inject("20mbit", B4);
+    let second = inject("5mbit", B4_OTHER);
+    let classes = tc(&net, "class");
+    assert!(
+        classes.contains("c4a0:1 ") && classes.contains("rate 20Mbit"),
+        "{classes}"
+    );
+    assert!(
+        classes.contains("c4a0:2 ") && classes.contains("rate 5Mbit"),
+        "{classes}"
+    );
+    let (to_first, to_second) = (iperf(&net, B4, 5311), iperf(&net, B4_OTHER, 5312));
+    println!(
+        "two faults: {:.2} Mbit/s to {B4} (20mbit), {:.2} Mbit/s to {B4_OTHER} (5mbit)",
+        to_first / 1e6,
+        to_second / 1e6
+    );
+    assert!((18e6..=21e6).contains(&to_first), "{to_first}");
+    assert!((4.5e6..=5.25e6).contains(&to_second), "{to_second}");
+    let o = agent.chaosctl(&["revert", &first]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let classes = tc(&net, "class");
+    assert!(
+        !classes.contains("c4a0:1 ") && classes.contains("c4a0:2 "),
+        "{classes}"
+    );
+    assert!(
+        root_qdisc(&net).contains("htb c4a0:"),
+        "{}",
+        root_qdisc(&net)
+    );
+    let o = agent.chaosctl(&["revert", &second]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+/// Ingress shaping: matched packets arriving on va are redirected through an IFB device whose
+/// root is ours, then handed back; traffic from another address is untouched. The IFB goes
+/// with the fault.
+#[test]
+fn ingress_bandwidth_goes_through_an_ifb_and_only_for_the_target() {
+    let _g = serial();
+    let net = TestNet::new("ingr");
+    let fault = LocalFault::start(
+        &[
+            "inject",
+            "bandwidth",
+            "--rate",
+            "10mbit",
+            "--dest",
+            B4,
+            "--direction",
+            "ingress",
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--interval",
+            "0",
+        ],
+        &net.tmp.join("journal"),
+    );
+    let links = sh_ok(&format!("ip -n {} -o link show", net.a));
+    assert!(links.contains(": chifb"), "no IFB device: {links}");
+    assert!(
+        root_qdisc(&net).starts_with("qdisc noqueue 0: root"),
+        "ingress shaping touched va's root: {}",
+        root_qdisc(&net)
+    );
+    let limited = iperf_dir(&net, B4, 5321, true);
+    let other = iperf_dir(&net, B4_OTHER, 5322, true);
+    let upload = iperf_dir(&net, B4, 5323, false);
+    let (status, _) = fault.stop();
+    assert!(status.success());
+    println!(
+        "ingress 10mbit: {:.2} Mbit/s from the target, {:.0} from another address, {:.0} to the target (egress)",
+        limited / 1e6,
+        other / 1e6,
+        upload / 1e6
+    );
+    assert!(
+        (9e6..=10.5e6).contains(&limited),
+        "limited ingress throughput {:.2} Mbit/s not within 9-10.5",
+        limited / 1e6
+    );
+    assert!(other > 200e6, "untargeted source was limited: {other}");
+    assert!(upload > 200e6, "egress was limited: {upload}");
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+/// `--force` replaces another tool's root tree (htb with classes and u32 filters here) and
+/// puts it back exactly: same qdiscs, classes and filters, byte for byte as the kernel reports
+/// them. Also after a kill -9 (the journal holds the snapshot).
+#[test]
+fn force_replaces_a_foreign_tree_and_restores_it_exactly() {
+    let _g = serial();
+    let net = TestNet::new("force");
+    let a = &net.a;
+    for cmd in [
+        "qdisc add dev va root handle 1: htb default 20",
+        "class add dev va parent 1: classid 1:1 htb rate 100mbit",
+        "class add dev va parent 1:1 classid 1:10 htb rate 50mbit ceil 100mbit prio 1",
+        "class add dev va parent 1:1 classid 1:20 htb rate 10mbit ceil 100mbit",
+        "filter add dev va parent 1: protocol ip prio 5 u32 match ip dst 10.213.0.3/32 flowid 1:10",
+    ] {
+        sh_ok(&format!("ip netns exec {a} tc {cmd} 2>/dev/null"));
+    }
+    let tree = || {
+        format!(
+            "{}{}{}",
+            tc(&net, "qdisc"),
+            tc(&net, "class"),
+            tc(&net, "filter")
+        )
+    };
+    let before = tree();
+    let socket = net.tmp.join("agent.sock");
+    let journal = net.tmp.join("journal");
+    let mut agent = Agent::start_at(&socket, &journal, &[]);
+    let args = [
+        "inject",
+        "bandwidth",
+        "--rate",
+        "20mbit",
+        "--dest",
+        B4,
+        "--interface",
+        "va",
+        "--netns",
+        a,
+        "--json",
+        "--force",
+    ];
+    let id = fault_id(&agent.chaosctl(&args));
+    assert!(
+        root_qdisc(&net).contains("htb c4a0:"),
+        "{}",
+        root_qdisc(&net)
+    );
+    let limited = iperf(&net, B4, 5331);
+    assert!((18e6..=21e6).contains(&limited), "{limited}");
+    let o = agent.chaosctl(&["revert", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(tree(), before, "the foreign tree was not restored exactly");
+
+    // A crash while the foreign tree is replaced: the next start restores it.
+    fault_id(&agent.chaosctl(&args));
+    agent.kill9();
+    assert!(
+        root_qdisc(&net).contains("htb c4a0:"),
+        "{}",
+        root_qdisc(&net)
+    );
+    let agent = Agent::start_at(&socket, &journal, &[]);
+    assert_eq!(tree(), before, "not restored after kill -9 and restart");
+    drop(agent);
+    assert_eq!(chaos_links(), 0);
 }
 
 /// Our root qdisc outlives a killed agent (qdiscs are not fds); the next start removes it.

@@ -20,8 +20,9 @@ pub const ACTION_NONE: u32 = 0;
 pub const ACTION_DROP: u32 = 1;
 pub const ACTION_CORRUPT: u32 = 2;
 /// Steer the packet into a shaping class (netem, rate) the agent created under its own root
-/// qdisc, by setting skb->priority to `Rule::classid`. Unmatched packets never get that
-/// priority, so they bypass the shaped class entirely.
+/// qdisc, by setting skb->priority to `Rule::classid` (and at ingress by redirecting it to
+/// `Rule::redirect_ifindex`, an IFB device). Unmatched packets never get that priority, so they
+/// bypass the shaped class entirely.
 pub const ACTION_STEER: u32 = 3;
 /// Set the packet's earliest departure time (skb->tstamp) `Rule::delay_ns` ahead, or the
 /// delay stored with its remote CIDR; an fq root qdisc holds it until then (EDT).
@@ -60,7 +61,10 @@ pub struct Rule {
     pub probability_after_miss: u64,
     /// For `ACTION_STEER`: the class (major:minor) matched packets go to.
     pub classid: u32,
-    pub _pad: u32,
+    /// For `ACTION_STEER` at ingress: the IFB device whose egress queue (our shaping root)
+    /// matched packets are redirected to; it hands them back to the ingress path afterwards.
+    /// Ignored at egress, where the target interface's own root qdisc shapes.
+    pub redirect_ifindex: u32,
     /// For `ACTION_DELAY`: the delay of destinations whose CIDR carries none.
     pub delay_ns: u64,
 }

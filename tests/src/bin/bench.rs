@@ -48,6 +48,7 @@ fn spec(net: &TestNet, remote: Vec<Cidr>) -> FaultSpec {
             ports: vec![],
             protocol: Protocol::All,
             direction: Direction::Egress,
+            force: false,
         },
         duration: Duration::from_secs(600),
     }
@@ -152,7 +153,9 @@ fn classifier_cost(net: &TestNet) -> serde_json::Value {
             s.target.protocol = Protocol::Tcp;
         }
         let mut prepared = datapath::prepare().expect("prepare");
-        prepared.configure(&s, None, 14, &[]).expect("configure");
+        prepared
+            .configure(&s, None, Default::default(), 14, &[])
+            .expect("configure");
         let mut row = json!({ "case": label, "entries": n });
         for (family, v6) in [("ipv4", false), ("ipv6", true)] {
             let mut runs: Vec<f64> = (0..5)

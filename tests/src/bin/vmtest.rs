@@ -28,6 +28,7 @@ fn spec(kind: FaultKind, direction: Direction) -> FaultSpec {
             ports: vec![],
             protocol: Protocol::Udp,
             direction,
+            force: false,
         },
         duration: Duration::from_secs(120),
     }
