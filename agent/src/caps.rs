@@ -64,6 +64,14 @@ pub fn has_qdisc(kind: &'static str) -> bool {
     *cell.get_or_init(|| probe(kind).unwrap_or(false))
 }
 
+/// Whether a tc program's bpf_redirect can feed an IFB device: before Linux 6.4 the redirect
+/// does not mark the packet as redirected and IFB drops it (fixed by "bpf: Set skb redirect and
+/// from_ingress info in __bpf_tx_skb").
+pub fn has_ingress_redirect() -> bool {
+    use aya::util::KernelVersion;
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 4, 0))
+}
+
 pub fn detect() -> Capabilities {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -75,6 +83,12 @@ pub fn detect() -> Capabilities {
         name: "tcx",
         present: tcx,
         detail: "BPF links on tc hooks (kernel >= 6.6)".into(),
+    });
+    features.push(Feature {
+        name: "ingress_shaping",
+        present: has_ingress_redirect(),
+        detail: "bpf_redirect into an IFB device, for ingress latency/bandwidth (kernel >= 6.4)"
+            .into(),
     });
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     features.push(Feature {

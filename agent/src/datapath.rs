@@ -771,7 +771,11 @@ impl Installed {
             AttachMode::Clsact => {
                 record.created_clsact = match aya::programs::tc::qdisc_add_clsact(interface) {
                     Ok(()) => true,
-                    Err(e) if is_exists(&e) => false,
+                    // Another fault of ours made it if only our filters are on it: whichever
+                    // of us leaves it empty removes it.
+                    Err(e) if is_exists(&e) => crate::netlink::ifindex(interface)
+                        .and_then(crate::netlink::clsact_filter_handles)
+                        .is_ok_and(|h| !h.is_empty() && h.iter().all(|h| *h == CLSACT_HANDLE)),
                     Err(e) => return ctx!(Err(e), "add clsact qdisc to {interface}"),
                 };
                 record.priority = CLSACT_PRIORITY_BASE + slot;

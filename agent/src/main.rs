@@ -62,6 +62,7 @@ async fn main() -> Result<()> {
         journals = reclaimed.journals,
         faults = reclaimed.faults,
         clsact_filters = reclaimed.clsact_filters,
+        root_qdiscs = reclaimed.qdiscs,
         "reclaimed leftovers of earlier runs"
     );
     for e in &reclaimed.errors {

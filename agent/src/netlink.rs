@@ -311,9 +311,29 @@ pub fn ifindex(interface: &str) -> io::Result<u32> {
     }
 }
 
-/// Deletes the clsact qdisc of `interface` in the calling thread's namespace. Missing is fine.
+/// The handles of the filters on the clsact qdisc of `ifindex` (both hooks), in the calling
+/// thread's namespace. Empty if there is no clsact qdisc.
+pub fn clsact_filter_handles(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut handles = Vec::new();
+    // TC_H_MIN_INGRESS, TC_H_MIN_EGRESS under the clsact major.
+    for parent in [0xFFFF_FFF2, 0xFFFF_FFF3] {
+        match dump(RTM_GETTFILTER, ifindex, parent) {
+            // A dump lists each classifier instance (handle 0) before its filters.
+            Ok(filters) => handles.extend(filters.iter().map(|f| f.handle).filter(|h| *h != 0)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(handles)
+}
+
+/// Deletes the clsact qdisc of `interface` in the calling thread's namespace, unless filters
+/// remain on it (another fault's, or another tool's added since). Missing is fine.
 pub fn delete_clsact(interface: &str) -> io::Result<()> {
     let result = ifindex(interface).and_then(|i| {
+        if !clsact_filter_handles(i)?.is_empty() {
+            return Ok(());
+        }
         let mut r = TcRequest::new(RTM_DELQDISC, libc::NLM_F_ACK, i, CLSACT_HANDLE, TC_H_CLSACT);
         r.kind("clsact");
         r.send()

@@ -337,10 +337,11 @@ async fn inject_local(spec: FaultSpec, common: &Common, json: bool) -> Result<Ex
     let duration = spec.duration;
     let (engine, applied) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
         let (engine, reclaimed) = Engine::start(config)?;
-        if reclaimed.faults > 0 {
+        if reclaimed.faults > 0 || reclaimed.qdiscs > 0 {
             tracing::warn!(
                 faults = reclaimed.faults,
                 filters = reclaimed.clsact_filters,
+                root_qdiscs = reclaimed.qdiscs,
                 "removed leftovers of a crashed run"
             );
         }

@@ -399,3 +399,41 @@ fn control_traffic_is_never_matched() {
         "other traffic not cut"
     );
 }
+
+/// Two faults on one interface with clsact (kernels without TCX): reverting the one that made
+/// the clsact qdisc must not take the other's filter with it; the last one out removes it.
+#[test]
+fn clsact_is_shared_by_faults_and_removed_by_the_last() {
+    let _g = serial();
+    let net = TestNet::new("share-cls");
+    let agent = Agent::start(&net, &["--attach", "clsact"]);
+    let cut = |dest: &str| {
+        fault_id(&agent.chaosctl(&[
+            "inject",
+            "partition",
+            "--dest",
+            dest,
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--json",
+        ]))
+    };
+    let first = cut(B4);
+    let second = cut(B4_OTHER);
+    let received = |to: &str, port: u16| udp_probe(&net.a, &net.b, addr(to, port), 50).1;
+    assert_eq!((received(B4, 6101), received(B4_OTHER, 6102)), (0, 0));
+    let o = agent.chaosctl(&["revert", &first]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(received(B4, 6103), 50, "first fault still in force");
+    assert_eq!(
+        received(B4_OTHER, 6104),
+        0,
+        "reverting the first fault removed the second's filter"
+    );
+    let o = agent.chaosctl(&["revert", &second]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(received(B4_OTHER, 6105), 50);
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}

@@ -45,6 +45,17 @@ fn engine(journal: &str) -> Arc<Engine> {
 /// tc filters and the clsact qdisc on va: what a fault may leave behind.
 fn residue() -> String {
     let mut out = String::new();
+    let links = Command::new("/bin/ip")
+        .args(["-n", "a", "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        // IFB devices for ingress shaping and --force rehearsals.
+        if line.contains(": chifb") || line.contains(": chrh") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
     for args in [
         vec!["-n", "a", "filter", "show", "dev", "va", "egress"],
         vec!["-n", "a", "filter", "show", "dev", "va", "ingress"],
@@ -91,6 +102,164 @@ fn netem_params(show: &str) -> String {
         .find(|l| l.contains("netem"))
         .and_then(|l| l.find("limit").map(|i| l[i..].trim().to_string()))
         .unwrap_or_default()
+}
+
+fn netem_latency(ms: f64, dest: &str, direction: Direction) -> FaultSpec {
+    let mut s = spec(
+        FaultKind::Latency {
+            ms,
+            jitter_ms: 0.0,
+            correlation: 0.0,
+            distribution: None,
+            backend: chaos_agent::spec::LatencyBackend::Netem,
+            per_destination: vec![],
+        },
+        direction,
+    );
+    s.target.remote = vec![format!("{dest}/32").parse().expect("cidr")];
+    s.target.protocol = Protocol::All;
+    s
+}
+
+/// Ingress latency through an IFB, several netem faults sharing our root, both directions, and
+/// --force over a foreign tree with its exact restore.
+fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_other: f64) {
+    if !chaos_agent::caps::has_ingress_redirect() {
+        // Before 6.4 IFB drops what bpf_redirect hands it: refused, with the reason.
+        let refused = e
+            .apply(netem_latency(60.0, B, Direction::Ingress))
+            .map(|f| f.id)
+            .map_err(|e| (e.is_user_error(), e.to_string()));
+        c.check(
+            "ingress shaping refused on a kernel before 6.4, with one line saying why",
+            matches!(&refused, Err((true, m)) if m.contains("6.4")) && residue().is_empty(),
+            format!("{refused:?}"),
+        );
+    } else {
+        // Ingress: the echo replies from B are delayed as they arrive on va.
+        let f = e
+            .apply(netem_latency(60.0, B, Direction::Ingress))
+            .expect("apply ingress latency");
+        let tree = residue();
+        let to_b = udp_rtts("a", "b", addr(B, 7400), 20);
+        let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7401), 20));
+        e.revert(&f.id).expect("revert ingress");
+        let (min, m) = (
+            to_b.iter().copied().fold(f64::INFINITY, f64::min),
+            median(&to_b),
+        );
+        c.check(
+            "ingress 60 ms via IFB: every RTT >= 60, median within +5 ms; other source not delayed",
+            min >= 60.0 && m <= base_b + 65.0 && (to_other - base_other).abs() <= 1.0,
+            format!("min {min:.2} median {m:.2} (baseline {base_b:.2}); other {to_other:.2} vs {base_other:.2}"),
+        );
+        c.check(
+            "ingress: an IFB device while active, gone after revert",
+            tree.contains(": chifb") && residue().is_empty(),
+            format!(
+                "while: {} | after: {}",
+                tree.replace('\n', " | "),
+                residue()
+            ),
+        );
+
+        // Both directions: the delay is paid twice on a round trip.
+        let f = e
+            .apply(netem_latency(25.0, B, Direction::Both))
+            .expect("apply both");
+        let m = median(&udp_rtts("a", "b", addr(B, 7402), 20));
+        e.revert(&f.id).expect("revert both");
+        c.check(
+            "both directions 25 ms: median RTT +50 ms (+5)",
+            m >= base_b + 49.0 && m <= base_b + 55.0,
+            format!("median {m:.2} (baseline {base_b:.2})"),
+        );
+    }
+
+    // Two faults on va, one root: each destination its own delay.
+    let f1 = e
+        .apply(netem_latency(40.0, B, Direction::Egress))
+        .expect("apply first");
+    let f2 = e
+        .apply(netem_latency(120.0, OTHER, Direction::Egress))
+        .expect("apply second");
+    let tree = tc(&["-n", "a", "class", "show", "dev", "va"]);
+    let to_b = median(&udp_rtts("a", "b", addr(B, 7403), 20));
+    let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7404), 20));
+    e.revert(&f1.id).expect("revert first");
+    let still = median(&udp_rtts("a", "b", addr(OTHER, 7405), 10));
+    let b_after = median(&udp_rtts("a", "b", addr(B, 7406), 10));
+    e.revert(&f2.id).expect("revert second");
+    c.check(
+        "two faults share our root: 40 ms and 120 ms to their own destinations",
+        (to_b - base_b - 40.0).abs() <= 5.0 && (to_other - base_other - 120.0).abs() <= 5.0,
+        format!(
+            "{B}: {to_b:.2}, {OTHER}: {to_other:.2} (baselines {base_b:.2}/{base_other:.2}); classes: {}",
+            tree.replace('\n', " | ")
+        ),
+    );
+    c.check(
+        "reverting one leaves the other in force",
+        (still - base_other - 120.0).abs() <= 5.0 && (b_after - base_b).abs() <= 1.0,
+        format!("{OTHER}: {still:.2}, {B}: {b_after:.2}"),
+    );
+    c.check(
+        "no residue after both reverts",
+        residue().is_empty(),
+        residue(),
+    );
+
+    // --force over a foreign tree: prio with netem and fq_codel leaves, and a u32 filter.
+    let show = || {
+        ["qdisc", "class", "filter"]
+            .iter()
+            .map(|w| tc(&["-n", "a", w, "show", "dev", "va"]))
+            .collect::<String>()
+    };
+    for cmd in [
+        "qdisc add dev va root handle 1: prio bands 3",
+        "qdisc add dev va parent 1:1 handle 10: netem delay 5ms",
+        "qdisc add dev va parent 1:2 handle 20: fq_codel target 3ms",
+        "filter add dev va parent 1: protocol ip prio 3 u32 match ip dst 10.0.0.3/32 flowid 1:1",
+    ] {
+        let mut args = vec!["-n", "a"];
+        args.extend(cmd.split(' '));
+        tc(&args);
+    }
+    let before = show();
+    let mut forced = netem_latency(30.0, B, Direction::Egress);
+    let refused = e.apply(forced.clone()).err().map(|e| e.to_string());
+    forced.target.force = true;
+    let result = e.apply(forced);
+    let m = median(&udp_rtts("a", "b", addr(B, 7407), 20));
+    let applied = match &result {
+        Ok(_) => "yes".to_string(),
+        Err(e) => e.to_string(),
+    };
+    if let Ok(f) = &result {
+        e.revert(&f.id).expect("revert forced");
+    }
+    let after = show();
+    c.check(
+        "a foreign root is refused without --force",
+        refused.as_deref().is_some_and(|r| r.contains("--force")),
+        format!("{refused:?}"),
+    );
+    c.check(
+        "--force replaces it (30 ms applied)",
+        result.is_ok() && (m - base_b - 30.0).abs() <= 5.0,
+        format!("applied: {applied}; median {m:.2} (baseline {base_b:.2})"),
+    );
+    c.check(
+        "--force: the foreign tree is restored exactly on revert",
+        after == before,
+        format!(
+            "before: {} || after: {}",
+            before.replace('\n', " | "),
+            after.replace('\n', " | ")
+        ),
+    );
+    tc(&["-n", "a", "qdisc", "del", "dev", "va", "root"]);
 }
 
 /// EDT: the classifier sets departure times, our fq root holds packets until then. One delay
@@ -584,6 +753,7 @@ fn main() {
         format!("min {lo:.1} max {hi:.1} mean {mean:.1} sd {sd:.1} ms"),
     );
     edt(&mut c, &e, base_hit, base_other);
+    ingress_sharing_force(&mut c, &e, base_hit, base_other);
     netem_matches_tc(&mut c, &e);
     reorder_and_duplicate(&mut c, &e);
     bench_added_delay(&e, base_hit);
