@@ -94,6 +94,22 @@ fn options(object: Object, kind: &str, data: &[u8]) -> io::Result<Vec<u8>> {
             }
             true
         })),
+        // codel times are kept in 1024 ns units and dumped as whole microseconds, rounded
+        // down: send the microsecond value that maps back to the same units.
+        (Object::Qdisc, "fq_codel" | "codel") => {
+            let times: &[u16] = if kind == "codel" {
+                &[1, 3, 5]
+            } else {
+                &[1, 3, 7]
+            };
+            Ok(rewrite(data, |ty, v| {
+                if times.contains(&ty) && v.len() == 4 {
+                    let dumped = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+                    v.copy_from_slice(&codel_request_us(dumped).to_ne_bytes());
+                }
+                true
+            }))
+        }
         (Object::Filter, "bpf") => Err(io::Error::other(
             "a bpf filter names its program by id, which cannot be re-attached by value",
         )),
@@ -123,6 +139,17 @@ fn options(object: Object, kind: &str, data: &[u8]) -> io::Result<Vec<u8>> {
         }
         _ => Ok(data.to_vec()),
     }
+}
+
+/// The microseconds to request so codel stores the units it reported as `dumped` µs.
+fn codel_request_us(dumped: u32) -> u32 {
+    let units = |us: u64| (us * 1000) >> 10;
+    let to_us = |u: u64| (u << 10) / 1000;
+    let d = u64::from(dumped);
+    [d, d + 1]
+        .into_iter()
+        .find(|us| to_us(units(*us)) == d)
+        .map_or(dumped, |us| us as u32)
 }
 
 /// A nest of attributes with `edit` applied to each (type without flags, payload); attributes
@@ -297,4 +324,38 @@ fn send(ifindex: u32, msg: u16, flags: i32, o: &TcObject) -> io::Result<()> {
             format!("recreate {:?} {} {:x}: {e}", o.object, o.kind, o.handle),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codel_times_round_trip() {
+        // tc's "target 3ms": 3000 us -> 2929 units, dumped as 2999 us.
+        assert_eq!(codel_request_us(2999), 3000);
+        for us in [1u64, 5_000, 100_000, 3_000, 1_234_567] {
+            let units = (us * 1000) >> 10;
+            let dumped = ((units << 10) / 1000) as u32;
+            let again = (u64::from(codel_request_us(dumped)) * 1000) >> 10;
+            assert_eq!(again, units, "{us} us");
+        }
+    }
+
+    #[test]
+    fn htb_dump_state_is_normalised() {
+        // TCA_HTB_INIT: version 0x30011, rate2quantum 10, defcls 0x20, debug 0, direct_pkts 7.
+        let mut init = Vec::new();
+        for v in [0x30011u32, 10, 0x20, 0, 7] {
+            init.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut nest = Vec::new();
+        nest.extend_from_slice(&24u16.to_ne_bytes());
+        nest.extend_from_slice(&2u16.to_ne_bytes());
+        nest.extend_from_slice(&init);
+        let out = options(Object::Qdisc, "htb", &nest).unwrap();
+        let word = |i: usize| u32::from_ne_bytes(out[4 + i * 4..8 + i * 4].try_into().unwrap());
+        assert_eq!((word(0), word(2), word(4)), (3, 0x20, 0));
+        assert!(options(Object::Filter, "bpf", &[]).is_err());
+    }
 }
