@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod dns;
+
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
@@ -15,7 +17,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DELAY, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
     MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP, PortBitmap, Rule,
 };
 
@@ -38,8 +40,8 @@ static STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers we step over to find the transport header.
@@ -62,6 +64,10 @@ pub fn chaos_egress(ctx: TcContext) -> i32 {
         Verdict::Drop => unsafe { bpf_redirect(u32::MAX, 0) as i32 },
         // Only ingress redirects (egress shaping happens in this device's own root qdisc).
         Verdict::Redirect(_) => PASS,
+        // A DNS answer made from the query: into this device's ingress, as if from the server.
+        Verdict::Answer => unsafe {
+            bpf_redirect((*ctx.skb.skb).ifindex, BPF_F_INGRESS) as i32
+        },
     }
 }
 
@@ -74,6 +80,8 @@ pub fn chaos_ingress(ctx: TcContext) -> i32 {
         // Into the IFB's egress queue, where our shaping tree holds it; IFB then hands it back
         // to this device's ingress path, skipping tc ingress (so it is not classified twice).
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        // DNS faults act on queries leaving the interface only.
+        Verdict::Answer => PASS,
     }
 }
 
@@ -87,19 +95,22 @@ enum Verdict {
     Pass,
     Drop,
     Redirect(u32),
+    Answer,
 }
+
+const BPF_F_INGRESS: u64 = 1;
 
 /// What the parser learned about one packet. Addresses are kept as the packet has them;
 /// `remote`/`local` are chosen by direction when matching.
-struct Packet {
-    family: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-    protocol: u8,
+pub(crate) struct Packet {
+    pub(crate) family: u8,
+    pub(crate) src: [u8; 16],
+    pub(crate) dst: [u8; 16],
+    pub(crate) protocol: u8,
     /// Host byte order; `None` for non-first fragments and protocols without ports.
-    ports: Option<(u16, u16)>,
+    pub(crate) ports: Option<(u16, u16)>,
     /// Offset of the transport payload, for corruption.
-    payload_offset: u32,
+    pub(crate) payload_offset: u32,
 }
 
 #[inline(always)]
@@ -164,6 +175,17 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
             state.affected += 1;
             Verdict::Pass
         }
+        ACTION_DNS => match dns::act(ctx, rule, &pkt) {
+            dns::Action::Pass => Verdict::Pass,
+            dns::Action::Drop => {
+                state.affected += 1;
+                Verdict::Drop
+            }
+            dns::Action::Answer => {
+                state.affected += 1;
+                Verdict::Answer
+            }
+        },
         ACTION_CORRUPT => {
             if corrupt(ctx, &pkt) {
                 state.affected += 1;

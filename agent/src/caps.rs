@@ -34,7 +34,7 @@ impl Capabilities {
 }
 
 /// The fault kinds this build serves through the eBPF datapath.
-pub const EBPF_KINDS: &[&str] = &["loss", "corrupt", "partition"];
+pub const EBPF_KINDS: &[&str] = &["loss", "corrupt", "partition", "dns"];
 
 /// Whether the kernel has a qdisc (or clsact) kind, probed in a throwaway namespace of its own:
 /// a kind that exists leaves its qdisc on that namespace's `lo`, which would make the next

@@ -11,9 +11,9 @@ use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandl
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DELAY, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint,
-    FAMILY_V4, FAMILY_V6, MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState,
+    DnsKey, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_DNS_NAMES, MATCH_LOCAL, MATCH_PORTS,
+    MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -323,8 +323,15 @@ pub fn rule_for(
     if !t.local.is_empty() {
         match_flags |= MATCH_LOCAL;
     }
-    if !t.ports.is_empty() {
+    if !ports_of(spec).is_empty() {
         match_flags |= MATCH_PORTS;
+    }
+    let mut dns_rcode = 0;
+    if let FaultKind::Dns { mode, domains } = &spec.kind {
+        dns_rcode = mode.rcode();
+        if !domains.is_empty() {
+            match_flags |= MATCH_DNS_NAMES;
+        }
     }
     let fraction = |percent: f64| ((percent / 100.0) * PROBABILITY_ONE as f64).round() as u64;
     let (action, after_hit, after_miss) = match spec.kind {
@@ -342,6 +349,7 @@ pub fn rule_for(
         }
         FaultKind::Corrupt { percent } => (ACTION_CORRUPT, fraction(percent), fraction(percent)),
         FaultKind::Partition => (ACTION_DROP, PROBABILITY_ONE, PROBABILITY_ONE),
+        FaultKind::Dns { .. } => (ACTION_DNS, PROBABILITY_ONE, PROBABILITY_ONE),
         FaultKind::Latency { .. }
         | FaultKind::Bandwidth { .. }
         | FaultKind::Reorder { .. }
@@ -383,6 +391,19 @@ pub fn rule_for(
         } else {
             0
         },
+        dns_rcode,
+        _pad: 0,
+    }
+}
+
+/// The ports a fault matches: its own, or for DNS without any the DNS port.
+fn ports_of(spec: &FaultSpec) -> Vec<crate::spec::PortRange> {
+    match (&spec.kind, spec.target.ports.is_empty()) {
+        (FaultKind::Dns { .. }, true) => vec![crate::spec::PortRange {
+            first: 53,
+            last: 53,
+        }],
+        _ => spec.target.ports.clone(),
     }
 }
 
@@ -541,14 +562,24 @@ impl Prepared {
         let local: Vec<(Cidr, u32)> = spec.target.local.iter().map(|c| (*c, 0)).collect();
         fill_cidrs(ebpf, "REMOTE", &remote)?;
         fill_cidrs(ebpf, "LOCAL", &local)?;
-        if !spec.target.ports.is_empty() {
+        let ports = ports_of(spec);
+        if !ports.is_empty() {
             let mut bitmap = PortBitmap::empty();
-            for p in &spec.target.ports {
+            for p in &ports {
                 bitmap.set_range(p.first, p.last);
             }
             let mut ports: Array<&mut MapData, PortBitmap> =
                 ctx!(Array::try_from(map(ebpf, "PORTS")?), "PORTS")?;
             ctx!(ports.set(0, bitmap, 0), "set PORTS")?;
+        }
+        if let FaultKind::Dns { domains, .. } = &spec.kind
+            && !domains.is_empty()
+        {
+            let mut names: HashMap<&mut MapData, DnsKey, u8> =
+                ctx!(HashMap::try_from(map(ebpf, "DNS_NAMES")?), "DNS_NAMES")?;
+            for d in domains {
+                ctx!(names.insert(d.key(), 1, 0), "add --domain {d}")?;
+            }
         }
         let mut ex: HashMap<&mut MapData, Endpoint, u8> =
             ctx!(HashMap::try_from(map(ebpf, "EXCLUDED")?), "EXCLUDED")?;

@@ -2,6 +2,7 @@
 //! daemon. See ARCHITECTURE.md for the map.
 pub mod caps;
 pub mod datapath;
+pub mod dns;
 pub mod engine;
 pub mod journal;
 pub mod netem_dist;

@@ -56,10 +56,18 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
             Some(pb::fault_spec::Kind::Bandwidth(b)) => FaultKind::Bandwidth {
                 bytes_per_sec: spec::parse_rate(&b.rate)?,
             },
+            Some(pb::fault_spec::Kind::Dns(d)) => FaultKind::Dns {
+                mode: d.mode.parse()?,
+                domains: d
+                    .domains
+                    .iter()
+                    .map(|p| p.parse())
+                    .collect::<Result<_, _>>()?,
+            },
             None => {
                 return Err(invalid(
                     "kind",
-                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate",
+                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns",
                 ));
             }
         };
@@ -137,6 +145,10 @@ impl From<&FaultSpec> for pb::FaultSpec {
             FaultKind::Duplicate { percent } => {
                 pb::fault_spec::Kind::Duplicate(pb::Duplicate { percent })
             }
+            FaultKind::Dns { mode, ref domains } => pb::fault_spec::Kind::Dns(pb::Dns {
+                mode: mode.name().to_string(),
+                domains: domains.iter().map(ToString::to_string).collect(),
+            }),
             FaultKind::Bandwidth { bytes_per_sec } => {
                 pb::fault_spec::Kind::Bandwidth(pb::Bandwidth {
                     rate: format!("{bytes_per_sec}bps"),

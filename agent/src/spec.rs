@@ -57,6 +57,13 @@ pub enum FaultKind {
     Duplicate { percent: f64 },
     /// Limit matched traffic to `rate` bytes per second.
     Bandwidth { bytes_per_sec: u64 },
+    /// Fail DNS queries leaving the interface whose name matches `domains` (every name if
+    /// empty): dropped, or answered at once in the datapath with the mode's RCODE.
+    Dns {
+        mode: crate::dns::DnsMode,
+        #[serde(default)]
+        domains: Vec<crate::dns::DomainPattern>,
+    },
 }
 
 /// How latency is applied: netem under our HTB root (jitter, distributions), or earliest
@@ -123,6 +130,7 @@ impl FaultKind {
             FaultKind::Bandwidth { .. } => "bandwidth",
             FaultKind::Reorder { .. } => "reorder",
             FaultKind::Duplicate { .. } => "duplicate",
+            FaultKind::Dns { .. } => "dns",
         }
     }
 
@@ -130,7 +138,10 @@ impl FaultKind {
     pub fn shapes(&self) -> bool {
         matches!(
             self,
-            FaultKind::Latency { .. } | FaultKind::Bandwidth { .. }
+            FaultKind::Latency { .. }
+                | FaultKind::Bandwidth { .. }
+                | FaultKind::Reorder { .. }
+                | FaultKind::Duplicate { .. }
         )
     }
 }
@@ -470,6 +481,23 @@ impl FaultSpec {
             FaultKind::Bandwidth { bytes_per_sec } => {
                 if bytes_per_sec == 0 {
                     return Err(invalid("--rate", "must be greater than 0"));
+                }
+            }
+            FaultKind::Dns { ref domains, .. } => {
+                if self.target.direction != Direction::Egress {
+                    return Err(invalid(
+                        "--direction",
+                        "dns acts on queries leaving the interface (egress): target the client's interface",
+                    ));
+                }
+                if domains.len() > chaos_abi::MAX_DNS_PATTERNS as usize {
+                    return Err(invalid(
+                        "--domain",
+                        format!("at most {} patterns", chaos_abi::MAX_DNS_PATTERNS),
+                    ));
+                }
+                if self.target.protocol == Protocol::Icmp {
+                    return Err(invalid("--protocol", "dns queries travel over udp or tcp"));
                 }
             }
         }

@@ -127,11 +127,25 @@ enum FaultArgs {
         #[command(flatten)]
         common: Common,
     },
-    /// Limit the bandwidth of matched traffic (egress).
+    /// Limit the bandwidth of matched traffic (egress, or ingress through an IFB).
     Bandwidth {
         /// tc syntax: 1mbit, 500kbit, 10gbit, 2mbps.
         #[arg(long)]
         rate: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Fail DNS queries leaving the interface: dropped (timeout) or answered at once by the
+    /// datapath with NXDOMAIN, SERVFAIL or REFUSED. UDP and TCP to port 53 unless --port says
+    /// otherwise; TCP queries are dropped in every mode.
+    Dns {
+        /// timeout, nxdomain, servfail or refused.
+        #[arg(long)]
+        mode: String,
+        /// example.com (that name) or *.example.com (names below it); repeatable. None: every
+        /// name.
+        #[arg(long = "domain")]
+        domains: Vec<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -245,6 +259,20 @@ impl FaultArgs {
             FaultArgs::Duplicate { percent, common } => {
                 (FaultKind::Duplicate { percent: *percent }, common)
             }
+            FaultArgs::Dns {
+                mode,
+                domains,
+                common,
+            } => (
+                FaultKind::Dns {
+                    mode: mode.parse()?,
+                    domains: domains
+                        .iter()
+                        .map(|d| d.parse())
+                        .collect::<Result<_, _>>()?,
+                },
+                common,
+            ),
             FaultArgs::Bandwidth { rate, common } => (
                 FaultKind::Bandwidth {
                     bytes_per_sec: spec::parse_rate(rate)?,
@@ -502,6 +530,7 @@ fn kind_name(f: &pb::Fault) -> &'static str {
         Some(pb::fault_spec::Kind::Bandwidth(_)) => "bandwidth",
         Some(pb::fault_spec::Kind::Reorder(_)) => "reorder",
         Some(pb::fault_spec::Kind::Duplicate(_)) => "duplicate",
+        Some(pb::fault_spec::Kind::Dns(_)) => "dns",
         None => "unknown",
     }
 }

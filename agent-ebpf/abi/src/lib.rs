@@ -28,6 +28,12 @@ pub const ACTION_STEER: u32 = 3;
 /// delay stored with its remote CIDR; an fq root qdisc holds it until then (EDT).
 pub const ACTION_DELAY: u32 = 4;
 
+/// Answer or drop DNS queries (UDP, and TCP for dropping) whose QNAME matches the `DNS_NAMES`
+/// patterns (or any name without `MATCH_DNS_NAMES`): `Rule::dns_rcode` 0 drops them (the client
+/// times out), else the query is turned into a response with that RCODE in place and handed
+/// back to the interface's ingress path at once.
+pub const ACTION_DNS: u32 = 5;
+
 /// The rule has remote CIDRs: a packet matches only if its remote address is in the trie of its
 /// family (an empty trie for the other family then matches nothing). A remote CIDR's value is
 /// a per-destination delay in microseconds for `ACTION_DELAY` (0: the rule's `delay_ns`).
@@ -36,6 +42,56 @@ pub const MATCH_REMOTE: u32 = 1 << 0;
 pub const MATCH_LOCAL: u32 = 1 << 1;
 /// The rule has ports: a packet matches if its source or destination port is in the bitmap.
 pub const MATCH_PORTS: u32 = 1 << 2;
+/// `ACTION_DNS` only: the rule has name patterns in `DNS_NAMES` (else every name matches).
+pub const MATCH_DNS_NAMES: u32 = 1 << 3;
+
+/// `DnsKey::kind`: the whole QNAME equals the pattern.
+pub const DNS_EXACT: u32 = 1;
+/// `DnsKey::kind`: the QNAME ends in `.` + the pattern (`*.example.com`: names below it).
+pub const DNS_WILDCARD: u32 = 2;
+/// Name patterns per DNS fault.
+pub const MAX_DNS_PATTERNS: u32 = 4096;
+/// Longest QNAME in wire form (RFC 1035), and the size of the datapath's copy of it.
+pub const DNS_NAME_MAX: usize = 256;
+
+/// A name pattern as the datapath looks it up: the hash of a QNAME suffix in wire form (label
+/// lengths and labels, through the root's zero byte), its length, and the kind of match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    pub hash: u64,
+    pub len: u32,
+    pub kind: u32,
+}
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// One step of the suffix hash: FNV-1a over the suffix's bytes taken from the last to the
+/// first, ASCII letters lowercased (DNS names compare case-insensitively; label length bytes
+/// are below 64 and never letters). Taken backwards so one pass over a QNAME yields the hash of
+/// every suffix. Shared by the datapath and the agent, so both hash alike.
+#[inline(always)]
+pub fn dns_hash_step(hash: u64, byte: u8) -> u64 {
+    let b = if byte.is_ascii_uppercase() {
+        byte | 0x20
+    } else {
+        byte
+    };
+    (hash ^ b as u64).wrapping_mul(FNV_PRIME)
+}
+
+/// Per-CPU scratch space for the DNS matcher: the QNAME and the hash of each of its suffixes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsScratch {
+    pub name: [u8; DNS_NAME_MAX],
+    pub suffix_hash: [u64; DNS_NAME_MAX],
+    /// The QNAME's length, passed through memory between the matcher's loops: the verifier
+    /// does not track values in maps, so the states after the label walk (one per label
+    /// count) become one and the loops after it are verified once, not once per count.
+    pub qlen: u64,
+}
 
 pub const PROTO_ALL: u32 = 0;
 pub const PROTO_TCP: u32 = 6;
@@ -67,6 +123,10 @@ pub struct Rule {
     pub redirect_ifindex: u32,
     /// For `ACTION_DELAY`: the delay of destinations whose CIDR carries none.
     pub delay_ns: u64,
+    /// For `ACTION_DNS`: the RCODE of the synthesized answer (2 SERVFAIL, 3 NXDOMAIN, 5
+    /// REFUSED), or 0 to drop the query.
+    pub dns_rcode: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.
@@ -131,4 +191,5 @@ mod user {
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::PortBitmap {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::DnsKey {}
 }
