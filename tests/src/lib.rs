@@ -656,3 +656,108 @@ pub fn median(values: &[f64]) -> f64 {
         v[v.len() / 2]
     }
 }
+
+/// A DNS query for `name` (type A, class IN, RD set) with message id `id`; with `edns` an
+/// EDNS0 OPT record (as dig and glibc with `options edns0` send).
+pub fn dns_query(id: u16, name: &str, edns: bool) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, edns as u8]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if edns {
+        // root name, type OPT (41), UDP size 1232, extended rcode/version/flags 0, no data
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+    }
+    q
+}
+
+/// One UDP DNS exchange from namespace `ns`: the answer's RCODE and how long it took, or
+/// `None` if nothing came back within `timeout`. Checks that the answer is a response to this
+/// query (same id, QR set).
+pub fn dns_ask(
+    ns: &str,
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Option<(u8, Duration)> {
+    let name = name.to_string();
+    in_ns(ns, move || {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
+        let sock = std::net::UdpSocket::bind(bind).expect("bind");
+        sock.set_read_timeout(Some(timeout)).expect("timeout");
+        let id = (std::process::id() as u16) ^ (name.len() as u16).rotate_left(8);
+        let q = dns_query(id, &name, true);
+        let started = Instant::now();
+        sock.send_to(&q, server).expect("send");
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, _) = sock.recv_from(&mut buf).ok()?;
+            if n >= 12 && buf[..2] == id.to_be_bytes() && buf[2] & 0x80 != 0 {
+                return Some((buf[3] & 0x0F, started.elapsed()));
+            }
+        }
+    })
+}
+
+/// dnsmasq (Debian) serving a few names in namespace `ns`, on `addrs`; killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+}
+
+impl Dnsmasq {
+    /// Answers names from `records` ("name/address", dnsmasq's address=/name/addr, which also
+    /// covers names below `name`) and refuses everything else (no upstream). Returns once it
+    /// answers a query from `client_ns`.
+    pub fn start(ns: &str, client_ns: &str, dir: &Path, addrs: &[&str], records: &[&str]) -> Self {
+        if Command::new("dnsmasq").arg("--version").output().is_err() {
+            panic!("dnsmasq is missing: apt-get install dnsmasq-base (scripts/setup.sh does)");
+        }
+        let mut conf = String::from("no-resolv\nno-hosts\nbind-interfaces\nport=53\nuser=root\n");
+        for a in addrs {
+            conf.push_str(&format!("listen-address={a}\n"));
+        }
+        for r in records {
+            conf.push_str(&format!("address=/{r}\n"));
+        }
+        let path = dir.join("dnsmasq.conf");
+        std::fs::write(&path, conf).expect("write dnsmasq.conf");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
+            .arg(format!("--conf-file={}", path.display()))
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq");
+        let d = Dnsmasq { child };
+        let server = addr(addrs[0], 53);
+        let started = Instant::now();
+        while dns_ask(
+            client_ns,
+            server,
+            "ready.invalid",
+            Duration::from_millis(100),
+        )
+        .is_none()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "dnsmasq did not answer within 5 s"
+            );
+        }
+        d
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
