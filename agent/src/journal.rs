@@ -32,7 +32,8 @@ impl Owner {
     }
 }
 
-fn start_time(pid: u32) -> io::Result<u64> {
+/// A process's start time in clock ticks since boot: with the pid, it names one process.
+pub fn start_time(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -53,6 +54,9 @@ pub struct Entry {
     /// Interfaces where the fault put our root qdisc (`c4a0:`).
     #[serde(default)]
     pub shaped: Vec<String>,
+    /// CPU stress workers (pid and start time), so a later engine kills any that survived.
+    #[serde(default)]
+    pub workers: Vec<Owner>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +173,10 @@ mod tests {
                 created_clsact: true,
             }],
             shaped: vec!["eth0".into()],
+            workers: vec![Owner {
+                pid: 4242,
+                start_time: 17,
+            }],
         }
     }
 

@@ -1,6 +1,7 @@
 //! The chaos fault engine, used in-process by `chaosctl --local` and served by the `chaos-agent`
 //! daemon. See ARCHITECTURE.md for the map.
 pub mod caps;
+pub mod cgroup;
 pub mod datapath;
 pub mod engine;
 pub mod journal;
@@ -10,6 +11,7 @@ pub mod netns;
 pub mod qdisc;
 pub mod server;
 pub mod spec;
+pub mod stress;
 
 pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};
 pub use spec::{FaultKind, FaultSpec, InvalidInput, Target};
