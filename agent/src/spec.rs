@@ -826,6 +826,50 @@ mod tests {
     }
 
     #[test]
+    fn cpu_validation() {
+        let max = DEFAULT_MAX_DURATION;
+        let cpu = |workers, load_percent, cgroup| FaultSpec {
+            kind: FaultKind::Cpu {
+                workers,
+                load_percent,
+                cgroup,
+            },
+            target: Target::none(),
+            duration: DEFAULT_DURATION,
+        };
+        let path = || CgroupRef::Path("/chaos/pod1".into());
+        assert!(
+            cpu(1, 50.0, path()).validate(max).is_ok(),
+            "no interface needed"
+        );
+        assert!(
+            cpu(MAX_CPU_WORKERS, 100.0, CgroupRef::Pid(1))
+                .validate(max)
+                .is_ok()
+        );
+        let field = |s: FaultSpec| s.validate(max).unwrap_err().field;
+        assert_eq!(field(cpu(0, 50.0, path())), "--workers");
+        assert_eq!(field(cpu(MAX_CPU_WORKERS + 1, 50.0, path())), "--workers");
+        assert_eq!(field(cpu(1, 0.5, path())), "--load");
+        assert_eq!(field(cpu(1, f64::NAN, path())), "--load");
+        assert_eq!(field(cpu(1, 101.0, path())), "--load");
+        assert_eq!(field(cpu(1, 50.0, CgroupRef::Pid(0))), "--pid");
+        for bad in ["chaos", "/a/../b", "/a/./b"] {
+            assert_eq!(field(cpu(1, 50.0, CgroupRef::Path(bad.into()))), "--cgroup");
+        }
+        assert_eq!(
+            CgroupRef::from_flags(None, None).unwrap_err().field,
+            "--cgroup"
+        );
+        assert_eq!(
+            CgroupRef::from_flags(Some("/a"), Some(1))
+                .unwrap_err()
+                .field,
+            "--cgroup"
+        );
+    }
+
+    #[test]
     fn rates() {
         assert_eq!(parse_rate("1mbit").unwrap(), 125_000);
         assert_eq!(parse_rate("10Gbit").unwrap(), 1_250_000_000);

@@ -6,6 +6,8 @@
 //!
 //! Tests need root (they create namespaces and load BPF). They panic with a message saying so
 //! rather than skip: a skipped kernel test must never look like a pass.
+pub mod cgroups;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
