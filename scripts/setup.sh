@@ -9,6 +9,7 @@ command -v iperf3 >/dev/null   || need+=(iperf3)
 command -v bpftool >/dev/null  || need+=(bpftool)
 command -v ping >/dev/null     || need+=(iputils-ping)
 command -v setpriv >/dev/null  || need+=(util-linux)
+command -v stress-ng >/dev/null || need+=(stress-ng)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2
