@@ -468,22 +468,8 @@ impl Engine {
         let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
         let started = std::time::Instant::now();
         let netns = Netns::open(&spec.target.netns)?;
-        if let FaultKind::Cpu {
-            workers,
-            load_percent,
-            ref cgroup,
-        } = spec.kind
-        {
-            return self.install_cpu(
-                st,
-                id,
-                spec.clone(),
-                deadline,
-                netns,
-                workers,
-                load_percent,
-                cgroup,
-            );
+        if !spec.kind.is_network() {
+            return self.install_cpu(st, id, spec, deadline, netns);
         }
         // Intent first: if we crash mid-install, the journal already names what may be there.
         let planned = planned_attachments(&spec, self.config.attach, slot);
@@ -543,7 +529,6 @@ impl Engine {
     /// Starts a CPU fault's workers. The journal names the fault first and its workers (pid and
     /// start time) once they exist; a crash in between leaves workers that the death signal
     /// ends with the engine.
-    #[allow(clippy::too_many_arguments)]
     fn install_cpu(
         &self,
         st: &mut State,
@@ -551,10 +536,15 @@ impl Engine {
         spec: FaultSpec,
         deadline: SystemTime,
         netns: Netns,
-        workers: u32,
-        load_percent: f64,
-        cgroup: &crate::spec::CgroupRef,
     ) -> Result<(), EngineError> {
+        let FaultKind::Cpu {
+            workers,
+            load_percent,
+            ref cgroup,
+        } = spec.kind
+        else {
+            return Err(crate::spec::invalid("kind", "is not cpu").into());
+        };
         let placement = cgroup::resolve(cgroup)?;
         self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
         let stress = match CpuStress::start(&placement, workers, load_percent) {

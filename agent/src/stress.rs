@@ -157,9 +157,13 @@ impl CpuStress {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Kills and reaps every worker.
+    /// Kills and reaps every worker. A worker that did not exit in time (a frozen cgroup) is
+    /// left to the journal, which keeps the fault's entry for the next start; it is not waited
+    /// for again on drop.
     pub fn stop(mut self) -> Result<(), StressError> {
-        self.stop_in_place()
+        let result = self.stop_in_place();
+        self.workers.clear();
+        result
     }
 
     fn stop_in_place(&mut self) -> Result<(), StressError> {

@@ -10,7 +10,7 @@
 //! alike.
 //!
 //! Usage: chaos-bench-cpu [--out FILE] [--rounds N] [--seconds S]
-use chaos_tests::cgroups::{TestCgroup, clock_ticks_per_sec, cpu_ticks};
+use chaos_tests::cgroups::{TestCgroup, clock_ticks_per_sec, cpu_ns_all_threads, cpu_ticks};
 use chaos_tests::{Agent, json_event, sh};
 use serde_json::json;
 use std::process::{Command, Stdio};
@@ -44,6 +44,8 @@ fn measure(pids: &[u32], window: Duration) -> Vec<f64> {
         .collect()
 }
 
+/// Our worker's load, and the agent's own CPU over the same window (all its threads, from
+/// schedstat in nanoseconds: the agent's figure is far below the 10 ms tick resolution).
 fn ours(agent: &Agent, cg: &TestCgroup, load: f64, window: Duration) -> (f64, f64) {
     let o = agent.chaosctl(&[
         "inject",
@@ -68,10 +70,17 @@ fn ours(agent: &Agent, cg: &TestCgroup, load: f64, window: Duration) -> (f64, f6
     let pids = cg.procs();
     assert_eq!(pids.len(), 1, "one worker: {pids:?}");
     std::thread::sleep(SETTLE);
-    let m = measure(&[pids[0], agent.child.id()], window);
+    let agent_pid = agent.child.id();
+    let (t0, a0) = (
+        Instant::now(),
+        cpu_ns_all_threads(agent_pid).expect("agent"),
+    );
+    let worker = measure(&[pids[0]], window)[0];
+    let a1 = cpu_ns_all_threads(agent_pid).expect("agent");
+    let agent_pct = a1.saturating_sub(a0) as f64 / 1e9 / t0.elapsed().as_secs_f64() * 100.0;
     let o = agent.chaosctl(&["revert", &id]);
     assert!(o.status.success(), "revert");
-    (m[0], m[1])
+    (worker, agent_pct)
 }
 
 /// The pid of stress-ng's worker (its child), once it exists.
