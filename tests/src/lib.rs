@@ -498,6 +498,11 @@ pub struct LocalFault {
 }
 
 impl LocalFault {
+    /// The chaosctl process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the fault and waits until it is applied.
     pub fn start(args: &[&str], journal: &Path) -> Self {
         let mut child = Command::new(bin("chaosctl"))

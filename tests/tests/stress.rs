@@ -235,6 +235,91 @@ fn kill_9_of_the_agent_leaves_no_worker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `chaosctl --local`: Ctrl-C reverts (final CPU time reported, worker reaped); `kill -9` of
+/// chaosctl ends its workers too (the engine runs in that process).
+#[test]
+fn local_runs_revert_on_sigint_and_die_with_chaosctl() {
+    let _g = serial();
+    let cg = TestCgroup::new("local");
+    let journal = tmpdir("local");
+    let args = [
+        "inject",
+        "cpu",
+        "--load",
+        "30",
+        "--cgroup",
+        &cg.path,
+        "--duration",
+        "1m",
+    ];
+    let fault = LocalFault::start(&args, &journal);
+    let pids = cg.procs();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let worker = (pids[0], start_time(pids[0]).expect("start"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, out) = fault.stop();
+    assert!(status.success(), "{out}");
+    let reverted = json_event(&out, "reverted");
+    assert!(
+        reverted["counters"]["cpu_time_us"].as_u64().unwrap_or(0) > 0,
+        "{reverted}"
+    );
+    assert!(wait_gone(&[worker], Duration::from_secs(1)).is_empty());
+    assert!(cg.procs().is_empty());
+
+    let fault = LocalFault::start(&args, &journal);
+    let pids = cg.procs();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let worker = (pids[0], start_time(pids[0]).expect("start"));
+    // SAFETY: signalling the chaosctl we started.
+    unsafe { libc::kill(fault.pid() as i32, libc::SIGKILL) };
+    let left = wait_gone(&[worker], Duration::from_secs(2));
+    assert!(left.is_empty(), "worker outlived chaosctl: {left:?}");
+    let _ = fault.wait(Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&journal);
+}
+
+/// The workers spend the target's own CPU budget: with the cgroup's quota at 30 % of one CPU,
+/// two workers asking 50 % each get 30 % between them.
+#[test]
+fn workers_are_held_to_the_cgroups_cpu_quota() {
+    let _g = serial();
+    let cg = TestCgroup::new("quota");
+    let v1 = cg
+        .dirs
+        .iter()
+        .find(|d| d.join("cpu.cfs_quota_us").is_file())
+        .cloned();
+    match &v1 {
+        Some(dir) => {
+            std::fs::write(dir.join("cpu.cfs_period_us"), "100000").expect("period");
+            std::fs::write(dir.join("cpu.cfs_quota_us"), "30000").expect("quota");
+        }
+        None => {
+            let v2 = cg.v2.clone().expect("a cgroup with a cpu controller");
+            std::fs::write(v2.join("cpu.max"), "30000 100000")
+                .expect("cpu.max (is the cpu controller enabled for this cgroup?)");
+        }
+    }
+    let journal = tmpdir("quota");
+    let engine = engine(&journal);
+    let f = engine
+        .apply(cpu(2, 50.0, CgroupRef::Path(cg.path.clone())))
+        .expect("apply");
+    let pids = cg.procs();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let measured = measure_percent(&pids, Duration::from_secs(5));
+    eprintln!("2 workers x 50 % under a 30 % quota: measured {measured:.2} % together");
+    assert!(
+        (measured - 30.0).abs() <= 3.0,
+        "measured {measured:.2} % together; the quota allows 30 %"
+    );
+    engine.revert(&f.id).expect("revert");
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&journal);
+}
+
 /// Belt and braces behind the death signal: an engine that finds a journal of a dead engine
 /// kills the workers it names that are still alive, and never a process that reused a pid
 /// (same pid, other start time).
