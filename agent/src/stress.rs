@@ -95,12 +95,24 @@ impl CpuStress {
         count: u32,
         load_percent: f64,
     ) -> Result<Self, StressError> {
+        Self::start_with(placement, count, load_percent, Method::Clone3)
+    }
+
+    /// As [`Self::start`], beginning with `method` (`Fork` is what a kernel or seccomp profile
+    /// without clone3 falls back to; tests ask for it directly).
+    pub fn start_with(
+        placement: &Placement,
+        count: u32,
+        load_percent: f64,
+        method: Method,
+    ) -> Result<Self, StressError> {
         let (reply, answer) = mpsc::channel();
         supervisor()?
             .send(Request {
                 placement: placement.clone(),
                 count,
                 load_ppm: (load_percent.clamp(0.0, 100.0) * 10_000.0).round() as i64,
+                method,
                 reply,
             })
             .map_err(|_| StressError::Supervisor)?;
@@ -226,6 +238,7 @@ struct Request {
     placement: Placement,
     count: u32,
     load_ppm: i64,
+    method: Method,
     reply: mpsc::Sender<Result<(Vec<Worker>, Method), StressError>>,
 }
 
@@ -240,7 +253,7 @@ fn supervisor() -> Result<&'static mpsc::Sender<Request>, StressError> {
                 .name("chaos-stress".into())
                 .spawn(move || {
                     for req in rx {
-                        let result = spawn_all(&req.placement, req.count, req.load_ppm);
+                        let result = spawn_all(&req.placement, req.count, req.load_ppm, req.method);
                         // A caller that went away drops the workers (and so stops them).
                         let _ = req.reply.send(result);
                     }
@@ -261,6 +274,7 @@ fn spawn_all(
     placement: &Placement,
     count: u32,
     load_ppm: i64,
+    mut method: Method,
 ) -> Result<(Vec<Worker>, Method), StressError> {
     let cgroup_fd = match &placement.v2 {
         Some(dir) => Some(open_dir(dir).map_err(|source| StressError::OpenCgroup {
@@ -270,7 +284,6 @@ fn spawn_all(
         None => None,
     };
     let mut workers = Vec::with_capacity(count as usize);
-    let mut method = Method::Clone3;
     for _ in 0..count {
         match spawn_one(placement, cgroup_fd.as_ref(), load_ppm, &mut method) {
             Ok(w) => workers.push(w),

@@ -320,6 +320,30 @@ fn workers_are_held_to_the_cgroups_cpu_quota() {
     let _ = std::fs::remove_dir_all(&journal);
 }
 
+/// The fallback for kernels or seccomp profiles without clone3: fork, then placement through
+/// cgroup.procs in every hierarchy (v2 included) before the worker runs.
+#[test]
+fn forked_workers_are_placed_and_hold_their_load() {
+    use chaos_agent::stress::{CpuStress, Method};
+    let _g = serial();
+    let cg = TestCgroup::new("fork");
+    let placement =
+        chaos_agent::cgroup::resolve(&CgroupRef::Path(cg.path.clone())).expect("resolve");
+    assert_eq!(placement.dirs().count(), cg.dirs.len(), "{placement:?}");
+    let stress = CpuStress::start_with(&placement, 1, 40.0, Method::Fork).expect("start");
+    assert_eq!(stress.method(), Method::Fork);
+    let pid = stress.owners()[0].pid;
+    for dir in &cg.dirs {
+        assert_eq!(TestCgroup::procs_in(dir), [pid], "{}", dir.display());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let measured = measure_percent(&[pid], Duration::from_secs(5));
+    eprintln!("forked worker: requested 40 %, measured {measured:.2} % over 5 s");
+    assert!((measured - 40.0).abs() <= 3.0, "measured {measured:.2} %");
+    stress.stop().expect("stop");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
 /// Belt and braces behind the death signal: an engine that finds a journal of a dead engine
 /// kills the workers it names that are still alive, and never a process that reused a pid
 /// (same pid, other start time).
