@@ -380,3 +380,36 @@ pub fn capabilities_pb(c: &caps::Capabilities) -> pb::CapabilitiesResponse {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_spec_round_trips_without_a_network_target() {
+        for cgroup in [CgroupRef::Path("/chaos/pod1".into()), CgroupRef::Pid(42)] {
+            let spec = FaultSpec {
+                kind: FaultKind::Cpu {
+                    workers: 3,
+                    load_percent: 42.5,
+                    cgroup,
+                },
+                target: Target::none(),
+                duration: Duration::from_secs(30),
+            };
+            let p: pb::FaultSpec = (&spec).into();
+            assert!(p.target.is_none());
+            assert_eq!(FaultSpec::try_from(p).unwrap(), spec);
+        }
+        let p = pb::FaultSpec {
+            kind: Some(pb::fault_spec::Kind::Cpu(pb::Cpu {
+                workers: 1,
+                load_percent: 50.0,
+                cgroup_target: None,
+            })),
+            target: None,
+            duration_ms: 0,
+        };
+        assert_eq!(FaultSpec::try_from(p).unwrap_err().field, "--cgroup");
+    }
+}
