@@ -615,8 +615,9 @@ fn duty_cycle(load_ppm: i64) -> ! {
             // Sleep until the credit is back at the top of the band.
             let ns = BAND_NS.saturating_sub(credit).saturating_mul(1_000_000) / load_ppm;
             let ts = libc::timespec {
-                tv_sec: (ns / 1_000_000_000) as libc::time_t,
-                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+                // `as _`: time_t's width differs between targets (and musl versions).
+                tv_sec: (ns / 1_000_000_000) as _,
+                tv_nsec: (ns % 1_000_000_000) as _,
             };
             // SAFETY: nanosleep reads our timespec; EINTR just ends the sleep early.
             unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
