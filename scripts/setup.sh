@@ -11,6 +11,7 @@ command -v ping >/dev/null     || need+=(iputils-ping)
 command -v setpriv >/dev/null  || need+=(util-linux)
 command -v dnsmasq >/dev/null  || need+=(dnsmasq-base)
 command -v dig >/dev/null      || need+=(bind9-dnsutils)
+command -v stress-ng >/dev/null || need+=(stress-ng)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2

@@ -40,4 +40,12 @@ for l in d["apply_revert_latency"]:
     a, r, u = l["apply_ms"], l["revert_ms"], l["revert_until_traffic_unaffected_ms"]
     print(f"  {l['entries']:>6} entries: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms (traffic unaffected after p99 {u['p99']:.3f} ms)")
 PY
+./target/release/chaos-bench-cpu --rounds "${CHAOS_BENCH_CPU_ROUNDS:-1}" --seconds 10 --out bench-out/cpu.json >/dev/null
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/cpu.json"))
+for l in d["loads"]:
+    o, s = l["ours"], l["stress_ng"]
+    print(f"  cpu {l['requested_percent']:.0f} %: ours {o['median_percent']:.2f} % ({o['error_pp']:+.2f} pp), stress-ng {s['median_percent']:.2f} % ({s['error_pp']:+.2f} pp); agent {l['agent_percent_of_one_cpu']:.2f} % of one CPU")
+PY
 echo "all tests passed"

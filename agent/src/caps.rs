@@ -203,5 +203,17 @@ pub fn detect() -> Capabilities {
             missing("sch_fq")
         },
     });
+    // CPU stress needs somewhere to put its workers: any mounted cgroup hierarchy.
+    let cgroups = caps.has("cgroup-v1") || caps.has("cgroup-v2");
+    caps.backends.push(Backend {
+        name: "stress",
+        available: cgroups,
+        fault_kinds: vec!["cpu"],
+        reason: if cgroups {
+            String::new()
+        } else {
+            "no cgroup hierarchy is mounted (mount cgroup2 on /sys/fs/cgroup)".to_string()
+        },
+    });
     caps
 }

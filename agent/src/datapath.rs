@@ -306,6 +306,9 @@ pub struct Counters {
     pub seen: u64,
     pub matched: u64,
     pub affected: u64,
+    /// CPU faults: CPU time (user + system) the workers have consumed, in microseconds.
+    #[serde(default)]
+    pub cpu_time_us: u64,
 }
 
 /// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it.
@@ -354,6 +357,8 @@ pub fn rule_for(
         | FaultKind::Bandwidth { .. }
         | FaultKind::Reorder { .. }
         | FaultKind::Duplicate { .. } => (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE),
+        // Not a network fault: the engine never installs it here; a rule for it passes all.
+        FaultKind::Cpu { .. } => (ACTION_NONE, 0, 0),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {
         (Some(Shape::Fq), FaultKind::Latency { ms, .. }) => {
@@ -852,6 +857,7 @@ impl Installed {
             seen: acc.seen + v.seen,
             matched: acc.matched + v.matched,
             affected: acc.affected + v.affected,
+            cpu_time_us: 0,
         }))
     }
 

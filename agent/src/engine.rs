@@ -4,14 +4,15 @@
 //! [`Engine::reconcile`], which makes the installed set match it (the kube-runtime shape).
 //! Crash recovery is the same idea at start: whatever orphaned journals say is installed, and
 //! nobody desires, is removed.
+use crate::cgroup;
 use crate::datapath::{
-    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, Installed, RootPlan,
-    ShapingSite,
+    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, RootPlan, ShapingSite,
 };
-use crate::journal::{Entry, Journal, SiteEntry};
+use crate::journal::{Entry, Journal, Owner, SiteEntry};
 use crate::netns::{Netns, NetnsError, NetnsId};
 use crate::qdisc::ShapeError;
-use crate::spec::{DEFAULT_MAX_DURATION, FaultSpec, InvalidInput, NetnsRef};
+use crate::spec::{DEFAULT_MAX_DURATION, FaultKind, FaultSpec, InvalidInput, NetnsRef};
+use crate::stress::{CpuStress, StressError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub enum EngineError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Stress(#[from] StressError),
     #[error("no active fault {0}")]
     NotFound(String),
     #[error("journal {path}: {source}")]
@@ -109,8 +112,76 @@ struct Desired {
 struct Active {
     spec: FaultSpec,
     deadline: SystemTime,
+    /// The target namespace; for kinds that are not network faults, the engine's own (nothing
+    /// is attached there).
     netns: Netns,
     installed: Installed,
+}
+
+/// What a fault has put in place. Every kind answers the same four questions (counters,
+/// disarm, uninstall, what the journal must name), so reconcile has one path for all.
+enum Installed {
+    /// Classifiers (and our root qdisc for shaping) in the target namespace.
+    Net(datapath::Installed),
+    /// CPU stress workers in the target's cgroups.
+    Cpu(CpuStress),
+}
+
+impl Installed {
+    fn counters(&self) -> Result<Counters, EngineError> {
+        match self {
+            Installed::Net(i) => Ok(i.counters()?),
+            Installed::Cpu(c) => Ok(Counters {
+                cpu_time_us: c.cpu_time().as_micros() as u64,
+                ..Counters::default()
+            }),
+        }
+    }
+
+    /// Stops the effect at once: classifiers pass everything, workers are killed.
+    fn disarm(&mut self) -> Result<(), EngineError> {
+        match self {
+            Installed::Net(i) => Ok(i.disarm()?),
+            Installed::Cpu(c) => Ok(c.kill()?),
+        }
+    }
+
+    /// Removes everything (detach and remove qdiscs inside `netns`; reap workers).
+    fn uninstall(self, netns: &Netns) -> Result<(), EngineError> {
+        match self {
+            Installed::Net(i) => Ok(netns.run(move || i.uninstall())??),
+            Installed::Cpu(c) => Ok(c.stop()?),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            Installed::Net(i) => i.records.first().map_or("ebpf", |r| r.mode.name()),
+            Installed::Cpu(c) => c.method().name(),
+        }
+    }
+
+    fn records(&self) -> Vec<AttachmentRecord> {
+        match self {
+            Installed::Net(i) => i.records.clone(),
+            Installed::Cpu(_) => Vec::new(),
+        }
+    }
+
+    /// The devices where a shaping fault has its class.
+    fn shaped(&self) -> Vec<ShapingSite> {
+        match self {
+            Installed::Net(i) => i.shaped.clone(),
+            Installed::Cpu(_) => Vec::new(),
+        }
+    }
+
+    fn workers(&self) -> Vec<Owner> {
+        match self {
+            Installed::Net(_) => Vec::new(),
+            Installed::Cpu(c) => c.owners(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -153,6 +224,8 @@ pub struct Reclaimed {
     pub faults: usize,
     pub clsact_filters: usize,
     pub qdiscs: usize,
+    /// CPU stress workers that outlived their engine (its death signal should have ended them).
+    pub workers: usize,
     pub errors: Vec<String>,
 }
 
@@ -186,9 +259,16 @@ impl Engine {
     /// Validates `spec`, applies it and returns once it is live in the kernel.
     pub fn apply(self: &Arc<Self>, spec: FaultSpec) -> Result<FaultStatus, EngineError> {
         spec.validate(self.config.max_duration)?;
-        check_privileges(&spec.target.netns)?;
+        match &spec.kind {
+            // A cgroup that exists nowhere is bad input, refused before anything starts.
+            FaultKind::Cpu { cgroup, .. } => {
+                cgroup::resolve(cgroup)?;
+            }
+            _ => check_privileges(&spec.target.netns)?,
+        }
         // Fail on a missing netns before touching anything.
         Netns::open(&spec.target.netns)?;
+        let network = spec.kind.is_network();
         let id = new_id();
         let mut st = self.lock();
         let slot = (0..u16::MAX)
@@ -204,7 +284,10 @@ impl Engine {
             },
         );
         let result = self.reconcile(&mut st).remove(&id);
-        self.refill_spare();
+        // Only network faults use the datapath object; a CPU fault loads nothing into the kernel.
+        if network {
+            self.refill_spare();
+        }
         if let Some(Err(e)) = result {
             return Err(e);
         }
@@ -336,21 +419,23 @@ impl Engine {
             let counters = active.installed.counters().unwrap_or_default();
             let spec = active.spec.clone();
             let deadline = active.deadline;
-            let backend = self.config.attach.name();
+            let backend = match active.installed {
+                Installed::Net(_) => self.config.attach.name(),
+                Installed::Cpu(_) => active.installed.backend(),
+            };
             let journaled = entry(
                 &id,
                 &active.spec,
                 active.deadline,
                 &active.netns,
-                active.installed.records.clone(),
+                Some(&active.installed),
             );
-            let sites = active.installed.shaped.clone();
-            let res = active
-                .netns
-                .run(move || active.installed.uninstall())
-                .map_err(EngineError::from)
-                .and_then(|r| r.map_err(EngineError::from));
-            let res = res.and_then(|()| self.release_sites(st, &id, &active.netns, &sites));
+            let sites = active.installed.shaped();
+            let Active {
+                netns, installed, ..
+            } = active;
+            let res = installed.uninstall(&netns);
+            let res = res.and_then(|()| self.release_sites(st, &id, &netns, &sites));
             let detached = started.elapsed();
             let ended = FaultStatus {
                 id: id.clone(),
@@ -402,10 +487,19 @@ impl Engine {
         let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
         let started = std::time::Instant::now();
         let netns = Netns::open(&spec.target.netns)?;
+        if !spec.kind.is_network() {
+            return self.install_cpu(st, id, spec, deadline, netns);
+        }
         let sites = self.plan_sites(st, id, &spec, &netns)?;
         // Intent first: if we crash mid-install, the journal already names what may be there.
         let planned = planned_attachments(&spec, self.config.attach, slot);
-        self.write_journal(st, Some(entry(id, &spec, deadline, &netns, planned)))?;
+        self.write_journal(
+            st,
+            Some(Entry {
+                attachments: planned,
+                ..entry(id, &spec, deadline, &netns, None)
+            }),
+        )?;
         let journaled = started.elapsed();
         let prepared = self.take_prepared()?;
         let prepared_at = started.elapsed();
@@ -432,7 +526,7 @@ impl Engine {
                 spec,
                 deadline,
                 netns,
-                installed,
+                installed: Installed::Net(installed),
             },
         );
         let result = self.write_journal(st, None);
@@ -583,6 +677,47 @@ impl Engine {
         result
     }
 
+    /// Starts a CPU fault's workers. The journal names the fault first and its workers (pid and
+    /// start time) once they exist; a crash in between leaves workers that the death signal
+    /// ends with the engine.
+    fn install_cpu(
+        &self,
+        st: &mut State,
+        id: &str,
+        spec: FaultSpec,
+        deadline: SystemTime,
+        netns: Netns,
+    ) -> Result<(), EngineError> {
+        let FaultKind::Cpu {
+            workers,
+            load_percent,
+            ref cgroup,
+        } = spec.kind
+        else {
+            return Err(crate::spec::invalid("kind", "is not cpu").into());
+        };
+        let placement = cgroup::resolve(cgroup)?;
+        self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
+        let stress = match CpuStress::start(&placement, workers, load_percent) {
+            Ok(s) => s,
+            Err(e) => {
+                self.write_journal(st, None)?;
+                return Err(e.into());
+            }
+        };
+        tracing::debug!(%id, workers, load_percent, placement = ?placement, "cpu workers started");
+        st.active.insert(
+            id.to_string(),
+            Active {
+                spec,
+                deadline,
+                netns,
+                installed: Installed::Cpu(stress),
+            },
+        );
+        self.write_journal(st, None)
+    }
+
     /// The spare prepared object if there is one, else a new one. Once the engine has applied a
     /// fault it keeps a spare: loading and verifying is ~2/3 of an apply. Not at start, so an
     /// idle agent holds nothing in the kernel.
@@ -621,15 +756,7 @@ impl Engine {
         let mut entries: Vec<Entry> = st
             .active
             .iter()
-            .map(|(id, a)| {
-                entry(
-                    id,
-                    &a.spec,
-                    a.deadline,
-                    &a.netns,
-                    a.installed.records.clone(),
-                )
-            })
+            .map(|(id, a)| entry(id, &a.spec, a.deadline, &a.netns, Some(&a.installed)))
             .collect();
         entries.extend(st.leftovers.iter().cloned());
         entries.extend(pending);
@@ -657,6 +784,7 @@ impl Engine {
             report.journals += 1;
             for fault in &file.faults {
                 report.faults += 1;
+                report.workers += crate::stress::kill_survivors(&fault.workers);
                 let clsact: Vec<AttachmentRecord> = fault
                     .attachments
                     .iter()
@@ -728,7 +856,7 @@ fn entry(
     spec: &FaultSpec,
     deadline: SystemTime,
     netns: &Netns,
-    attachments: Vec<AttachmentRecord>,
+    installed: Option<&Installed>,
 ) -> Entry {
     Entry {
         id: id.to_string(),
@@ -736,7 +864,8 @@ fn entry(
         deadline_unix_ms: unix_ms(deadline),
         netns_path: netns.path.clone(),
         netns_id: netns.id,
-        attachments,
+        attachments: installed.map(Installed::records).unwrap_or_default(),
+        workers: installed.map(Installed::workers).unwrap_or_default(),
     }
 }
 
@@ -760,11 +889,7 @@ fn status_of(id: &str, a: &Active, ended: Option<EndReason>) -> Result<FaultStat
         spec: a.spec.clone(),
         deadline: a.deadline,
         counters: a.installed.counters()?,
-        backend: a
-            .installed
-            .records
-            .first()
-            .map_or("ebpf", |r| r.mode.name()),
+        backend: a.installed.backend(),
         ended,
         disarmed_after: None,
     })

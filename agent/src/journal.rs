@@ -33,7 +33,8 @@ impl Owner {
     }
 }
 
-fn start_time(pid: u32) -> io::Result<u64> {
+/// A process's start time in clock ticks since boot: with the pid, it names one process.
+pub fn start_time(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -51,6 +52,9 @@ pub struct Entry {
     pub netns_path: Option<PathBuf>,
     pub netns_id: NetnsId,
     pub attachments: Vec<AttachmentRecord>,
+    /// CPU stress workers (pid and start time), so a later engine kills any that survived.
+    #[serde(default)]
+    pub workers: Vec<Owner>,
 }
 
 /// A device where this engine put its root qdisc (shared by its shaping faults there).
@@ -179,6 +183,10 @@ mod tests {
                 priority: 0x0C00,
                 handle: 0xC4A0_0001,
                 created_clsact: true,
+            }],
+            workers: vec![Owner {
+                pid: 4242,
+                start_time: 17,
             }],
         }
     }

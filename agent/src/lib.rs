@@ -1,6 +1,7 @@
 //! The chaos fault engine, used in-process by `chaosctl --local` and served by the `chaos-agent`
 //! daemon. See ARCHITECTURE.md for the map.
 pub mod caps;
+pub mod cgroup;
 pub mod datapath;
 pub mod dns;
 pub mod engine;
@@ -11,6 +12,7 @@ pub mod netns;
 pub mod qdisc;
 pub mod server;
 pub mod spec;
+pub mod stress;
 pub mod tc_snapshot;
 
 pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};

@@ -4,7 +4,8 @@ use crate::caps;
 use crate::datapath::Counters;
 use crate::engine::{Engine, EngineError, FaultStatus, unix_ms};
 use crate::spec::{
-    self, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target, invalid,
+    self, CgroupRef, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
+    invalid,
 };
 use chaos_proto::agent::v1 as pb;
 use std::sync::Arc;
@@ -64,23 +65,39 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     .map(|p| p.parse())
                     .collect::<Result<_, _>>()?,
             },
+            Some(pb::fault_spec::Kind::Cpu(c)) => FaultKind::Cpu {
+                workers: c.workers,
+                load_percent: c.load_percent,
+                cgroup: match c.cgroup_target {
+                    Some(pb::cpu::CgroupTarget::Cgroup(path)) => CgroupRef::Path(path),
+                    Some(pb::cpu::CgroupTarget::Pid(pid)) => CgroupRef::Pid(pid),
+                    None => CgroupRef::from_flags(None, None)?,
+                },
+            },
             None => {
                 return Err(invalid(
                     "kind",
-                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns",
+                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu",
                 ));
             }
-        };
-        let t = p.target.ok_or_else(|| invalid("target", "is required"))?;
-        let netns = match t.namespace {
-            None => NetnsRef::Current,
-            Some(pb::target::Namespace::Netns(n)) => NetnsRef::named(&n)?,
-            Some(pb::target::Namespace::Pid(pid)) => NetnsRef::Pid(pid),
         };
         let duration = if p.duration_ms == 0 {
             spec::DEFAULT_DURATION
         } else {
             Duration::from_millis(p.duration_ms)
+        };
+        if !kind.is_network() {
+            return Ok(FaultSpec {
+                kind,
+                target: Target::none(),
+                duration,
+            });
+        }
+        let t = p.target.ok_or_else(|| invalid("target", "is required"))?;
+        let netns = match t.namespace {
+            None => NetnsRef::Current,
+            Some(pb::target::Namespace::Netns(n)) => NetnsRef::named(&n)?,
+            Some(pb::target::Namespace::Pid(pid)) => NetnsRef::Pid(pid),
         };
         Ok(FaultSpec {
             kind,
@@ -154,6 +171,25 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     rate: format!("{bytes_per_sec}bps"),
                 })
             }
+            FaultKind::Cpu {
+                workers,
+                load_percent,
+                ref cgroup,
+            } => {
+                let kind = pb::fault_spec::Kind::Cpu(pb::Cpu {
+                    workers,
+                    load_percent,
+                    cgroup_target: Some(match cgroup {
+                        CgroupRef::Path(p) => pb::cpu::CgroupTarget::Cgroup(p.clone()),
+                        CgroupRef::Pid(pid) => pb::cpu::CgroupTarget::Pid(*pid),
+                    }),
+                });
+                return pb::FaultSpec {
+                    kind: Some(kind),
+                    target: None,
+                    duration_ms: s.duration.as_millis() as u64,
+                };
+            }
         };
         let t = &s.target;
         pb::FaultSpec {
@@ -185,6 +221,7 @@ impl From<pb::Counters> for Counters {
             seen: c.seen,
             matched: c.matched,
             affected: c.affected,
+            cpu_time_us: c.cpu_time_us,
         }
     }
 }
@@ -194,6 +231,7 @@ pub fn counters_pb(c: Counters) -> pb::Counters {
         seen: c.seen,
         matched: c.matched,
         affected: c.affected,
+        cpu_time_us: c.cpu_time_us,
     }
 }
 
@@ -239,7 +277,14 @@ impl pb::agent_server::Agent for AgentService {
         let fault = blocking(move || engine.apply(spec))
             .await?
             .map_err(status)?;
-        tracing::info!(id = %fault.id, kind = fault.spec.kind.name(), iface = %fault.spec.target.interface, "applied");
+        match &fault.spec.kind {
+            FaultKind::Cpu { cgroup, .. } => {
+                tracing::info!(id = %fault.id, kind = "cpu", target = %cgroup, "applied")
+            }
+            kind => {
+                tracing::info!(id = %fault.id, kind = kind.name(), iface = %fault.spec.target.interface, "applied")
+            }
+        }
         Ok(Response::new(pb::ApplyResponse {
             fault: Some(fault_pb(&fault)),
         }))
@@ -347,5 +392,38 @@ pub fn capabilities_pb(c: &caps::Capabilities) -> pb::CapabilitiesResponse {
                 reason: b.reason.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_spec_round_trips_without_a_network_target() {
+        for cgroup in [CgroupRef::Path("/chaos/pod1".into()), CgroupRef::Pid(42)] {
+            let spec = FaultSpec {
+                kind: FaultKind::Cpu {
+                    workers: 3,
+                    load_percent: 42.5,
+                    cgroup,
+                },
+                target: Target::none(),
+                duration: Duration::from_secs(30),
+            };
+            let p: pb::FaultSpec = (&spec).into();
+            assert!(p.target.is_none());
+            assert_eq!(FaultSpec::try_from(p).unwrap(), spec);
+        }
+        let p = pb::FaultSpec {
+            kind: Some(pb::fault_spec::Kind::Cpu(pb::Cpu {
+                workers: 1,
+                load_percent: 50.0,
+                cgroup_target: None,
+            })),
+            target: None,
+            duration_ms: 0,
+        };
+        assert_eq!(FaultSpec::try_from(p).unwrap_err().field, "--cgroup");
     }
 }

@@ -64,7 +64,73 @@ pub enum FaultKind {
         #[serde(default)]
         domains: Vec<crate::dns::DomainPattern>,
     },
+    /// `workers` processes inside the target's cgroups, each holding `load_percent` of one CPU.
+    /// The target is a cgroup, not an interface, so it lives here; `FaultSpec::target` is
+    /// unused for this kind (`Target::none()`).
+    Cpu {
+        workers: u32,
+        load_percent: f64,
+        cgroup: CgroupRef,
+    },
 }
+
+/// Where CPU stress runs: a cgroup path relative to the hierarchies' roots (`/chaos/pod1`),
+/// or the cgroups of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupRef {
+    Path(String),
+    Pid(u32),
+}
+
+impl CgroupRef {
+    /// Exactly one of `--cgroup PATH` and `--pid PID`.
+    pub fn from_flags(cgroup: Option<&str>, pid: Option<u32>) -> Result<Self, InvalidInput> {
+        match (cgroup, pid) {
+            (Some(path), None) => Ok(CgroupRef::Path(path.to_string())),
+            (None, Some(pid)) => Ok(CgroupRef::Pid(pid)),
+            _ => Err(invalid(
+                "--cgroup",
+                "give exactly one of --cgroup PATH or --pid PID",
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            CgroupRef::Pid(0) => Err(invalid("--pid", "must be a process id greater than 0")),
+            CgroupRef::Pid(_) => Ok(()),
+            CgroupRef::Path(p) => {
+                if !p.starts_with('/')
+                    || p.contains('\0')
+                    || p.len() > 4096
+                    || p.split('/').any(|c| c == ".." || c == ".")
+                {
+                    Err(invalid(
+                        "--cgroup",
+                        format!(
+                            "`{p}` must be an absolute cgroup path like /chaos/pod1 (no . or ..)"
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for CgroupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CgroupRef::Path(p) => write!(f, "cgroup {p}"),
+            CgroupRef::Pid(pid) => write!(f, "cgroups of pid {pid}"),
+        }
+    }
+}
+
+/// Most CPU stress workers one fault may start.
+pub const MAX_CPU_WORKERS: u32 = 1024;
 
 /// How latency is applied: netem under our HTB root (jitter, distributions), or earliest
 /// departure times set by the classifier and held by an fq root (constant delays, per
@@ -131,7 +197,13 @@ impl FaultKind {
             FaultKind::Reorder { .. } => "reorder",
             FaultKind::Duplicate { .. } => "duplicate",
             FaultKind::Dns { .. } => "dns",
+            FaultKind::Cpu { .. } => "cpu",
         }
+    }
+
+    /// Network kinds act on an interface (`FaultSpec::target`); the others do not.
+    pub fn is_network(&self) -> bool {
+        !matches!(self, FaultKind::Cpu { .. })
     }
 
     /// Shaping kinds need a qdisc tree on the interface; the others act in the classifier.
@@ -373,6 +445,22 @@ pub struct Target {
     pub force: bool,
 }
 
+impl Target {
+    /// No network target: for kinds that are not network faults.
+    pub fn none() -> Self {
+        Target {
+            netns: NetnsRef::Current,
+            interface: String::new(),
+            remote: Vec::new(),
+            local: Vec::new(),
+            ports: Vec::new(),
+            protocol: Protocol::All,
+            direction: Direction::Egress,
+            force: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultSpec {
     pub kind: FaultKind,
@@ -500,6 +588,31 @@ impl FaultSpec {
                     return Err(invalid("--protocol", "dns queries travel over udp or tcp"));
                 }
             }
+            FaultKind::Cpu {
+                workers,
+                load_percent,
+                ref cgroup,
+            } => {
+                if !(1..=MAX_CPU_WORKERS).contains(&workers) {
+                    return Err(invalid(
+                        "--workers",
+                        format!("must be between 1 and {MAX_CPU_WORKERS} (got {workers})"),
+                    ));
+                }
+                if !(load_percent.is_finite() && (1.0..=100.0).contains(&load_percent)) {
+                    return Err(invalid(
+                        "--load",
+                        format!(
+                            "must be between 1 and 100 percent of one CPU (got {load_percent})"
+                        ),
+                    ));
+                }
+                cgroup.validate()?;
+            }
+        }
+        self.validate_duration(max_duration)?;
+        if !self.kind.is_network() {
+            return Ok(());
         }
         if self.target.force && !self.kind.shapes() {
             return Err(invalid(
@@ -520,6 +633,10 @@ impl FaultSpec {
         if let NetnsRef::Pid(0) = self.target.netns {
             return Err(invalid("--pid", "must be a process id greater than 0"));
         }
+        Ok(())
+    }
+
+    fn validate_duration(&self, max_duration: Duration) -> Result<(), InvalidInput> {
         if self.duration.is_zero() {
             return Err(invalid("--duration", "must be greater than 0"));
         }
@@ -749,6 +866,50 @@ mod tests {
         let mut s = spec(FaultKind::Partition, DEFAULT_DURATION);
         s.target.interface = "a-very-long-interface-name".into();
         assert_eq!(s.validate(max).unwrap_err().field, "--interface");
+    }
+
+    #[test]
+    fn cpu_validation() {
+        let max = DEFAULT_MAX_DURATION;
+        let cpu = |workers, load_percent, cgroup| FaultSpec {
+            kind: FaultKind::Cpu {
+                workers,
+                load_percent,
+                cgroup,
+            },
+            target: Target::none(),
+            duration: DEFAULT_DURATION,
+        };
+        let path = || CgroupRef::Path("/chaos/pod1".into());
+        assert!(
+            cpu(1, 50.0, path()).validate(max).is_ok(),
+            "no interface needed"
+        );
+        assert!(
+            cpu(MAX_CPU_WORKERS, 100.0, CgroupRef::Pid(1))
+                .validate(max)
+                .is_ok()
+        );
+        let field = |s: FaultSpec| s.validate(max).unwrap_err().field;
+        assert_eq!(field(cpu(0, 50.0, path())), "--workers");
+        assert_eq!(field(cpu(MAX_CPU_WORKERS + 1, 50.0, path())), "--workers");
+        assert_eq!(field(cpu(1, 0.5, path())), "--load");
+        assert_eq!(field(cpu(1, f64::NAN, path())), "--load");
+        assert_eq!(field(cpu(1, 101.0, path())), "--load");
+        assert_eq!(field(cpu(1, 50.0, CgroupRef::Pid(0))), "--pid");
+        for bad in ["chaos", "/a/../b", "/a/./b"] {
+            assert_eq!(field(cpu(1, 50.0, CgroupRef::Path(bad.into()))), "--cgroup");
+        }
+        assert_eq!(
+            CgroupRef::from_flags(None, None).unwrap_err().field,
+            "--cgroup"
+        );
+        assert_eq!(
+            CgroupRef::from_flags(Some("/a"), Some(1))
+                .unwrap_err()
+                .field,
+            "--cgroup"
+        );
     }
 
     #[test]

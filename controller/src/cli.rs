@@ -6,7 +6,7 @@ use chaos_agent::datapath::{AttachMode, Counters};
 use chaos_agent::engine::{EndReason, Engine, EngineConfig};
 use chaos_agent::server::capabilities_pb;
 use chaos_agent::spec::{
-    self, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
+    self, CgroupRef, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
 };
 use chaos_agent::{EngineError, caps};
 use chaos_proto::agent::v1 as pb;
@@ -149,6 +149,24 @@ enum FaultArgs {
         #[command(flatten)]
         common: Common,
     },
+    /// CPU stress: workers inside the target's cgroups, each holding a share of one CPU (a
+    /// noisy neighbour that spends the target's own CPU quota).
+    Cpu {
+        /// How many worker processes.
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Percent of one CPU each worker holds (1-100).
+        #[arg(long)]
+        load: f64,
+        /// The cgroup to run in, relative to the hierarchies' roots (e.g. /chaos/pod1).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Run in the cgroups of this process.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        run: Run,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -181,6 +199,13 @@ struct Common {
     /// whole tree is snapshotted, proven restorable, and restored exactly on revert.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    run: Run,
+}
+
+/// How a fault runs, whatever its kind.
+#[derive(Args, Clone)]
+struct Run {
     /// How long the fault lasts; the node reverts it on its own after that.
     #[arg(long, default_value = "5m")]
     duration: String,
@@ -204,6 +229,31 @@ struct Common {
 }
 
 impl FaultArgs {
+    /// The spec, and how to run it.
+    fn spec(&self) -> Result<(FaultSpec, &Run), InvalidInput> {
+        if let FaultArgs::Cpu {
+            workers,
+            load,
+            cgroup,
+            pid,
+            run,
+        } = self
+        {
+            let spec = FaultSpec {
+                kind: FaultKind::Cpu {
+                    workers: *workers,
+                    load_percent: *load,
+                    cgroup: CgroupRef::from_flags(cgroup.as_deref(), *pid)?,
+                },
+                target: Target::none(),
+                duration: spec::parse_duration(&run.duration)?,
+            };
+            return Ok((spec, run));
+        }
+        let (kind, common) = self.parts()?;
+        Ok((spec_from(kind, common)?, &common.run))
+    }
+
     fn parts(&self) -> Result<(FaultKind, &Common), InvalidInput> {
         Ok(match self {
             FaultArgs::Loss {
@@ -279,6 +329,12 @@ impl FaultArgs {
                 },
                 common,
             ),
+            FaultArgs::Cpu { .. } => {
+                return Err(InvalidInput {
+                    field: "kind",
+                    rule: "cpu has no network target".into(),
+                });
+            }
         })
     }
 }
@@ -301,7 +357,7 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
             direction: c.direction.parse::<Direction>()?,
             force: c.force,
         },
-        duration: spec::parse_duration(&c.duration)?,
+        duration: spec::parse_duration(&c.run.duration)?,
     })
 }
 
@@ -317,19 +373,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .unwrap_or_else(|| agent_client::DEFAULT_AGENT.to_string());
     match cli.command {
         Command::Inject { fault } => {
-            let spec = match fault
-                .parts()
-                .and_then(|(kind, common)| spec_from(kind, common))
-            {
+            let (spec, run) = match fault.spec() {
                 Ok(s) => s,
                 Err(e) => return refuse(e),
             };
-            let common = match fault.parts() {
-                Ok((_, common)) => common,
-                Err(e) => return refuse(e),
-            };
-            if common.local {
-                inject_local(spec, common, cli.json).await
+            if run.local {
+                inject_local(spec, run, cli.json).await
             } else {
                 inject_remote(spec, &agent, cli.json).await
             }
@@ -343,7 +392,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 /// Runs the engine in this process: apply, report live counters, revert at the end of the
 /// duration or on SIGINT/SIGTERM.
-async fn inject_local(spec: FaultSpec, common: &Common, json: bool) -> Result<ExitCode> {
+async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitCode> {
     // Refuse bad input before starting anything (the engine checks again).
     if let Err(e) = spec.validate(EngineConfig::default().max_duration) {
         return refuse(e);
@@ -393,6 +442,7 @@ async fn inject_local(spec: FaultSpec, common: &Common, json: bool) -> Result<Ex
         json!({
             "kind": fault.spec.kind.name(),
             "interface": fault.spec.target.interface,
+            "target": target_label(&(&fault.spec).into()),
             "backend": fault.backend,
             "duration_ms": duration.as_millis() as u64,
         }),
@@ -495,6 +545,7 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
             "id": f.id,
             "kind": kind_name(f),
             "interface": f.spec.as_ref().and_then(|s| s.target.as_ref()).map(|t| t.interface.clone()),
+            "target": f.spec.as_ref().map(target_label),
             "deadline_unix_ms": f.deadline_unix_ms,
             "backend": f.backend,
             "counters": output::counters_json(&fault_counters(f)),
@@ -504,13 +555,9 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
         println!("no active faults");
     } else {
         for f in &faults {
-            let iface = f
-                .spec
-                .as_ref()
-                .and_then(|s| s.target.as_ref())
-                .map_or("?", |t| t.interface.as_str());
+            let target = f.spec.as_ref().map_or("?".into(), target_label);
             println!(
-                "{} {} on {iface} ({}) {}",
+                "{} {} on {target} ({}) {}",
                 f.id,
                 kind_name(f),
                 f.backend,
@@ -531,7 +578,23 @@ fn kind_name(f: &pb::Fault) -> &'static str {
         Some(pb::fault_spec::Kind::Reorder(_)) => "reorder",
         Some(pb::fault_spec::Kind::Duplicate(_)) => "duplicate",
         Some(pb::fault_spec::Kind::Dns(_)) => "dns",
+        Some(pb::fault_spec::Kind::Cpu(_)) => "cpu",
         None => "unknown",
+    }
+}
+
+/// What a fault acts on: the interface, or for cpu the cgroup or process.
+fn target_label(s: &pb::FaultSpec) -> String {
+    match &s.kind {
+        Some(pb::fault_spec::Kind::Cpu(c)) => match &c.cgroup_target {
+            Some(pb::cpu::CgroupTarget::Cgroup(p)) => format!("cgroup {p}"),
+            Some(pb::cpu::CgroupTarget::Pid(pid)) => format!("cgroups of pid {pid}"),
+            None => "?".into(),
+        },
+        _ => s
+            .target
+            .as_ref()
+            .map_or("?".into(), |t| t.interface.clone()),
     }
 }
 

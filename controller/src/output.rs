@@ -10,6 +10,9 @@ pub fn chain(e: &anyhow::Error) -> String {
 }
 
 pub fn counters_line(c: &Counters) -> String {
+    if c.cpu_time_us > 0 {
+        return format!("cpu_time={:.2}s", c.cpu_time_us as f64 / 1e6);
+    }
     let pct = if c.matched > 0 {
         100.0 * c.affected as f64 / c.matched as f64
     } else {
@@ -22,7 +25,7 @@ pub fn counters_line(c: &Counters) -> String {
 }
 
 pub fn counters_json(c: &Counters) -> serde_json::Value {
-    json!({ "seen": c.seen, "matched": c.matched, "affected": c.affected })
+    json!({ "seen": c.seen, "matched": c.matched, "affected": c.affected, "cpu_time_us": c.cpu_time_us })
 }
 
 /// Prints one event about a fault.

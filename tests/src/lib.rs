@@ -6,6 +6,8 @@
 //!
 //! Tests need root (they create namespaces and load BPF). They panic with a message saying so
 //! rather than skip: a skipped kernel test must never look like a pass.
+pub mod cgroups;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -503,6 +505,11 @@ pub struct LocalFault {
 }
 
 impl LocalFault {
+    /// The chaosctl process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the fault and waits until it is applied.
     pub fn start(args: &[&str], journal: &Path) -> Self {
         let mut child = Command::new(bin("chaosctl"))
