@@ -768,3 +768,46 @@ impl Drop for Dnsmasq {
         let _ = self.child.wait();
     }
 }
+
+/// A minimal DNS server for places without dnsmasq (the VM suite): answers every query with
+/// NOERROR and no records (the query echoed with QR and RA set). Stops on drop.
+pub struct DnsEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsEcho {
+    pub fn start(ns: &str, at: SocketAddr) -> Self {
+        let sock = in_ns(ns, move || UdpSocket::bind(at).expect("bind dns echo"));
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if n >= 12 {
+                    buf[2] |= 0x80;
+                    buf[3] = 0x80;
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        DnsEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

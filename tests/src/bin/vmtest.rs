@@ -6,7 +6,9 @@
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
 use chaos_agent::{Engine, EngineConfig, caps};
-use chaos_tests::{UdpReceiver, addr, binomial_bounds, median, udp_rtts, udp_send};
+use chaos_tests::{
+    DnsEcho, UdpReceiver, addr, binomial_bounds, dns_ask, median, udp_rtts, udp_send,
+};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,6 +262,58 @@ fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_othe
         ),
     );
     tc(&["-n", "a", "qdisc", "del", "dev", "va", "root"]);
+}
+
+/// DNS failure on this kernel (the verifier must take the matcher; answers must reach the
+/// client through ingress): matching names get NXDOMAIN from the datapath, others the server's
+/// NOERROR.
+fn dns(c: &mut Checks, e: &Arc<Engine>) {
+    use chaos_agent::dns::DnsMode;
+    let _server = DnsEcho::start("b", addr(B, 53));
+    let wait = Duration::from_secs(1);
+    let mut s = spec(
+        FaultKind::Dns {
+            mode: DnsMode::Nxdomain,
+            domains: vec!["*.blocked.test".parse().expect("pattern")],
+        },
+        Direction::Egress,
+    );
+    s.target.protocol = Protocol::All;
+    let f = match e.apply(s) {
+        Ok(f) => f,
+        Err(err) => {
+            c.check("dns fault applies", false, err.to_string());
+            return;
+        }
+    };
+    let (mut injected, mut served, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..100 {
+        let name = format!("h{i}.blocked.test");
+        match dns_ask("a", addr(B, 53), &name, wait) {
+            Some((3, t)) => injected.push(t.as_secs_f64() * 1e3),
+            other => wrong.push(format!("{name}: {other:?}")),
+        }
+        match dns_ask("a", addr(B, 53), "ok.test", wait) {
+            Some((0, t)) => served.push(t.as_secs_f64() * 1e3),
+            other => wrong.push(format!("ok.test: {other:?}")),
+        }
+    }
+    let ended = e.revert(&f.id).expect("revert dns");
+    c.check(
+        "dns nxdomain: 100/100 matching answered by the datapath, 100/100 others by the server",
+        wrong.is_empty() && ended.counters.affected == 100,
+        format!(
+            "injected median {:.3} ms, server median {:.3} ms, counters {:?}, wrong: {wrong:?}",
+            median(&injected),
+            median(&served),
+            ended.counters
+        ),
+    );
+    c.check(
+        "dns: no residue after revert",
+        residue().is_empty(),
+        residue(),
+    );
 }
 
 /// EDT: the classifier sets departure times, our fq root holds packets until then. One delay
@@ -753,6 +807,7 @@ fn main() {
         format!("min {lo:.1} max {hi:.1} mean {mean:.1} sd {sd:.1} ms"),
     );
     edt(&mut c, &e, base_hit, base_other);
+    dns(&mut c, &e);
     ingress_sharing_force(&mut c, &e, base_hit, base_other);
     netem_matches_tc(&mut c, &e);
     reorder_and_duplicate(&mut c, &e);
