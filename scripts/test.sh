@@ -39,6 +39,9 @@ for c in d["classifier_cost_unmatched"]:
 for l in d["apply_revert_latency"]:
     a, r, u = l["apply_ms"], l["revert_ms"], l["revert_until_traffic_unaffected_ms"]
     print(f"  {l['entries']:>6} entries: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms (traffic unaffected after p99 {u['p99']:.3f} ms)")
+n = d["dns_failure"]
+i, s = n["injected_answer_ms"], n["server_answer_ms"]
+print(f"  dns: {n['matching_answered_nxdomain']}/{n['queries_each']} matching answered NXDOMAIN, {n['other_answered_by_server']}/{n['queries_each']} others by the server; injected p50 {i['p50']:.3f} p99 {i['p99']:.3f} ms, server p50 {s['p50']:.3f} p99 {s['p99']:.3f} ms")
 PY
 ./target/release/chaos-bench-cpu --rounds "${CHAOS_BENCH_CPU_ROUNDS:-1}" --seconds 10 --out bench-out/cpu.json >/dev/null
 python3 - <<'PY'

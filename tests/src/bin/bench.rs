@@ -11,7 +11,7 @@
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::spec::{Cidr, Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
 use chaos_agent::{Engine, EngineConfig};
-use chaos_tests::{B4, TestNet, sh};
+use chaos_tests::{B4, Dnsmasq, TestNet, addr, dns_ask, sh};
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -174,6 +174,53 @@ fn classifier_cost(net: &TestNet) -> serde_json::Value {
     json!(rows)
 }
 
+/// DNS failure: answer latency of the datapath's NXDOMAIN vs dnsmasq's own answers in the
+/// same run (alternating queries), and how many queries each way were handled as they should.
+fn dns_latency(
+    engine: &std::sync::Arc<Engine>,
+    net: &TestNet,
+    queries: usize,
+) -> serde_json::Value {
+    use chaos_agent::dns::DnsMode;
+    let _server = Dnsmasq::start(&net.b, &net.a, &net.tmp, &[B4], &["ok.test/10.1.1.1"]);
+    let mut s = spec(net, vec![]);
+    s.kind = FaultKind::Dns {
+        mode: DnsMode::Nxdomain,
+        domains: vec!["*.blocked.test".parse().expect("pattern")],
+    };
+    s.target.protocol = Protocol::All;
+    let f = engine.apply(s).expect("apply dns");
+    let (mut injected, mut served) = (Vec::new(), Vec::new());
+    let (mut injected_ok, mut served_ok) = (0, 0);
+    let wait = Duration::from_secs(1);
+    for i in 0..queries {
+        if let Some((3, t)) = dns_ask(&net.a, addr(B4, 53), &format!("h{i}.blocked.test"), wait) {
+            injected_ok += 1;
+            injected.push(t.as_secs_f64() * 1e3);
+        }
+        if let Some((0, t)) = dns_ask(&net.a, addr(B4, 53), "ok.test", wait) {
+            served_ok += 1;
+            served.push(t.as_secs_f64() * 1e3);
+        }
+    }
+    engine.revert(&f.id).expect("revert dns");
+    injected.sort_by(f64::total_cmp);
+    served.sort_by(f64::total_cmp);
+    let stats = |v: &[f64]| {
+        if v.is_empty() {
+            return json!(null);
+        }
+        json!({"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)})
+    };
+    json!({
+        "queries_each": queries,
+        "matching_answered_nxdomain": injected_ok,
+        "other_answered_by_server": served_ok,
+        "injected_answer_ms": stats(&injected),
+        "server_answer_ms": stats(&served),
+    })
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -251,6 +298,7 @@ fn main() {
     let cost = classifier_cost(&net);
     let typical = latencies(&engine, &net, 1, runs);
     let large = latencies(&engine, &net, 65_536, (runs / 10).max(5));
+    let dns = dns_latency(&engine, &net, 1000);
     let report = json!({
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "arch": std::env::consts::ARCH,
@@ -260,7 +308,10 @@ fn main() {
         "untargeted_throughput": throughput,
         "classifier_cost_unmatched": cost,
         "apply_revert_latency": [typical, large],
+        "dns_failure": dns,
         "targets": {
+            "dns_injected_share": 1.0,
+            "dns_injected_answer_ms_above_server_max": 1.0,
             "untargeted_throughput_ratio_at_65536_min": 0.98,
             "apply_p99_ms_max": 20.0,
             "revert_p99_ms_max": 10.0,
