@@ -6,7 +6,8 @@
 //! and class); anything else passes untouched, so a malformed or unusual packet is never
 //! answered in the server's name.
 use aya_ebpf::{
-    helpers::generated::bpf_skb_load_bytes,
+    cty::c_void,
+    helpers::generated::{bpf_loop, bpf_skb_load_bytes},
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TcContext,
@@ -58,15 +59,6 @@ pub fn act(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Action {
     }
 }
 
-/// An index into the scratch arrays that the compiler cannot turn into a pointer walking past
-/// them (the verifier checks every access against the array's bounds, and a strength-reduced
-/// pointer loop loses the mask).
-#[inline(always)]
-fn idx(i: usize) -> usize {
-    // SAFETY: a read of a local.
-    unsafe { core::ptr::read_volatile(&i) & (DNS_NAME_MAX - 1) }
-}
-
 /// `Some(true)` if the packet is a standard query whose QNAME matches the rule.
 #[inline(always)]
 fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
@@ -109,31 +101,20 @@ fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
     if ret != 0 {
         return None;
     }
-    // Walk the labels to the root: the name's length in wire form.
-    let mut end = 0usize;
-    let mut found_root = false;
-    for _ in 0..MAX_LABELS {
-        let len = scratch.name[idx(end)] as usize;
-        if len == 0 {
-            found_root = true;
-            break;
-        }
-        // Compression pointers (0xC0) and reserved label types: not in a query's question.
-        if len > 63 {
-            return None;
-        }
-        end += len + 1;
-        if end >= n {
-            return None;
-        }
-    }
-    if !found_root {
+    // Walk the labels to the root: the name's length in wire form. Each loop is a bpf_loop
+    // callback with its state in the scratch map (see `DnsScratch`), which the verifier checks
+    // once rather than once per iteration and per path into it.
+    scratch.pos = 0;
+    scratch.limit = n as u64;
+    scratch.status = WALKING;
+    run(MAX_LABELS, walk_label);
+    // Borrowed afresh after each loop: the callbacks wrote to it.
+    let scratch = self::scratch()?;
+    if scratch.status != ROOT_FOUND {
         return None;
     }
-    scratch.qlen = (end + 1) as u64;
-    // SAFETY: a plain read of the field just written; volatile so it is really re-read.
-    let qlen = unsafe { core::ptr::read_volatile(&scratch.qlen) } as usize;
-    if qlen == 0 || qlen > DNS_NAME_MAX {
+    let qlen = scratch.pos as usize + 1;
+    if qlen > DNS_NAME_MAX {
         return None;
     }
     // QTYPE and QCLASS must follow inside the packet.
@@ -144,40 +125,105 @@ fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
         return Some(true);
     }
     // The hash of every suffix, in one pass from the root byte backwards.
-    let mut hash = FNV_OFFSET;
-    let mut i = qlen;
-    for _ in 0..DNS_NAME_MAX {
-        if i == 0 {
-            break;
-        }
-        i -= 1;
-        let at = idx(i);
-        hash = dns_hash_step(hash, scratch.name[at]);
-        scratch.suffix_hash[at] = hash;
+    scratch.pos = qlen as u64;
+    scratch.hash = FNV_OFFSET;
+    run(DNS_NAME_MAX, hash_byte);
+    let scratch = self::scratch()?;
+    // The whole name against exact patterns, then each shorter suffix against wildcards.
+    scratch.pos = 0;
+    scratch.limit = qlen as u64;
+    scratch.status = WALKING;
+    run(MAX_LABELS, find_suffix);
+    Some(self::scratch()?.status == MATCHED)
+}
+
+const WALKING: u64 = 0;
+const ROOT_FOUND: u64 = 1;
+const MALFORMED: u64 = 2;
+const MATCHED: u64 = 3;
+
+type Step = extern "C" fn(u32, *mut c_void) -> i64;
+
+#[inline(always)]
+fn run(times: usize, step: Step) {
+    // SAFETY: a helper call with one of the callbacks below; they take no context pointer.
+    unsafe { bpf_loop(times as u32, step as *mut c_void, core::ptr::null_mut(), 0) };
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut DnsScratch> {
+    // SAFETY: slot 0 of a per-CPU array exists and this CPU owns it for the program's run.
+    DNS_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// One label of the walk to the root (`pos`: the current length byte). Returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_label(_index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else {
+        return 1;
+    };
+    let len = s.name[s.pos as usize & (DNS_NAME_MAX - 1)] as u64;
+    if len == 0 {
+        s.status = ROOT_FOUND;
+        return 1;
     }
-    // The whole name against exact patterns, then each proper suffix against wildcards.
-    let mut start = 0usize;
-    for _ in 0..MAX_LABELS {
-        let at = idx(start);
-        let key = DnsKey {
-            hash: scratch.suffix_hash[at],
-            len: (qlen - start) as u32,
-            kind: if start == 0 { DNS_EXACT } else { DNS_WILDCARD },
-        };
-        // SAFETY: a lookup; the value is not kept.
-        if unsafe { DNS_NAMES.get(&key) }.is_some() {
-            return Some(true);
-        }
-        let len = scratch.name[at] as usize;
-        if len == 0 {
-            break;
-        }
-        start += len + 1;
-        if start >= qlen {
-            break;
-        }
+    // Compression pointers (0xC0) and reserved label types: not in a query's question.
+    if len > 63 {
+        s.status = MALFORMED;
+        return 1;
     }
-    Some(false)
+    s.pos += len + 1;
+    if s.pos >= s.limit {
+        s.status = MALFORMED;
+        return 1;
+    }
+    0
+}
+
+/// One byte of the backwards hash (`pos`: bytes still to hash); stores the hash of the suffix
+/// that starts there.
+#[inline(never)]
+extern "C" fn hash_byte(_index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else {
+        return 1;
+    };
+    if s.pos == 0 {
+        return 1;
+    }
+    s.pos -= 1;
+    let at = s.pos as usize & (DNS_NAME_MAX - 1);
+    s.hash = dns_hash_step(s.hash, s.name[at]);
+    s.suffix_hash[at] = s.hash;
+    0
+}
+
+/// One suffix lookup (`pos`: where it starts, `limit`: the name's length): the whole name as
+/// an exact pattern, each shorter suffix as a wildcard.
+#[inline(never)]
+extern "C" fn find_suffix(_index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else {
+        return 1;
+    };
+    let at = s.pos as usize & (DNS_NAME_MAX - 1);
+    let key = DnsKey {
+        hash: s.suffix_hash[at],
+        len: s.limit.wrapping_sub(s.pos) as u32,
+        kind: if s.pos == 0 { DNS_EXACT } else { DNS_WILDCARD },
+    };
+    // SAFETY: a lookup; the value is not kept.
+    if unsafe { DNS_NAMES.get(&key) }.is_some() {
+        s.status = MATCHED;
+        return 1;
+    }
+    let len = s.name[at] as u64;
+    if len == 0 {
+        return 1;
+    }
+    s.pos += len + 1;
+    if s.pos >= s.limit {
+        return 1;
+    }
+    0
 }
 
 /// Rewrites the query into its answer: the header gets QR, RA and the RCODE (opcode, RD and

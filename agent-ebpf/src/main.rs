@@ -56,7 +56,19 @@ const PASS: i32 = TC_ACT_UNSPEC as i32;
 
 #[classifier]
 pub fn chaos_egress(ctx: TcContext) -> i32 {
-    match classify(&ctx, Direction::Egress) {
+    egress(&ctx, classify::<false>(&ctx, Direction::Egress))
+}
+
+/// `chaos_egress` with the DNS matcher: a program of its own, so the other faults' classifier
+/// carries none of its code (it needs bpf_loop, Linux 5.17).
+#[classifier]
+pub fn chaos_dns(ctx: TcContext) -> i32 {
+    egress(&ctx, classify::<true>(&ctx, Direction::Egress))
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext, verdict: Verdict) -> i32 {
+    match verdict {
         Verdict::Pass => PASS,
         // TC_ACT_SHOT on egress is reported to the sending socket (ENOBUFS, TCP local
         // congestion), which real network loss never is. A redirect to an ifindex that cannot
@@ -73,7 +85,7 @@ pub fn chaos_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn chaos_ingress(ctx: TcContext) -> i32 {
-    match classify(&ctx, Direction::Ingress) {
+    match classify::<false>(&ctx, Direction::Ingress) {
         Verdict::Pass => PASS,
         // On ingress the sender is elsewhere: a plain drop is invisible to it.
         Verdict::Drop => TC_ACT_SHOT as i32,
@@ -82,6 +94,18 @@ pub fn chaos_ingress(ctx: TcContext) -> i32 {
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         // DNS faults act on queries leaving the interface only.
         Verdict::Answer => PASS,
+    }
+}
+
+/// Ingress shaping on kernels before 6.4, where IFB drops what bpf_redirect hands it: attached
+/// as a classic cls_bpf filter (not direct-action) whose mirred action redirects what this
+/// program matches to the IFB. Returns -1 (match: run the filter's action) for a packet to
+/// shape, 0 (no match: go on to the next filter) for everything else.
+#[classifier]
+pub fn chaos_ingress_mirred(ctx: TcContext) -> i32 {
+    match classify::<false>(&ctx, Direction::Ingress) {
+        Verdict::Redirect(_) => -1,
+        _ => 0,
     }
 }
 
@@ -113,8 +137,9 @@ pub(crate) struct Packet {
     pub(crate) payload_offset: u32,
 }
 
+/// `DNS`: whether this program carries the DNS matcher (`chaos_dns` only).
 #[inline(always)]
-fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
+fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
     let Some(state) = STATE.get_ptr_mut(0) else {
         return Verdict::Pass;
     };
@@ -175,7 +200,7 @@ fn classify(ctx: &TcContext, direction: Direction) -> Verdict {
             state.affected += 1;
             Verdict::Pass
         }
-        ACTION_DNS => match dns::act(ctx, rule, &pkt) {
+        ACTION_DNS if DNS => match dns::act(ctx, rule, &pkt) {
             dns::Action::Pass => Verdict::Pass,
             dns::Action::Drop => {
                 state.affected += 1;

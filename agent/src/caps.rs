@@ -67,9 +67,11 @@ pub fn has_qdisc(kind: &'static str) -> bool {
 /// Whether a tc program's bpf_redirect can feed an IFB device: before Linux 6.4 the redirect
 /// does not mark the packet as redirected and IFB drops it (fixed by "bpf: Set skb redirect and
 /// from_ingress info in __bpf_tx_skb").
+/// `CHAOS_INGRESS_MIRRED=1` takes the older kernels' way on any kernel (tests of it).
 pub fn has_ingress_redirect() -> bool {
     use aya::util::KernelVersion;
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 4, 0))
+    std::env::var_os("CHAOS_INGRESS_MIRRED").is_none()
+        && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 4, 0))
 }
 
 pub fn detect() -> Capabilities {
@@ -85,9 +87,9 @@ pub fn detect() -> Capabilities {
         detail: "BPF links on tc hooks (kernel >= 6.6)".into(),
     });
     features.push(Feature {
-        name: "ingress_shaping",
+        name: "bpf_redirect_ifb",
         present: has_ingress_redirect(),
-        detail: "bpf_redirect into an IFB device, for ingress latency/bandwidth (kernel >= 6.4)"
+        detail: "bpf_redirect into an IFB for ingress shaping (kernel >= 6.4; before, a cls_bpf filter with a mirred action does it)"
             .into(),
     });
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();

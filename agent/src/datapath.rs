@@ -83,7 +83,7 @@ impl Hook {
             Hook::Ingress => TcAttachType::Ingress,
         }
     }
-    fn program(self) -> &'static str {
+    pub fn program(self) -> &'static str {
         match self {
             Hook::Egress => "chaos_egress",
             Hook::Ingress => "chaos_ingress",
@@ -144,6 +144,8 @@ pub struct Installed {
     /// Shaping faults: the devices where this fault has its class.
     pub shaped: Vec<ShapingSite>,
     slot: u16,
+    /// `chaos_egress`, or `chaos_dns` for DNS faults.
+    egress_program: &'static str,
 }
 
 /// A device carrying our root qdisc: the target interface (egress), or the IFB device its
@@ -599,12 +601,12 @@ impl Prepared {
     /// benchmarks: the cost of the classifier alone, without any traffic or qdisc around it.
     pub fn test_run(
         &mut self,
-        hook: Hook,
+        program: &str,
         packet: &[u8],
         repeat: u32,
     ) -> std::io::Result<(u32, i32)> {
         use std::os::fd::{AsFd, AsRawFd};
-        let prog = classifier(&mut self.ebpf, hook).map_err(std::io::Error::other)?;
+        let prog = loaded(&mut self.ebpf, program).map_err(std::io::Error::other)?;
         let fd = prog
             .fd()
             .map_err(std::io::Error::other)?
@@ -645,6 +647,37 @@ pub fn prepare() -> Result<Prepared, DatapathError> {
         ctx!(prog.load(), "load {} (verifier)", hook.program())?;
     }
     Ok(Prepared { ebpf })
+}
+
+/// DNS faults attach this program at egress instead of `chaos_egress`: the same classifier
+/// with the DNS matcher, kept apart so other faults' program carries none of it (it needs
+/// bpf_loop, Linux 5.17+).
+pub const DNS_PROGRAM: &str = "chaos_dns";
+
+/// The program `name`, loaded (verified) if it was not yet: the spare object loads the two
+/// common classifiers ahead of time, the others are loaded when a fault needs them.
+fn loaded<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| DatapathError::Kernel {
+            context: "chaos.bpf.o".into(),
+            message: format!("has no classifier {name}"),
+        })?;
+    if prog.fd().is_err() {
+        if name == DNS_PROGRAM {
+            use aya::util::KernelVersion;
+            if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 17, 0)) {
+                return Err(invalid(
+                    "kind",
+                    "dns faults need Linux 5.17 or later (the bpf_loop helper)",
+                )
+                .into());
+            }
+        }
+        ctx!(prog.load(), "load {name} (verifier)")?;
+    }
+    Ok(prog)
 }
 
 fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
@@ -702,9 +735,20 @@ pub fn install(
         records: Vec::new(),
         shaped: done.iter().map(|(site, _)| site.clone()).collect(),
         slot,
+        egress_program: match spec.kind {
+            FaultKind::Dns { .. } => DNS_PROGRAM,
+            _ => Hook::Egress.program(),
+        },
     };
     for hook in Hook::for_direction(spec.target.direction) {
-        if let Err(e) = installed.attach(interface, hook, mode, slot) {
+        // Before 6.4 IFB drops packets bpf_redirect hands it (and TCX needs 6.6): ingress
+        // shaping then goes through a classic cls_bpf filter with a mirred action.
+        let mirred = (hook == Hook::Ingress
+            && mode == AttachMode::Clsact
+            && steering.redirect_ifindex != 0
+            && !crate::caps::has_ingress_redirect())
+        .then_some(steering.redirect_ifindex);
+        if let Err(e) = installed.attach(interface, hook, mode, slot, mirred) {
             // Leave nothing half-applied.
             let _ = installed.uninstall();
             undo_sites(&done, slot);
@@ -779,8 +823,16 @@ impl Installed {
         hook: Hook,
         mode: AttachMode,
         slot: u16,
+        mirred_to: Option<u32>,
     ) -> Result<(), DatapathError> {
-        let prog = classifier(&mut self.ebpf, hook)?;
+        if let Some(ifb) = mirred_to {
+            return self.attach_mirred(interface, slot, ifb);
+        }
+        let name = match hook {
+            Hook::Egress => self.egress_program,
+            Hook::Ingress => hook.program(),
+        };
+        let prog = loaded(&mut self.ebpf, name)?;
         let mut record = AttachmentRecord {
             interface: interface.to_string(),
             hook,
@@ -841,6 +893,51 @@ impl Installed {
         }
         self.records.push(record);
         Ok(())
+    }
+
+    /// Ingress shaping without bpf_redirect into IFB: `chaos_ingress_mirred` as a classic
+    /// cls_bpf filter on clsact ingress (our priority and handle, so removal and crash reclaim
+    /// are the same as for our other filters), with a mirred action to the IFB `ifb`.
+    fn attach_mirred(&mut self, interface: &str, slot: u16, ifb: u32) -> Result<(), DatapathError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        const PROGRAM: &str = "chaos_ingress_mirred";
+        let created_clsact = match aya::programs::tc::qdisc_add_clsact(interface) {
+            Ok(()) => true,
+            Err(e) if is_exists(&e) => crate::netlink::ifindex(interface)
+                .and_then(crate::netlink::clsact_filter_handles)
+                .is_ok_and(|h| !h.is_empty() && h.iter().all(|h| *h == CLSACT_HANDLE)),
+            Err(e) => return ctx!(Err(e), "add clsact qdisc to {interface}"),
+        };
+        let record = AttachmentRecord {
+            interface: interface.to_string(),
+            hook: Hook::Ingress,
+            mode: AttachMode::Clsact,
+            priority: CLSACT_PRIORITY_BASE + slot,
+            handle: CLSACT_HANDLE,
+            created_clsact,
+        };
+        self.records.push(record.clone());
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| DatapathError::Kernel {
+                context: "chaos.bpf.o".into(),
+                message: format!("has no classifier {PROGRAM}"),
+            })?;
+        ctx!(prog.load(), "load {PROGRAM} (verifier)")?;
+        let fd = ctx!(prog.fd(), "{PROGRAM} fd")?.as_fd().as_raw_fd();
+        crate::netlink::add_mirred_filter(
+            interface,
+            record.priority,
+            CLSACT_HANDLE,
+            fd as u32,
+            PROGRAM,
+            ifb,
+        )
+        .map_err(|e| {
+            kernel(format!("attach {PROGRAM} to {interface} (clsact, mirred)"))(Box::new(e))
+        })
     }
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {

@@ -56,7 +56,6 @@ impl EngineError {
                         | ShapeError::Mixed { .. }
                         | ShapeError::Unrestorable { .. }
                         | ShapeError::Changed { .. }
-                        | ShapeError::NoIngress { .. }
                         | ShapeError::Missing { .. }
                 ))
         )
@@ -558,15 +557,6 @@ impl Engine {
         let want = crate::qdisc::root_kind(&shape);
         let mut plans = Vec::new();
         for hook in Hook::for_direction(spec.target.direction) {
-            if hook == Hook::Ingress && !crate::caps::has_ingress_redirect() {
-                return Err(DatapathError::Shape(ShapeError::NoIngress {
-                    kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string(),
-                })
-                .into());
-            }
             let site = ShapingSite::for_hook(&spec.target.interface, hook);
             let key = (netns.id, site.device.clone());
             let plan = match st.sites.get(&key) {

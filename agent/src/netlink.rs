@@ -327,6 +327,68 @@ pub fn clsact_filter_handles(ifindex: u32) -> io::Result<Vec<u32>> {
     Ok(handles)
 }
 
+/// A classic (not direct-action) cls_bpf filter on clsact ingress running program `fd`, with a
+/// mirred action that redirects what it matches to the egress of device `to` (an IFB).
+pub fn add_mirred_filter(
+    interface: &str,
+    priority: u16,
+    handle: u32,
+    fd: u32,
+    name: &str,
+    to: u32,
+) -> io::Result<()> {
+    const TC_H_MIN_INGRESS: u32 = 0xFFFF_FFF2;
+    const ETH_P_ALL: u16 = 0x0003;
+    const TCA_BPF_ACT: u16 = 1;
+    const TCA_BPF_FD: u16 = 6;
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_BPF_FLAGS: u16 = 8;
+    const TCA_ACT_KIND: u16 = 1;
+    const TCA_ACT_OPTIONS: u16 = 2;
+    const TCA_MIRRED_PARMS: u16 = 2;
+    const TC_ACT_STOLEN: i32 = 4;
+    const TCA_EGRESS_REDIR: i32 = 1;
+    let ifindex = ifindex(interface)?;
+    // struct tc_mirred: tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex.
+    let mut parms = Vec::new();
+    for v in [0i32, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, to as i32] {
+        parms.extend_from_slice(&v.to_ne_bytes());
+    }
+    let mirred_options = nest(&[(TCA_MIRRED_PARMS, parms)]);
+    let action = nest(&[
+        (TCA_ACT_KIND, b"mirred\0".to_vec()),
+        (TCA_ACT_OPTIONS | NLA_F_NESTED, mirred_options),
+    ]);
+    let actions = nest(&[(1 | NLA_F_NESTED, action)]);
+    let mut prog_name = name.as_bytes().to_vec();
+    prog_name.push(0);
+    let mut r = TcRequest::new(
+        RTM_NEWTFILTER,
+        libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL,
+        ifindex,
+        handle,
+        TC_H_MIN_INGRESS,
+    );
+    r.info((u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be()));
+    r.kind("bpf").nested_options(&[
+        (TCA_BPF_ACT | NLA_F_NESTED, actions),
+        (TCA_BPF_FD, fd.to_ne_bytes().to_vec()),
+        (TCA_BPF_NAME, prog_name),
+        // Not TCA_BPF_FLAG_ACT_DIRECT: the program classifies, the action acts.
+        (TCA_BPF_FLAGS, 0u32.to_ne_bytes().to_vec()),
+    ]);
+    r.send()
+}
+
+/// Attributes one after another, as the payload of a nest.
+fn nest(attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (ty, data) in attrs {
+        put_attr(&mut out, *ty, data);
+    }
+    out
+}
+
 /// Deletes the clsact qdisc of `interface` in the calling thread's namespace, unless filters
 /// remain on it (another fault's, or another tool's added since). Missing is fine.
 pub fn delete_clsact(interface: &str) -> io::Result<()> {

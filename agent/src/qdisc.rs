@@ -93,10 +93,6 @@ pub enum ShapeError {
     )]
     Changed { interface: String },
     #[error(
-        "ingress shaping needs Linux 6.4 or later (bpf_redirect into an IFB device); this kernel is {kernel}: shape egress on the peer instead"
-    )]
-    NoIngress { kernel: String },
-    #[error(
         "sch_{kind} is missing from this kernel: modprobe sch_{kind}, or install the distro's extra kernel modules package"
     )]
     Missing { kind: &'static str },

@@ -512,10 +512,16 @@ impl LocalFault {
 
     /// Starts the fault and waits until it is applied.
     pub fn start(args: &[&str], journal: &Path) -> Self {
+        Self::start_env(args, journal, &[])
+    }
+
+    /// [`LocalFault::start`] with extra environment variables for chaosctl.
+    pub fn start_env(args: &[&str], journal: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin("chaosctl"))
             .args(args)
             .arg("--local")
             .arg("--json")
+            .envs(env.iter().copied())
             .env("CHAOS_JOURNAL_DIR", journal)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

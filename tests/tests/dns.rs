@@ -281,7 +281,7 @@ fn frame(payload: &[u8], v6: bool) -> Vec<u8> {
 /// mis-injects, and it never misses one.
 #[test]
 fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
-    use chaos_agent::datapath::{self, Hook};
+    use chaos_agent::datapath;
     use chaos_agent::dns::{DnsMode, DomainPattern, query_matches};
     use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
     let _g = serial();
@@ -357,7 +357,7 @@ fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
         let expected = query_matches(&q, &patterns) == Some(true);
         let v6 = rng.below(2) == 0;
         let (_, verdict) = prepared
-            .test_run(Hook::Egress, &frame(&q, v6), 1)
+            .test_run(datapath::DNS_PROGRAM, &frame(&q, v6), 1)
             .expect("test_run");
         assert!(
             verdict == if expected { REDIRECT } else { PASS },

@@ -261,9 +261,20 @@ fn shaping_faults_share_our_root_each_in_its_own_class() {
 /// with the fault.
 #[test]
 fn ingress_bandwidth_goes_through_an_ifb_and_only_for_the_target() {
+    ingress_bandwidth(&[]);
+}
+
+/// The same on the path kernels before 6.4 take (IFB drops what bpf_redirect hands it there):
+/// a classic cls_bpf filter on clsact whose mirred action redirects to the IFB.
+#[test]
+fn ingress_bandwidth_through_cls_bpf_and_mirred_as_before_6_4() {
+    ingress_bandwidth(&[("CHAOS_INGRESS_MIRRED", "1"), ("CHAOS_ATTACH", "clsact")]);
+}
+
+fn ingress_bandwidth(env: &[(&str, &str)]) {
     let _g = serial();
     let net = TestNet::new("ingr");
-    let fault = LocalFault::start(
+    let fault = LocalFault::start_env(
         &[
             "inject",
             "bandwidth",
@@ -281,6 +292,7 @@ fn ingress_bandwidth_goes_through_an_ifb_and_only_for_the_target() {
             "0",
         ],
         &net.tmp.join("journal"),
+        env,
     );
     let links = sh_ok(&format!("ip -n {} -o link show", net.a));
     assert!(links.contains(": chifb"), "no IFB device: {links}");
@@ -294,8 +306,13 @@ fn ingress_bandwidth_goes_through_an_ifb_and_only_for_the_target() {
     let upload = iperf_dir(&net, B4, 5323, false);
     let (status, _) = fault.stop();
     assert!(status.success());
+    let filters = sh_ok(&format!(
+        "ip netns exec {} tc filter show dev va ingress",
+        net.a
+    ));
     println!(
-        "ingress 10mbit: {:.2} Mbit/s from the target, {:.0} from another address, {:.0} to the target (egress)",
+        "ingress 10mbit ({env:?}; filters: {}): {:.2} Mbit/s from the target, {:.0} from another address, {:.0} to the target (egress)",
+        filters.split_whitespace().collect::<Vec<_>>().join(" "),
         limited / 1e6,
         other / 1e6,
         upload / 1e6
@@ -306,6 +323,12 @@ fn ingress_bandwidth_goes_through_an_ifb_and_only_for_the_target() {
         limited / 1e6
     );
     assert!(other > 200e6, "untargeted source was limited: {other}");
+    if env.iter().any(|(k, _)| *k == "CHAOS_INGRESS_MIRRED") {
+        assert!(
+            filters.contains("mirred") && filters.contains("chaos_ingress_mirred"),
+            "not the mirred path: {filters}"
+        );
+    }
     assert!(upload > 200e6, "egress was limited: {upload}");
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }

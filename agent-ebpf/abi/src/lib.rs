@@ -87,10 +87,13 @@ pub fn dns_hash_step(hash: u64, byte: u8) -> u64 {
 pub struct DnsScratch {
     pub name: [u8; DNS_NAME_MAX],
     pub suffix_hash: [u64; DNS_NAME_MAX],
-    /// The QNAME's length, passed through memory between the matcher's loops: the verifier
-    /// does not track values in maps, so the states after the label walk (one per label
-    /// count) become one and the loops after it are verified once, not once per count.
-    pub qlen: u64,
+    /// The matcher's loop state. It lives here, not on the stack, so the verifier sees every
+    /// value read back as unknown: a bpf_loop callback's states then agree after one pass
+    /// (kernels from 6.7 verify callbacks until they do) instead of once per possible value.
+    pub pos: u64,
+    pub limit: u64,
+    pub hash: u64,
+    pub status: u64,
 }
 
 pub const PROTO_ALL: u32 = 0;

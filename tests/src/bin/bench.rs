@@ -161,7 +161,7 @@ fn classifier_cost(net: &TestNet) -> serde_json::Value {
             let mut runs: Vec<f64> = (0..5)
                 .map(|_| {
                     let (ns, verdict) = prepared
-                        .test_run(Hook::Egress, &frame(v6), 1_000_000)
+                        .test_run(Hook::Egress.program(), &frame(v6), 1_000_000)
                         .expect("test_run");
                     assert_eq!(verdict, PASS, "unmatched packet not passed");
                     ns as f64

@@ -126,57 +126,44 @@ fn netem_latency(ms: f64, dest: &str, direction: Direction) -> FaultSpec {
 /// Ingress latency through an IFB, several netem faults sharing our root, both directions, and
 /// --force over a foreign tree with its exact restore.
 fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_other: f64) {
-    if !chaos_agent::caps::has_ingress_redirect() {
-        // Before 6.4 IFB drops what bpf_redirect hands it: refused, with the reason.
-        let refused = e
-            .apply(netem_latency(60.0, B, Direction::Ingress))
-            .map(|f| f.id)
-            .map_err(|e| (e.is_user_error(), e.to_string()));
-        c.check(
-            "ingress shaping refused on a kernel before 6.4, with one line saying why",
-            matches!(&refused, Err((true, m)) if m.contains("6.4")) && residue().is_empty(),
-            format!("{refused:?}"),
-        );
-    } else {
-        // Ingress: the echo replies from B are delayed as they arrive on va.
-        let f = e
-            .apply(netem_latency(60.0, B, Direction::Ingress))
-            .expect("apply ingress latency");
-        let tree = residue();
-        let to_b = udp_rtts("a", "b", addr(B, 7400), 20);
-        let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7401), 20));
-        e.revert(&f.id).expect("revert ingress");
-        let (min, m) = (
-            to_b.iter().copied().fold(f64::INFINITY, f64::min),
-            median(&to_b),
-        );
-        c.check(
-            "ingress 60 ms via IFB: every RTT >= 60, median within +5 ms; other source not delayed",
-            min >= 60.0 && m <= base_b + 65.0 && (to_other - base_other).abs() <= 1.0,
-            format!("min {min:.2} median {m:.2} (baseline {base_b:.2}); other {to_other:.2} vs {base_other:.2}"),
-        );
-        c.check(
-            "ingress: an IFB device while active, gone after revert",
-            tree.contains(": chifb") && residue().is_empty(),
-            format!(
-                "while: {} | after: {}",
-                tree.replace('\n', " | "),
-                residue()
-            ),
-        );
+    // Ingress: the echo replies from B are delayed as they arrive on va.
+    let f = e
+        .apply(netem_latency(60.0, B, Direction::Ingress))
+        .expect("apply ingress latency");
+    let tree = residue();
+    let to_b = udp_rtts("a", "b", addr(B, 7400), 20);
+    let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7401), 20));
+    e.revert(&f.id).expect("revert ingress");
+    let (min, m) = (
+        to_b.iter().copied().fold(f64::INFINITY, f64::min),
+        median(&to_b),
+    );
+    c.check(
+        "ingress 60 ms via IFB (cls_bpf + mirred before 6.4): every RTT >= 60, median within +5 ms; other source not delayed",
+        min >= 60.0 && m <= base_b + 65.0 && (to_other - base_other).abs() <= 1.0,
+        format!("min {min:.2} median {m:.2} (baseline {base_b:.2}); other {to_other:.2} vs {base_other:.2}"),
+    );
+    c.check(
+        "ingress: an IFB device while active, gone after revert",
+        tree.contains(": chifb") && residue().is_empty(),
+        format!(
+            "while: {} | after: {}",
+            tree.replace('\n', " | "),
+            residue()
+        ),
+    );
 
-        // Both directions: the delay is paid twice on a round trip.
-        let f = e
-            .apply(netem_latency(25.0, B, Direction::Both))
-            .expect("apply both");
-        let m = median(&udp_rtts("a", "b", addr(B, 7402), 20));
-        e.revert(&f.id).expect("revert both");
-        c.check(
-            "both directions 25 ms: median RTT +50 ms (+5)",
-            m >= base_b + 49.0 && m <= base_b + 55.0,
-            format!("median {m:.2} (baseline {base_b:.2})"),
-        );
-    }
+    // Both directions: the delay is paid twice on a round trip.
+    let f = e
+        .apply(netem_latency(25.0, B, Direction::Both))
+        .expect("apply both");
+    let m = median(&udp_rtts("a", "b", addr(B, 7402), 20));
+    e.revert(&f.id).expect("revert both");
+    c.check(
+        "both directions 25 ms: median RTT +50 ms (+5)",
+        m >= base_b + 49.0 && m <= base_b + 55.0,
+        format!("median {m:.2} (baseline {base_b:.2})"),
+    );
 
     // Two faults on va, one root: each destination its own delay.
     let f1 = e
