@@ -304,12 +304,12 @@ fn ingress_bandwidth(env: &[(&str, &str)]) {
     let limited = iperf_dir(&net, B4, 5321, true);
     let other = iperf_dir(&net, B4_OTHER, 5322, true);
     let upload = iperf_dir(&net, B4, 5323, false);
-    let (status, _) = fault.stop();
-    assert!(status.success());
     let filters = sh_ok(&format!(
         "ip netns exec {} tc filter show dev va ingress",
         net.a
     ));
+    let (status, _) = fault.stop();
+    assert!(status.success());
     println!(
         "ingress 10mbit ({env:?}; filters: {}): {:.2} Mbit/s from the target, {:.0} from another address, {:.0} to the target (egress)",
         filters.split_whitespace().collect::<Vec<_>>().join(" "),
