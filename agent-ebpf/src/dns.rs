@@ -89,13 +89,18 @@ fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
     let scratch = DNS_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: slot 0 of a per-CPU array exists and this CPU owns it for the program's run.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: the buffer is DNS_NAME_MAX bytes and 5 <= n <= DNS_NAME_MAX.
+    // The length as the verifier needs to see it: 1..=256 by construction. Read through a
+    // volatile so the compiler keeps the mask it would otherwise prove redundant (6.1 rejects
+    // the unmasked value, whose signed range it cannot bound).
+    // SAFETY: a read of a local.
+    let len = ((unsafe { core::ptr::read_volatile(&n) } as u32).wrapping_sub(1) & 0xFF) + 1;
+    // SAFETY: the buffer is DNS_NAME_MAX (256) bytes and 1 <= len <= 256.
     let ret = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             qname as u32,
             scratch.name.as_mut_ptr().cast(),
-            (n as u32) & 0x1FF,
+            len,
         )
     };
     if ret != 0 {
