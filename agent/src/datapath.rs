@@ -857,15 +857,7 @@ impl Installed {
                 self.tcx_links.push(ctx!(prog.take_link(id), "take link")?);
             }
             AttachMode::Clsact => {
-                record.created_clsact = match aya::programs::tc::qdisc_add_clsact(interface) {
-                    Ok(()) => true,
-                    // Another fault of ours made it if only our filters are on it: whichever
-                    // of us leaves it empty removes it.
-                    Err(e) if is_exists(&e) => crate::netlink::ifindex(interface)
-                        .and_then(crate::netlink::clsact_filter_handles)
-                        .is_ok_and(|h| !h.is_empty() && h.iter().all(|h| *h == CLSACT_HANDLE)),
-                    Err(e) => return ctx!(Err(e), "add clsact qdisc to {interface}"),
-                };
+                record.created_clsact = ensure_clsact(interface)?;
                 record.priority = CLSACT_PRIORITY_BASE + slot;
                 record.handle = CLSACT_HANDLE;
                 let options = NlOptions {
@@ -901,13 +893,7 @@ impl Installed {
     fn attach_mirred(&mut self, interface: &str, slot: u16, ifb: u32) -> Result<(), DatapathError> {
         use std::os::fd::{AsFd, AsRawFd};
         const PROGRAM: &str = "chaos_ingress_mirred";
-        let created_clsact = match aya::programs::tc::qdisc_add_clsact(interface) {
-            Ok(()) => true,
-            Err(e) if is_exists(&e) => crate::netlink::ifindex(interface)
-                .and_then(crate::netlink::clsact_filter_handles)
-                .is_ok_and(|h| !h.is_empty() && h.iter().all(|h| *h == CLSACT_HANDLE)),
-            Err(e) => return ctx!(Err(e), "add clsact qdisc to {interface}"),
-        };
+        let created_clsact = ensure_clsact(interface)?;
         let record = AttachmentRecord {
             interface: interface.to_string(),
             hook: Hook::Ingress,
@@ -917,15 +903,7 @@ impl Installed {
             created_clsact,
         };
         self.records.push(record.clone());
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| DatapathError::Kernel {
-                context: "chaos.bpf.o".into(),
-                message: format!("has no classifier {PROGRAM}"),
-            })?;
-        ctx!(prog.load(), "load {PROGRAM} (verifier)")?;
+        let prog = loaded(&mut self.ebpf, PROGRAM)?;
         let fd = ctx!(prog.fd(), "{PROGRAM} fd")?.as_fd().as_raw_fd();
         crate::netlink::add_mirred_filter(
             interface,
@@ -999,6 +977,19 @@ impl Installed {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Adds the clsact qdisc to `interface` if it has none. Returns whether it counts as ours to
+/// remove: we made it, or only our filters are on it (another fault of ours made it; whichever
+/// of us leaves it empty removes it).
+fn ensure_clsact(interface: &str) -> Result<bool, DatapathError> {
+    match aya::programs::tc::qdisc_add_clsact(interface) {
+        Ok(()) => Ok(true),
+        Err(e) if is_exists(&e) => Ok(crate::netlink::ifindex(interface)
+            .and_then(crate::netlink::clsact_filter_handles)
+            .is_ok_and(|h| !h.is_empty() && h.iter().all(|h| *h == CLSACT_HANDLE))),
+        Err(e) => ctx!(Err(e), "add clsact qdisc to {interface}"),
     }
 }
 
