@@ -176,8 +176,8 @@ fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_othe
     let to_b = median(&udp_rtts("a", "b", addr(B, 7403), 20));
     let to_other = median(&udp_rtts("a", "b", addr(OTHER, 7404), 20));
     e.revert(&f1.id).expect("revert first");
-    let still = median(&udp_rtts("a", "b", addr(OTHER, 7405), 10));
-    let b_after = median(&udp_rtts("a", "b", addr(B, 7406), 10));
+    let still = median(&udp_rtts("a", "b", addr(OTHER, 7405), 20));
+    let b_after = median(&udp_rtts("a", "b", addr(B, 7406), 20));
     e.revert(&f2.id).expect("revert second");
     c.check(
         "two faults share our root: 40 ms and 120 ms to their own destinations",
@@ -189,7 +189,11 @@ fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_othe
     );
     c.check(
         "reverting one leaves the other in force",
-        (still - base_other - 120.0).abs() <= 5.0 && (b_after - base_b).abs() <= 1.0,
+        // In force: never below the delay; TCG's occasional spikes allowed above it (accuracy
+        // is checked while both are on, above).
+        still >= 120.0
+            && still <= base_other + 120.0 + TCG_SPIKE_MS
+            && (b_after - base_b).abs() <= 1.0,
         format!("{OTHER}: {still:.2}, {B}: {b_after:.2}"),
     );
     c.check(
