@@ -579,6 +579,20 @@ impl LocalFault {
     }
 }
 
+/// The id of the fault a `chaosctl inject ... --json` applied; fails the test with chaosctl's
+/// stderr if it did not.
+pub fn fault_id(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "inject failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    json_event(&String::from_utf8_lossy(&o.stdout), "applied")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
 /// The JSON event `event` from chaosctl's --json output.
 pub fn json_event(out: &str, event: &str) -> serde_json::Value {
     out.lines()

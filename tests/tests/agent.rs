@@ -11,14 +11,6 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn fault_id(o: &std::process::Output) -> String {
-    assert!(o.status.success(), "inject failed: {}", stderr(o));
-    json_event(&stdout(o), "applied")["id"]
-        .as_str()
-        .expect("id")
-        .to_string()
-}
-
 fn list(agent: &Agent) -> Vec<serde_json::Value> {
     let o = agent.chaosctl(&["list", "--json"]);
     assert!(o.status.success(), "list: {}", stderr(&o));

@@ -185,15 +185,6 @@ fn latency_needs_netem_and_says_so() {
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
 
-fn fault_id(o: &std::process::Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    json_event(&out, "applied")["id"]
-        .as_str()
-        .expect("id")
-        .to_string()
-}
-
 fn tc(net: &TestNet, what: &str) -> String {
     sh_ok(&format!("ip netns exec {} tc {what} show dev va", net.a))
 }

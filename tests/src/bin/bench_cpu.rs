@@ -11,7 +11,7 @@
 //!
 //! Usage: chaos-bench-cpu [--out FILE] [--rounds N] [--seconds S]
 use chaos_tests::cgroups::{TestCgroup, clock_ticks_per_sec, cpu_ns_all_threads, cpu_ticks};
-use chaos_tests::{Agent, json_event, sh};
+use chaos_tests::{Agent, fault_id, sh};
 use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,13 +60,7 @@ fn ours(agent: &Agent, cg: &TestCgroup, load: f64, window: Duration) -> (f64, f6
         "10m",
         "--json",
     ]);
-    assert!(
-        o.status.success(),
-        "inject: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let applied = json_event(&String::from_utf8_lossy(&o.stdout), "applied");
-    let id = applied["id"].as_str().expect("id").to_string();
+    let id = fault_id(&o);
     let pids = cg.procs();
     assert_eq!(pids.len(), 1, "one worker: {pids:?}");
     std::thread::sleep(SETTLE);
