@@ -1,5 +1,7 @@
 //! chaosctl: inject faults locally (`--local`, the engine in-process) or through a chaos-agent.
 mod agent_client;
+#[allow(dead_code)] // wired to `chaosctl certs` and the controller's TLS next
+mod certs;
 mod cli;
 mod output;
 
