@@ -12,6 +12,9 @@ command -v setpriv >/dev/null  || need+=(util-linux)
 command -v dnsmasq >/dev/null  || need+=(dnsmasq-base)
 command -v dig >/dev/null      || need+=(bind9-dnsutils)
 command -v stress-ng >/dev/null || need+=(stress-ng)
+# Real applications for the experiment tests: the system under test and the metrics probe.
+command -v nginx >/dev/null    || need+=(nginx)
+command -v prometheus >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2
@@ -19,7 +22,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The toolchain pinned in rust-toolchain.toml, with clippy and rustfmt, installed explicitly
 # (rustup's auto-install may be off: RUSTUP_AUTO_INSTALL=0). A no-op when already there.

@@ -6,6 +6,7 @@
 //!
 //! Tests need root (they create namespaces and load BPF). They panic with a message saying so
 //! rather than skip: a skipped kernel test must never look like a pass.
+pub mod apps;
 pub mod cgroups;
 
 use std::io::{Read, Write};
