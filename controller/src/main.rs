@@ -3,6 +3,8 @@ mod agent_client;
 #[allow(dead_code)] // wired to `chaosctl certs` and the controller's TLS next
 mod certs;
 mod cli;
+#[allow(dead_code)] // wired to `chaosctl run --local` next
+mod local_driver;
 mod output;
 
 use anyhow::Result;
