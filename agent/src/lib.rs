@@ -14,6 +14,7 @@ pub mod server;
 pub mod spec;
 pub mod stress;
 pub mod tc_snapshot;
+pub mod tls;
 
 pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};
 pub use spec::{FaultKind, FaultSpec, InvalidInput, Target};
