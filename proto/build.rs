@@ -1,7 +1,13 @@
 //! Compiles the protos with protox (pure Rust), so building needs no `protoc`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=chaos");
-    let fds = protox::compile(["chaos/agent/v1/agent.proto"], ["."])?;
+    let fds = protox::compile(
+        [
+            "chaos/agent/v1/agent.proto",
+            "chaos/experiments/v1/experiments.proto",
+        ],
+        ["."],
+    )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

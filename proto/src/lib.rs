@@ -5,3 +5,8 @@ pub mod agent {
         tonic::include_proto!("chaos.agent.v1");
     }
 }
+pub mod experiments {
+    pub mod v1 {
+        tonic::include_proto!("chaos.experiments.v1");
+    }
+}
