@@ -110,7 +110,7 @@ pub fn init(
     users: &[String],
 ) -> Result<Written, CertError> {
     for n in agents {
-        check_name("--agent", n)?;
+        check_name("--node", n)?;
     }
     for n in users {
         check_name("--user", n)?;
@@ -164,7 +164,7 @@ pub fn init(
 pub fn issue(dir: &Path, role: &str, name: &str) -> Result<Written, CertError> {
     check_name(
         if role == ROLE_AGENT {
-            "--agent"
+            "--node"
         } else {
             "--user"
         },
@@ -331,7 +331,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "--agent: `../x` must be 1-63 characters of letters, digits, '-', '_' or '.'"
+            "--node: `../x` must be 1-63 characters of letters, digits, '-', '_' or '.'"
         );
     }
 

@@ -51,6 +51,11 @@ enum Command {
     },
     /// Kernel features found here and what each backend can serve.
     Doctor,
+    /// Certificates for mutual TLS between controller, agents and chaosctl.
+    Certs {
+        #[command(subcommand)]
+        command: crate::certs_cmd::CertsCommand,
+    },
     /// Follow a fault's counters on the agent until it ends.
     Watch {
         id: String,
@@ -387,6 +392,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Revert { id, all } => revert(&agent, id, all, cli.json).await,
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
+        Command::Certs { command } => crate::certs_cmd::run(command),
     }
 }
 
@@ -698,4 +704,14 @@ async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {
         println!("  {:<12} {:<34} {state}", b.name, b.fault_kinds.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks flag clashes (a subcommand's flag shadowing a global one) only at run time.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,7 +1,8 @@
 //! chaosctl: inject faults locally (`--local`, the engine in-process) or through a chaos-agent.
 mod agent_client;
-#[allow(dead_code)] // wired to `chaosctl certs` and the controller's TLS next
+#[allow(dead_code)] // peer_identity is for the controller's TLS (next)
 mod certs;
+mod certs_cmd;
 mod cli;
 #[allow(dead_code)] // wired to `chaosctl run --local` next
 mod local_driver;
