@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "chaos/agent/v1/agent.proto",
             "chaos/experiments/v1/experiments.proto",
+            "chaos/fleet/v1/fleet.proto",
         ],
         ["."],
     )?;

@@ -10,3 +10,8 @@ pub mod experiments {
         tonic::include_proto!("chaos.experiments.v1");
     }
 }
+pub mod fleet {
+    pub mod v1 {
+        tonic::include_proto!("chaos.fleet.v1");
+    }
+}
