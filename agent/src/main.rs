@@ -1,12 +1,20 @@
-//! chaos-agent: serves the fault engine over gRPC on a unix socket.
-use anyhow::{Context, Result};
+//! chaos-agent: serves the fault engine over gRPC on a unix socket and, with --controller, joins
+//! a controller's fleet.
+use anyhow::{Context, Result, bail};
 use chaos_agent::datapath::AttachMode;
+use chaos_agent::fleet_client::{self, FleetConfig, FleetState};
+use chaos_agent::metrics::{self, Text};
+use chaos_agent::null_backend::NullAgent;
 use chaos_agent::server::AgentService;
+use chaos_agent::tls::{self, TlsFiles};
 use chaos_agent::{Engine, EngineConfig, spec};
-use chaos_proto::agent::v1::agent_server::AgentServer;
+use chaos_proto::agent::v1 as pb;
+use chaos_proto::agent::v1::agent_server::{Agent, AgentServer};
 use clap::Parser;
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -17,9 +25,9 @@ use tokio_stream::wrappers::UnixListenerStream;
     about = "Applies network faults on this node"
 )]
 struct Args {
-    /// Unix socket to serve the Agent API on.
-    #[arg(long, default_value = "/run/chaos/agent.sock")]
-    socket: PathBuf,
+    /// Unix socket to serve the Agent API on ("" = none; the null backend serves none by default).
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// Where the journal of applied faults lives (crash recovery reads it).
     #[arg(long, default_value = "/run/chaos/journal")]
     journal_dir: PathBuf,
@@ -32,14 +40,46 @@ struct Args {
     /// A control-plane endpoint (ip:port) that no fault may ever match. Repeatable.
     #[arg(long = "exclude")]
     exclude: Vec<SocketAddr>,
+    /// engine: faults in the kernel. null: no kernel, faults are only accepted and listed (for
+    /// fleet benchmarks; needs no privileges).
+    #[arg(long, default_value = "engine", value_parser = ["engine", "null"])]
+    backend: String,
+    /// Join this controller: https://HOST:PORT (mutual TLS), or http://127.0.0.1:PORT with
+    /// --insecure-plaintext.
+    #[arg(long, env = "CHAOS_CONTROLLER")]
+    controller: Option<String>,
+    /// This node's name in the fleet (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A label k=v faults can select this agent by. Repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Directory with ca.pem and agent-<node>.pem / agent-<node>-key.pem (`chaosctl certs init`).
+    #[arg(long, env = "CHAOS_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The certificate name in --tls-dir, if not the node name (e.g. one shared DaemonSet cert).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Talk to the controller without TLS; allowed only on loopback.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Serve Prometheus metrics on this address (ip:port).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     spec::parse_duration(s).map_err(|e| e.rule)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` must be key=value")),
+    }
+}
+
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -47,15 +87,103 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // The null backend exists to run a thousand agents on one box: one thread each.
+    let runtime = if args.backend == "null" {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+fn fleet_config(args: &Args) -> Result<Option<FleetConfig>> {
+    let Some(url) = args.controller.clone() else {
+        return Ok(None);
+    };
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("--node-name: not given and the host name is unreadable")?
+            .trim()
+            .to_string(),
+    };
+    let tls = if url.starts_with("https://") {
+        let Some(dir) = &args.tls_dir else {
+            bail!("--tls-dir: is required for an https:// controller (see `chaosctl certs init`)");
+        };
+        let name = args.tls_name.as_deref().unwrap_or(&node_name);
+        Some(TlsFiles::in_dir(dir, &format!("agent-{name}")))
+    } else if url.starts_with("http://") {
+        if !args.insecure_plaintext {
+            bail!(
+                "--controller: `{url}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)"
+            );
+        }
+        tls::check_plaintext("--controller", &url)?;
+        None
+    } else {
+        bail!(
+            "--controller: `{url}` must start with https:// (or http:// with --insecure-plaintext)"
+        );
+    };
+    Ok(Some(FleetConfig {
+        url,
+        node_name,
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        tls,
+    }))
+}
+
+/// The controller's addresses, so no fault ever matches the agent's own control traffic.
+fn controller_endpoints(url: &str) -> Vec<SocketAddr> {
+    let Some(host) = tls::url_host(url) else {
+        return vec![];
+    };
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let port = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(if url.starts_with("https://") { 443 } else { 80 });
+    (host, port)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default()
+}
+
+async fn run(args: Args) -> Result<()> {
+    let fleet = fleet_config(&args)?;
+    let mut excluded = args.exclude.clone();
+    if let Some(f) = &fleet {
+        let eps = controller_endpoints(&f.url);
+        tracing::info!(
+            ?eps,
+            "the controller's endpoints are excluded from every fault"
+        );
+        excluded.extend(eps);
+    }
+    if args.backend == "null" {
+        let agent = Arc::new(NullAgent::new(args.max_duration));
+        return serve(args, agent, fleet, None).await;
+    }
     let config = EngineConfig {
-        journal_dir: args.journal_dir,
+        journal_dir: args.journal_dir.clone(),
         max_duration: args.max_duration,
         attach: match args.attach.as_str() {
             "tcx" => AttachMode::Tcx,
             "clsact" => AttachMode::Clsact,
             _ => AttachMode::detect(),
         },
-        excluded: args.exclude,
+        excluded,
     };
     let (engine, reclaimed) = tokio::task::spawn_blocking(move || Engine::start(config)).await??;
     tracing::info!(
@@ -69,31 +197,8 @@ async fn main() -> Result<()> {
         tracing::error!("reclaim: {e}");
     }
     engine.spawn_deadline_enforcer();
-
-    if let Some(dir) = args.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(&args.socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("remove stale {}", args.socket.display()));
-        }
-        _ => {}
-    }
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("bind {}", args.socket.display()))?;
-    tracing::info!(socket = %args.socket.display(), attach = engine.config().attach.name(), "chaos-agent ready");
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    };
-    tonic::transport::Server::builder()
-        .add_service(AgentServer::new(AgentService::new(engine.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
-        .context("serve")?;
-
+    let agent = Arc::new(AgentService::new(engine.clone()));
+    let result = serve(args, agent, fleet, Some(engine.config().attach.name())).await;
     let results = tokio::task::spawn_blocking(move || engine.revert_all()).await?;
     for r in results {
         match r {
@@ -101,6 +206,137 @@ async fn main() -> Result<()> {
             Err(e) => tracing::error!("revert at shutdown: {e}"),
         }
     }
-    let _ = std::fs::remove_file(&args.socket);
-    Ok(())
+    result
+}
+
+/// Serves `agent` on the unix socket and/or to the controller until SIGTERM/SIGINT.
+async fn serve<A: Agent>(
+    args: Args,
+    agent: Arc<A>,
+    fleet: Option<FleetConfig>,
+    attach: Option<&'static str>,
+) -> Result<()> {
+    let state = fleet.map(|cfg| {
+        tracing::info!(controller = %cfg.url, node = %cfg.node_name, "joining the controller");
+        fleet_client::spawn(agent.clone(), cfg)
+    });
+    if let Some(addr) = args.metrics {
+        let local = metrics::serve(addr, render(agent.clone(), state.clone()))
+            .await
+            .with_context(|| format!("--metrics {addr}"))?;
+        tracing::info!(%local, "metrics");
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    let socket = match (&args.socket, args.backend.as_str()) {
+        (Some(p), _) if p.as_os_str().is_empty() => None,
+        (Some(p), _) => Some(p.clone()),
+        (None, "null") => None,
+        (None, _) => Some(PathBuf::from("/run/chaos/agent.sock")),
+    };
+    let Some(socket) = socket else {
+        tracing::info!(backend = %args.backend, "chaos-agent ready (no unix socket)");
+        shutdown.await;
+        return Ok(());
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove stale {}", socket.display()));
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("bind {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), attach = attach.unwrap_or("none"), backend = %args.backend, "chaos-agent ready");
+    let served = tonic::transport::Server::builder()
+        .add_service(AgentServer::from_arc(agent))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serve");
+    let _ = std::fs::remove_file(&socket);
+    served
+}
+
+/// /metrics: faults and their counters as the Agent API lists them, and the controller link.
+fn render<A: Agent>(agent: Arc<A>, state: Option<Arc<FleetState>>) -> metrics::Render {
+    Arc::new(move || {
+        let (agent, state) = (agent.clone(), state.clone());
+        Box::pin(async move {
+            let faults = agent
+                .list(tonic::Request::new(pb::ListRequest {}))
+                .await
+                .map(|r| r.into_inner().faults)
+                .unwrap_or_default();
+            render_text(&faults, state.as_deref())
+        })
+    })
+}
+
+fn render_text(faults: &[pb::Fault], state: Option<&FleetState>) -> String {
+    let mut t = Text::default();
+    t.family(
+        "chaos_agent_faults_active",
+        "gauge",
+        "Faults active on this agent.",
+    )
+    .sample("chaos_agent_faults_active", &[], faults.len() as f64);
+    t.family(
+        "chaos_agent_fault_packets_total",
+        "counter",
+        "Packets each active fault has seen, matched and affected.",
+    );
+    for f in faults {
+        let kind = f
+            .spec
+            .as_ref()
+            .and_then(|s| s.kind.as_ref())
+            .map(kind_name)
+            .unwrap_or("unknown");
+        let c = f.counters.unwrap_or_default();
+        for (name, v) in [
+            ("seen", c.seen),
+            ("matched", c.matched),
+            ("affected", c.affected),
+        ] {
+            t.sample(
+                "chaos_agent_fault_packets_total",
+                &[("fault", &f.id), ("kind", kind), ("counter", name)],
+                v as f64,
+            );
+        }
+    }
+    if let Some(s) = state {
+        t.family(
+            "chaos_agent_controller_connected",
+            "gauge",
+            "1 while the stream to the controller is up.",
+        )
+        .sample(
+            "chaos_agent_controller_connected",
+            &[],
+            if s.connected() { 1.0 } else { 0.0 },
+        );
+    }
+    t.finish()
+}
+
+fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
+    use pb::fault_spec::Kind::*;
+    match k {
+        Loss(_) => "loss",
+        Corrupt(_) => "corrupt",
+        Partition(_) => "partition",
+        Latency(_) => "latency",
+        Bandwidth(_) => "bandwidth",
+        Reorder(_) => "reorder",
+        Duplicate(_) => "duplicate",
+        Dns(_) => "dns",
+        Cpu(_) => "cpu",
+    }
 }

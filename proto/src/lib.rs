@@ -11,6 +11,8 @@ pub mod experiments {
     }
 }
 pub mod fleet {
+    // Generated oneofs carry whole messages inline; boxing them is prost's call, not ours.
+    #[allow(clippy::large_enum_variant)]
     pub mod v1 {
         tonic::include_proto!("chaos.fleet.v1");
     }
