@@ -1,7 +1,7 @@
 //! `chaosctl certs init|issue`: the PKI of a small standalone fleet (see certs.rs).
 use crate::EXIT_INVALID;
-use crate::certs::{self, CertError};
 use anyhow::Result;
+use chaos_controller::certs::{self, CertError};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -30,6 +30,18 @@ pub struct Cli {
     /// Print machine-readable JSON (one object per line).
     #[arg(long, global = true)]
     json: bool,
+    /// A chaos-controller to go through (https://HOST:PORT), instead of one agent.
+    #[arg(long, global = true, env = "CHAOS_CONTROLLER")]
+    controller: Option<String>,
+    /// Directory with ca.pem and user-<user>.pem / -key.pem for the controller.
+    #[arg(long, global = true, env = "CHAOS_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Whose certificate to use (user-<NAME>.pem in --tls-dir); the audit log names it.
+    #[arg(long, global = true, env = "CHAOS_USER", default_value = "admin")]
+    user: String,
+    /// Talk to the controller without TLS; allowed only on loopback.
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,11 +55,16 @@ enum Command {
     },
     /// List active faults on the agent.
     List,
+    /// Agents connected to the controller, with their labels and capabilities.
+    Agents,
     /// Revert a fault by id, or all of them.
     Revert {
         id: Option<String>,
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// With --controller: the agent holding the fault.
+        #[arg(long)]
+        on: Option<String>,
     },
     /// Kernel features found here and what each backend can serve.
     Doctor,
@@ -217,6 +234,12 @@ struct Run {
     /// Apply in this process instead of through an agent; blocks until the fault ends.
     #[arg(long)]
     local: bool,
+    /// With --controller: the agents (node names) to apply on. Repeatable.
+    #[arg(long = "on")]
+    on: Vec<String>,
+    /// With --controller: agents whose labels include k=v. Repeatable.
+    #[arg(long = "selector", value_parser = parse_label)]
+    selector: Vec<(String, String)>,
     /// With --local: how to attach (auto, tcx, clsact).
     #[arg(long, default_value = "auto", hide = true, env = "CHAOS_ATTACH")]
     attach: String,
@@ -366,12 +389,28 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
     })
 }
 
-fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
+pub fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
     eprintln!("chaosctl: {message}");
     Ok(ExitCode::from(EXIT_INVALID))
 }
 
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` must be key=value")),
+    }
+}
+
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let controller = cli
+        .controller
+        .clone()
+        .map(|url| crate::controller_client::ControllerFlags {
+            url,
+            tls_dir: cli.tls_dir.clone(),
+            user: cli.user.clone(),
+            insecure_plaintext: cli.insecure_plaintext,
+        });
     let agent = cli
         .agent
         .clone()
@@ -384,12 +423,21 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             if run.local {
                 inject_local(spec, run, cli.json).await
+            } else if let Some(ctl) = controller {
+                crate::fleet_cmd::inject(&ctl, spec, &run.on, &run.selector, cli.json).await
             } else {
                 inject_remote(spec, &agent, cli.json).await
             }
         }
+        Command::Agents => match controller {
+            Some(ctl) => crate::fleet_cmd::agents(&ctl, cli.json).await,
+            None => refuse("--controller: is required for `agents`"),
+        },
         Command::List => list(&agent, cli.json).await,
-        Command::Revert { id, all } => revert(&agent, id, all, cli.json).await,
+        Command::Revert { id, all, on } => match controller {
+            Some(ctl) => crate::fleet_cmd::revert(&ctl, id, all, on, cli.json).await,
+            None => revert(&agent, id, all, cli.json).await,
+        },
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
         Command::Certs { command } => crate::certs_cmd::run(command),

@@ -1,11 +1,9 @@
 //! chaosctl: inject faults locally (`--local`, the engine in-process) or through a chaos-agent.
 mod agent_client;
-#[allow(dead_code)] // peer_identity is for the controller's TLS (next)
-mod certs;
 mod certs_cmd;
 mod cli;
-#[allow(dead_code)] // wired to `chaosctl run --local` next
-mod local_driver;
+mod controller_client;
+mod fleet_cmd;
 mod output;
 
 use anyhow::Result;

@@ -1,0 +1,207 @@
+//! chaos-controller: agents join it, chaosctl drives it, experiments run on it.
+use anyhow::{Context, Result, bail};
+use chaos_agent::metrics::{self, Text};
+use chaos_agent::tls::{self, TlsFiles};
+use chaos_controller::audit::Audit;
+use chaos_controller::fleet::Fleet;
+use chaos_controller::server::{ControllerService, FleetService};
+use chaos_proto::fleet::v1::controller_server::ControllerServer;
+use chaos_proto::fleet::v1::fleet_server::FleetServer;
+use clap::Parser;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "chaos-controller",
+    version,
+    about = "Drives chaos agents and experiments"
+)]
+struct Args {
+    /// https://ADDR:PORT (mutual TLS), or http://127.0.0.1:PORT with --insecure-plaintext.
+    #[arg(long, default_value = "https://0.0.0.0:7070")]
+    listen: String,
+    /// Directory with ca.pem, controller.pem and controller-key.pem (`chaosctl certs init`).
+    #[arg(long, env = "CHAOS_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Serve without TLS; allowed only on loopback.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// How long an agent keeps the controller's faults without hearing from it.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease: std::time::Duration,
+    /// Append one JSON line per apply and revert here.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (ip:port).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    chaos_agent::spec::parse_duration(s).map_err(|e| e.rule)
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chaos-controller: start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chaos-controller: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let (addr, tls) = listen_config(&args)?;
+    let nofile = chaos_controller::limits::raise_nofile();
+    let audit = match &args.audit_log {
+        Some(p) => Some(Audit::open(p).with_context(|| format!("--audit-log {}", p.display()))?),
+        None => None,
+    };
+    let fleet = Fleet::new(args.lease, audit);
+    if let Some(m) = args.metrics {
+        let local = metrics::serve(m, render(fleet.clone()))
+            .await
+            .with_context(|| format!("--metrics {m}"))?;
+        tracing::info!(%local, "metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    tracing::info!(listen = %args.listen, local = %listener.local_addr()?, lease = ?args.lease, nofile, "chaos-controller ready");
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)));
+    if let Some(t) = tls {
+        builder = builder.tls_config(t).context("TLS")?;
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    builder
+        .add_service(FleetServer::new(FleetService {
+            fleet: fleet.clone(),
+        }))
+        .add_service(ControllerServer::new(ControllerService {
+            fleet: fleet.clone(),
+        }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("serve")
+}
+
+fn listen_config(args: &Args) -> Result<(SocketAddr, Option<tonic::transport::ServerTlsConfig>)> {
+    let url = &args.listen;
+    let tls = if url.starts_with("https://") {
+        let Some(dir) = &args.tls_dir else {
+            bail!("--tls-dir: is required to listen on https:// (see `chaosctl certs init`)");
+        };
+        Some(TlsFiles::in_dir(dir, "controller").server()?)
+    } else if url.starts_with("http://") {
+        if !args.insecure_plaintext {
+            bail!(
+                "--listen: `{url}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)"
+            );
+        }
+        tls::check_plaintext("--listen", url)?;
+        None
+    } else {
+        bail!("--listen: `{url}` must start with https:// (or http:// with --insecure-plaintext)");
+    };
+    let authority = url.split("://").nth(1).unwrap_or("").trim_end_matches('/');
+    let addr = authority
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("--listen: `{url}` needs a host:port"))?;
+    Ok((addr, tls))
+}
+
+fn render(fleet: Arc<Fleet>) -> metrics::Render {
+    Arc::new(move || {
+        let fleet = fleet.clone();
+        Box::pin(async move {
+            let mut t = Text::default();
+            t.family(
+                "chaos_controller_agents_connected",
+                "gauge",
+                "Agents with an open stream.",
+            )
+            .sample(
+                "chaos_controller_agents_connected",
+                &[],
+                fleet.agents().len() as f64,
+            );
+            t.family(
+                "chaos_controller_faults_active",
+                "gauge",
+                "Faults the controller holds on agents.",
+            )
+            .sample(
+                "chaos_controller_faults_active",
+                &[],
+                fleet.faults_active() as f64,
+            );
+            let c = &fleet.counts;
+            t.family(
+                "chaos_controller_commands_total",
+                "counter",
+                "Commands answered by agents.",
+            )
+            .sample(
+                "chaos_controller_commands_total",
+                &[("result", "ok")],
+                c.commands_ok.load(Ordering::Relaxed) as f64,
+            )
+            .sample(
+                "chaos_controller_commands_total",
+                &[("result", "error")],
+                c.commands_err.load(Ordering::Relaxed) as f64,
+            );
+            t.family(
+                "chaos_controller_agent_joins_total",
+                "counter",
+                "Agent streams opened.",
+            )
+            .sample(
+                "chaos_controller_agent_joins_total",
+                &[],
+                c.joins.load(Ordering::Relaxed) as f64,
+            );
+            t.family(
+                "chaos_controller_lease_reverts_total",
+                "counter",
+                "Faults agents reverted because the lease ran out.",
+            )
+            .sample(
+                "chaos_controller_lease_reverts_total",
+                &[],
+                c.lease_losses.load(Ordering::Relaxed) as f64,
+            );
+            t.finish()
+        })
+    })
+}

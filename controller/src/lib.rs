@@ -1,0 +1,8 @@
+//! The controller: the fleet of agents (gRPC, leases, audit), experiments run on it, and what
+//! chaosctl shares with it.
+pub mod audit;
+pub mod certs;
+pub mod fleet;
+pub mod limits;
+pub mod local_driver;
+pub mod server;
