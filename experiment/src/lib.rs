@@ -4,5 +4,12 @@
 //! [`driver::FaultDriver`] (the in-process engine for `chaosctl run --local`, the fleet when the
 //! controller runs it). What it produces is a [`record::RunRecord`], the single input of every
 //! report format and of the controller's history.
+pub mod ctk;
 pub mod driver;
+pub mod load;
+pub mod model;
 pub mod record;
+pub mod tolerance;
+
+pub use load::LoadError;
+pub use model::Experiment;

@@ -1,0 +1,302 @@
+//! Reading an experiment file: our YAML model, or a Chaos Toolkit experiment (JSON or YAML),
+//! detected by its shape. Every error is one line: `file:line:col: path: rule`.
+use crate::ctk;
+use crate::model::{self, Experiment, Step};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
+
+impl Experiment {
+    pub fn load(path: &Path) -> Result<Experiment, LoadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| LoadError(format!("{}: {e}", path.display())))?;
+        Experiment::parse(&text, &path.display().to_string())
+    }
+
+    /// `source` names the text in error lines.
+    pub fn parse(text: &str, source: &str) -> Result<Experiment, LoadError> {
+        let value: serde_json::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| LoadError(located(source, &e, "", text)))?;
+        if ctk::is_chaos_toolkit(&value) {
+            return ctk::import(&value, source);
+        }
+        let exp: Experiment =
+            serde_yaml_ng::from_str(text).map_err(|e| LoadError(located(source, &e, "", text)))?;
+        check(&exp, text, source)?;
+        Ok(exp)
+    }
+}
+
+/// `source:line:col: path: message`, the message without serde_yaml's own position suffix.
+fn located(source: &str, e: &serde_yaml_ng::Error, path: &str, _text: &str) -> String {
+    let mut msg = e.to_string();
+    if let Some(i) = msg.find(" at line ") {
+        msg.truncate(i);
+    }
+    let path = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
+    match e.location() {
+        Some(l) => format!("{source}:{}:{}: {path}{msg}", l.line(), l.column()),
+        None => format!("{source}: {path}{msg}"),
+    }
+}
+
+/// The line of the last `key: value` in the text (block or flow style), for errors found after
+/// parsing. The last: for a duplicate, the second use is the mistake.
+fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
+    let re = regex::Regex::new(&format!(
+        r#"(^|[\s{{,-]){}:\s*["']?{}["']?\s*($|[,}}#])"#,
+        regex::escape(key),
+        regex::escape(value)
+    ))
+    .ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    lines.iter().rposition(|l| re.is_match(l)).map(|i| i + 1)
+}
+
+fn at(source: &str, line: Option<usize>, path: &str, rule: &str) -> LoadError {
+    match line {
+        Some(l) => LoadError(format!("{source}:{l}: {path}: {rule}")),
+        None => LoadError(format!("{source}: {path}: {rule}")),
+    }
+}
+
+/// Rules across fields: unique names, a non-empty hypothesis and method, the blast radius.
+fn check(exp: &Experiment, text: &str, source: &str) -> Result<(), LoadError> {
+    if exp.title.trim().is_empty() {
+        return Err(at(source, None, "title", "must not be empty"));
+    }
+    if exp.steady_state_hypothesis.probes.is_empty() {
+        return Err(at(
+            source,
+            None,
+            "steady-state-hypothesis.probes",
+            "needs at least one probe: without one, nothing can be held or violated",
+        ));
+    }
+    if exp.method.is_empty() {
+        return Err(at(source, None, "method", "needs at least one step"));
+    }
+    let mut names = BTreeSet::new();
+    let probes = exp
+        .steady_state_hypothesis
+        .probes
+        .iter()
+        .chain(&exp.stop_conditions);
+    for p in probes {
+        if !names.insert(p.name.clone()) {
+            return Err(at(
+                source,
+                line_of(text, "name", &p.name),
+                "name",
+                &format!(
+                    "`{}` is used twice; probe and action names must be unique",
+                    p.name
+                ),
+            ));
+        }
+    }
+    fn walk(
+        steps: &[Step],
+        path: &str,
+        names: &mut BTreeSet<String>,
+        text: &str,
+        source: &str,
+    ) -> Result<(), LoadError> {
+        for (i, s) in steps.iter().enumerate() {
+            let here = format!("{path}[{i}]");
+            let name = match s {
+                Step::Fault(f) => Some(&f.name),
+                Step::Command(c) => Some(&c.name),
+                Step::Parallel(p) => {
+                    if p.is_empty() {
+                        return Err(at(
+                            source,
+                            None,
+                            &format!("{here}.parallel"),
+                            "needs at least one step",
+                        ));
+                    }
+                    walk(p, &format!("{here}.parallel"), names, text, source)?;
+                    None
+                }
+                Step::Pause(_) => None,
+            };
+            if let Some(n) = name
+                && !names.insert(n.clone())
+            {
+                return Err(at(
+                    source,
+                    line_of(text, "name", n),
+                    &format!("{here}.name"),
+                    &format!("`{n}` is used twice; probe and action names must be unique"),
+                ));
+            }
+        }
+        Ok(())
+    }
+    walk(&exp.method, "method", &mut names, text, source)?;
+    let faults = model::faults(&exp.method);
+    let br = &exp.blast_radius;
+    if let Some(max) = br.max_faults
+        && faults.len() > max as usize
+    {
+        return Err(at(
+            source,
+            line_of(text, "max-faults", &max.to_string()),
+            "blast-radius.max-faults",
+            &format!(
+                "the method has {} fault actions, more than {max}",
+                faults.len()
+            ),
+        ));
+    }
+    if let Some(max) = br.max_duration {
+        let d = model::min_duration(&exp.method);
+        if d > max.0 {
+            return Err(at(
+                source,
+                None,
+                "blast-radius.max-duration",
+                &format!("the method takes at least {:?}, longer than {:?}", d, max.0),
+            ));
+        }
+    }
+    if let Some(max) = br.max_agents {
+        for f in &faults {
+            if f.selector.agents.len() > max as usize {
+                return Err(at(
+                    source,
+                    line_of(text, "name", &f.name),
+                    &format!("method: fault {}", f.name),
+                    &format!(
+                        "names {} agents, more than blast-radius.max-agents {max}",
+                        f.selector.agents.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"title: cart tolerates loss
+steady-state-hypothesis:
+  title: cart answers
+  probes:
+    - name: cart
+      http: {url: "http://10.0.0.2/", rate: 20, window: 2s}
+      tolerance: {p99-ms: "< 300", error-rate: "<= 0.01"}
+method:
+  - fault:
+      name: lossy
+      loss: {percent: 10}
+      target: {agents: [a1], interface: eth0, dest: [10.0.0.1/32]}
+      duration: 5s
+  - pause: 1s
+  - parallel:
+      - command: {name: warm, run: [/bin/true]}
+blast-radius: {max-faults: 2, max-duration: 1m}
+"#;
+
+    fn err(text: &str) -> String {
+        Experiment::parse(text, "exp.yaml").unwrap_err().0
+    }
+
+    #[test]
+    fn a_good_file_loads_with_its_fault_validated() {
+        let e = Experiment::parse(GOOD, "exp.yaml").unwrap();
+        let f = model::faults(&e.method);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, "loss");
+        assert_eq!(f[0].selector.agents, vec!["a1".to_string()]);
+        assert_eq!(f[0].duration, Some(std::time::Duration::from_secs(5)));
+        assert!(e.during.stop_on_violation);
+    }
+
+    #[test]
+    fn errors_name_the_line_column_path_and_rule() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "      loss: {percent: 10}",
+                "      loss: {percent: 200}",
+                "exp.yaml:9:5: method[0]: fault.loss.percent: must be between 0 and 100 (got 200)",
+            ),
+            (
+                "      loss: {percent: 10}",
+                "      loss: {percnt: 10}",
+                "exp.yaml:11:14: method[0].fault.loss: unknown field `percnt`, expected `percent` or `correlation`",
+            ),
+            (
+                "      duration: 5s",
+                "      duration: 5 parsecs",
+                "exp.yaml:10:7: method[0].fault: `5 parsecs` must look like 30s",
+            ),
+            (
+                "  - pause: 1s",
+                "  - pause: 0s",
+                "exp.yaml:14:5: method[1]: `0s` must be greater than 0",
+            ),
+            (
+                "\"< 300\"",
+                "\"fast\"",
+                "exp.yaml:7:18: steady-state-hypothesis.probes[0].tolerance: `fast` must be `< N`",
+            ),
+            (
+                "p99-ms:",
+                "p99ms:",
+                "exp.yaml:5:5: steady-state-hypothesis.probes: tolerance.p99ms: unknown measure for a http probe; it has p50-ms",
+            ),
+            (
+                "      target: {agents: [a1], interface: eth0, dest: [10.0.0.1/32]}",
+                "      target: {agents: [a1], dest: [10.0.0.1/32]}",
+                "exp.yaml:9:5: method[0]: fault.target.interface: is required",
+            ),
+            (
+                "dest: [10.0.0.1/32]",
+                "dest: [10.0.0.300/32]",
+                "exp.yaml:9:5: method[0]: fault.target.dest: `10.0.0.300/32` is not a CIDR",
+            ),
+            (
+                "blast-radius: {max-faults: 2, max-duration: 1m}",
+                "blast-radius: {max-faults: 0}",
+                "exp.yaml:17: blast-radius.max-faults: the method has 1 fault actions, more than 0",
+            ),
+            (
+                "blast-radius: {max-faults: 2, max-duration: 1m}",
+                "blast-radius: {max-duration: 2s}",
+                "exp.yaml: blast-radius.max-duration: the method takes at least 6s, longer than 2s",
+            ),
+            (
+                "title: cart tolerates loss",
+                "title: cart tolerates loss\nowner: me",
+                "exp.yaml:2:1: unknown field `owner`, expected one of `title`",
+            ),
+            (
+                "{name: warm,",
+                "{name: lossy,",
+                "exp.yaml:16: method[2].parallel[0].name: `lossy` is used twice",
+            ),
+            (
+                "  - pause: 1s",
+                "  - pause: 1s\n    command: {name: x, run: [a]}",
+                "exp.yaml:9:3: method: a step has exactly one of fault, pause, parallel, command (this one has 2)",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let got = err(&GOOD.replacen(from, to, 1));
+            assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        }
+    }
+}

@@ -1,0 +1,768 @@
+//! The experiment file: what an SRE writes (YAML), strictly validated.
+//!
+//! Rules live in the types (a percent, a duration, a tolerance, a fault are each validated
+//! while they are deserialized), so every error comes with the line and column of the value
+//! that broke it and the path to it: `exp.yaml:14:9: method[0].fault: ...`. Unknown fields are
+//! errors everywhere: a typo must never silently drop a stop condition.
+use crate::driver::AgentSelector;
+use crate::tolerance::Tolerance;
+use chaos_agent::spec::FaultSpec;
+use chaos_proto::agent::v1 as pb;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A duration written like "500ms", "30s", "2m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Dur(pub Duration);
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let d = chaos_agent::spec::parse_duration(&s).map_err(|e| e.rule)?;
+        if d.is_zero() {
+            return Err(format!("`{s}` must be greater than 0"));
+        }
+        Ok(Dur(d))
+    }
+}
+
+impl From<Dur> for String {
+    fn from(d: Dur) -> String {
+        format!("{}ms", d.0.as_millis())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Experiment {
+    pub title: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub steady_state_hypothesis: Hypothesis,
+    #[serde(default)]
+    pub during: During,
+    #[serde(default)]
+    pub recovery: Recovery,
+    pub method: Vec<Step>,
+    #[serde(default)]
+    pub rollbacks: Vec<Command>,
+    #[serde(default)]
+    pub stop_conditions: Vec<Probe>,
+    #[serde(default)]
+    pub blast_radius: BlastRadius,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Hypothesis {
+    pub title: String,
+    pub probes: Vec<Probe>,
+}
+
+/// Continuous probing while faults are active.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct During {
+    #[serde(default = "one_second")]
+    pub interval: Dur,
+    /// Revert every fault at the first violation (the run is then "violated").
+    #[serde(default = "yes")]
+    pub stop_on_violation: bool,
+}
+
+impl Default for During {
+    fn default() -> Self {
+        During {
+            interval: one_second(),
+            stop_on_violation: true,
+        }
+    }
+}
+
+/// After the last revert: probe until the hypothesis holds again (the recovery time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Recovery {
+    #[serde(default = "thirty_seconds")]
+    pub timeout: Dur,
+    #[serde(default = "half_second")]
+    pub interval: Dur,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Recovery {
+            timeout: thirty_seconds(),
+            interval: half_second(),
+        }
+    }
+}
+
+fn one_second() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn half_second() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn thirty_seconds() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn yes() -> bool {
+    true
+}
+
+/// Limits the method must stay within; checked before anything runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlastRadius {
+    /// Agents one fault action may select (the fleet enforces it when it resolves selectors).
+    pub max_agents: Option<u32>,
+    /// Fault actions in the method.
+    pub max_faults: Option<u32>,
+    /// Longest the method may take (faults and pauses, parallel branches overlapping).
+    pub max_duration: Option<Dur>,
+}
+
+/// One step of the method: `- fault: {...}`, `- pause: 5s`, `- parallel: [...]` or
+/// `- command: {...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawStep", into = "RawStep")]
+pub enum Step {
+    Fault(Box<Fault>),
+    Pause(Dur),
+    Parallel(Vec<Step>),
+    Command(Command),
+}
+
+/// YAML has no one-key-map enums in serde_yaml 0.9's model (it uses tags), so a step is read
+/// as a map with exactly one of these keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawStep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Box<Fault>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<Vec<Step>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Command>,
+}
+
+impl TryFrom<RawStep> for Step {
+    type Error = String;
+    fn try_from(r: RawStep) -> Result<Self, String> {
+        let mut steps = Vec::new();
+        if let Some(f) = r.fault {
+            steps.push(Step::Fault(f));
+        }
+        if let Some(d) = r.pause {
+            steps.push(Step::Pause(d));
+        }
+        if let Some(p) = r.parallel {
+            if p.is_empty() {
+                return Err("parallel: needs at least one step".into());
+            }
+            steps.push(Step::Parallel(p));
+        }
+        if let Some(c) = r.command {
+            steps.push(Step::Command(c));
+        }
+        match steps.len() {
+            1 => Ok(steps.remove(0)),
+            n => Err(format!(
+                "a step has exactly one of fault, pause, parallel, command (this one has {n})"
+            )),
+        }
+    }
+}
+
+impl From<Step> for RawStep {
+    fn from(s: Step) -> RawStep {
+        let mut r = RawStep::default();
+        match s {
+            Step::Fault(f) => r.fault = Some(f),
+            Step::Pause(d) => r.pause = Some(d),
+            Step::Parallel(p) => r.parallel = Some(p),
+            Step::Command(c) => r.command = Some(c),
+        }
+        r
+    }
+}
+
+/// Runs a program (no shell) and waits for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Command {
+    pub name: String,
+    pub run: Vec<String>,
+    #[serde(default = "thirty_seconds")]
+    pub timeout: Dur,
+}
+
+/// A fault action: what, where (agents and target), for how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawFault", into = "RawFault")]
+pub struct Fault {
+    pub name: String,
+    pub kind: String,
+    /// Validated with the agent's own parser when the file was read.
+    pub spec: pb::FaultSpec,
+    pub selector: AgentSelector,
+    /// None: active until the end of the method.
+    pub duration: Option<Duration>,
+    raw: Box<RawFault>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawFault {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Loss>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<Percent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorder: Option<Reorder>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<Percent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+    #[serde(default)]
+    pub target: RawTarget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Loss {
+    pub percent: f64,
+    #[serde(default)]
+    pub correlation: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Percent {
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Latency {
+    pub ms: f64,
+    #[serde(default)]
+    pub jitter_ms: f64,
+    #[serde(default)]
+    pub correlation: f64,
+    #[serde(default)]
+    pub distribution: String,
+    #[serde(default)]
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Bandwidth {
+    pub rate: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Reorder {
+    pub percent: f64,
+    pub ms: f64,
+    #[serde(default)]
+    pub correlation: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Dns {
+    pub mode: String,
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Cpu {
+    pub workers: u32,
+    pub load: f64,
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// Where a fault goes: which agents (by name or label) and, on each, what traffic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawTarget {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dest: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub direction: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl From<Fault> for RawFault {
+    fn from(f: Fault) -> RawFault {
+        *f.raw
+    }
+}
+
+impl TryFrom<RawFault> for Fault {
+    type Error = String;
+    fn try_from(r: RawFault) -> Result<Self, String> {
+        Self::from_raw(r).map_err(|e| format!("fault.{e}"))
+    }
+}
+
+impl Fault {
+    fn from_raw(r: RawFault) -> Result<Self, String> {
+        use pb::fault_spec::Kind;
+        let mut kinds: Vec<(&str, Kind)> = Vec::new();
+        if let Some(l) = &r.loss {
+            kinds.push((
+                "loss",
+                Kind::Loss(pb::Loss {
+                    percent: l.percent,
+                    correlation: l.correlation,
+                }),
+            ));
+        }
+        if let Some(c) = &r.corrupt {
+            kinds.push(("corrupt", Kind::Corrupt(pb::Corrupt { percent: c.percent })));
+        }
+        if r.partition.is_some() {
+            kinds.push(("partition", Kind::Partition(pb::Partition {})));
+        }
+        if let Some(l) = &r.latency {
+            kinds.push((
+                "latency",
+                Kind::Latency(pb::Latency {
+                    ms: l.ms,
+                    jitter_ms: l.jitter_ms,
+                    correlation: l.correlation,
+                    distribution: l.distribution.clone(),
+                    backend: l.backend.clone(),
+                    dest_ms: vec![],
+                }),
+            ));
+        }
+        if let Some(b) = &r.bandwidth {
+            kinds.push((
+                "bandwidth",
+                Kind::Bandwidth(pb::Bandwidth {
+                    rate: b.rate.clone(),
+                }),
+            ));
+        }
+        if let Some(o) = &r.reorder {
+            kinds.push((
+                "reorder",
+                Kind::Reorder(pb::Reorder {
+                    percent: o.percent,
+                    ms: o.ms,
+                    correlation: o.correlation,
+                }),
+            ));
+        }
+        if let Some(d) = &r.duplicate {
+            kinds.push((
+                "duplicate",
+                Kind::Duplicate(pb::Duplicate { percent: d.percent }),
+            ));
+        }
+        if let Some(d) = &r.dns {
+            kinds.push((
+                "dns",
+                Kind::Dns(pb::Dns {
+                    mode: d.mode.clone(),
+                    domains: d.domains.clone(),
+                }),
+            ));
+        }
+        if let Some(c) = &r.cpu {
+            kinds.push((
+                "cpu",
+                Kind::Cpu(pb::Cpu {
+                    workers: c.workers,
+                    load_percent: c.load,
+                    cgroup_target: match (&c.cgroup, c.pid) {
+                        (Some(p), None) => Some(pb::cpu::CgroupTarget::Cgroup(p.clone())),
+                        (None, Some(pid)) => Some(pb::cpu::CgroupTarget::Pid(pid)),
+                        (None, None) => return Err("cpu: needs cgroup or pid".into()),
+                        (Some(_), Some(_)) => {
+                            return Err("cpu: cgroup and pid exclude each other".into());
+                        }
+                    },
+                }),
+            ));
+        }
+        let (kind, k) = match kinds.len() {
+            1 => kinds.remove(0),
+            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns or cpu".into()),
+            _ => {
+                return Err(format!(
+                    "has {} fault kinds ({}); one action applies one kind",
+                    kinds.len(),
+                    kinds.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        };
+        let t = &r.target;
+        let network = kind != "cpu";
+        if network && t.interface.is_empty() {
+            return Err("target.interface: is required".into());
+        }
+        // The agent holds the fault a little longer than the action: the runner reverts it on
+        // time, and the agent's own deadline only backs that up.
+        let spec = pb::FaultSpec {
+            kind: Some(k),
+            target: network.then(|| pb::Target {
+                interface: t.interface.clone(),
+                namespace: t.netns.clone().map(pb::target::Namespace::Netns),
+                dest: t.dest.clone(),
+                source: t.source.clone(),
+                ports: t.ports.clone(),
+                protocol: t.protocol.clone(),
+                direction: t.direction.clone(),
+                force: t.force,
+            }),
+            duration_ms: r
+                .duration
+                .map(|d| d.0.as_millis() as u64 + AGENT_DEADLINE_SLACK.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        // The agent's errors name its flags; say where that is in this file instead.
+        let place = |field: &str| {
+            let f = field.trim_start_matches("--");
+            match f {
+                "dest" | "source" | "port" | "ports" | "protocol" | "direction" | "interface"
+                | "netns" | "force" => format!("target.{f}"),
+                "duration" => "duration".to_string(),
+                _ => format!("{kind}.{f}"),
+            }
+        };
+        let parsed = FaultSpec::try_from(spec.clone())
+            .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+        parsed
+            .validate(chaos_agent::spec::DEFAULT_MAX_DURATION)
+            .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+        Ok(Fault {
+            name: r.name.clone(),
+            kind: kind.to_string(),
+            spec,
+            selector: AgentSelector {
+                agents: t.agents.clone(),
+                labels: t.labels.clone(),
+            },
+            duration: r.duration.map(|d| d.0),
+            raw: Box::new(r),
+        })
+    }
+}
+
+/// How much longer than the action the agent keeps a fault on its own.
+pub const AGENT_DEADLINE_SLACK: Duration = Duration::from_secs(30);
+
+/// A probe: one way of measuring the system, with tolerances per measure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawProbe", into = "RawProbe")]
+pub struct Probe {
+    pub name: String,
+    pub kind: ProbeKind,
+    /// Measure name -> tolerance, e.g. "p99-ms" -> "< 300".
+    pub tolerance: BTreeMap<String, Tolerance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProbeKind {
+    Http(HttpProbe),
+    Prometheus(PrometheusProbe),
+    Tcp(TcpProbe),
+    Dns(DnsProbe),
+    Command(CommandProbe),
+}
+
+impl ProbeKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProbeKind::Http(_) => "http",
+            ProbeKind::Prometheus(_) => "prometheus",
+            ProbeKind::Tcp(_) => "tcp",
+            ProbeKind::Dns(_) => "dns",
+            ProbeKind::Command(_) => "command",
+        }
+    }
+
+    /// The measures this kind of probe produces (tolerances may name only these).
+    pub fn measures(&self) -> &'static [&'static str] {
+        match self {
+            ProbeKind::Http(_) => &[
+                "p50-ms",
+                "p95-ms",
+                "p99-ms",
+                "error-rate",
+                "status",
+                "requests",
+            ],
+            ProbeKind::Prometheus(_) => &["value", "min", "max"],
+            ProbeKind::Tcp(_) => &["ok", "connect-ms"],
+            ProbeKind::Dns(_) => &["rcode", "answers", "ms"],
+            ProbeKind::Command(_) => &["exit-code", "stdout", "ms"],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawProbe {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandProbe>,
+    #[serde(default)]
+    pub tolerance: BTreeMap<String, Tolerance>,
+}
+
+impl TryFrom<RawProbe> for Probe {
+    type Error = String;
+    fn try_from(r: RawProbe) -> Result<Self, String> {
+        let mut kinds = Vec::new();
+        if let Some(p) = r.http {
+            if !p.url.starts_with("http://") {
+                return Err(format!(
+                    "http.url: `{}` must start with http:// (https probes are not supported yet)",
+                    p.url
+                ));
+            }
+            if !(p.rate > 0.0 && p.rate <= 1000.0) {
+                return Err(format!(
+                    "http.rate: must be in (0, 1000] requests/s (got {})",
+                    p.rate
+                ));
+            }
+            kinds.push(ProbeKind::Http(p));
+        }
+        if let Some(p) = r.prometheus {
+            if !p.url.starts_with("http://") {
+                return Err(format!(
+                    "prometheus.url: `{}` must start with http://",
+                    p.url
+                ));
+            }
+            kinds.push(ProbeKind::Prometheus(p));
+        }
+        if let Some(p) = r.tcp {
+            kinds.push(ProbeKind::Tcp(p));
+        }
+        if let Some(p) = r.dns {
+            kinds.push(ProbeKind::Dns(p));
+        }
+        if let Some(p) = r.command {
+            if p.run.is_empty() {
+                return Err("command.run: needs the program and its arguments".into());
+            }
+            kinds.push(ProbeKind::Command(p));
+        }
+        if kinds.len() != 1 {
+            return Err(format!(
+                "probe {:?} needs exactly one of http, prometheus, tcp, dns, command (has {})",
+                r.name,
+                kinds.len()
+            ));
+        }
+        let kind = kinds.remove(0);
+        for m in r.tolerance.keys() {
+            if !kind.measures().contains(&m.as_str()) {
+                return Err(format!(
+                    "tolerance.{m}: unknown measure for a {} probe; it has {}",
+                    kind.name(),
+                    kind.measures().join(", ")
+                ));
+            }
+        }
+        Ok(Probe {
+            name: r.name,
+            kind,
+            tolerance: r.tolerance,
+        })
+    }
+}
+
+impl From<Probe> for RawProbe {
+    fn from(p: Probe) -> RawProbe {
+        let mut r = RawProbe {
+            name: p.name,
+            http: None,
+            prometheus: None,
+            tcp: None,
+            dns: None,
+            command: None,
+            tolerance: p.tolerance,
+        };
+        match p.kind {
+            ProbeKind::Http(x) => r.http = Some(x),
+            ProbeKind::Prometheus(x) => r.prometheus = Some(x),
+            ProbeKind::Tcp(x) => r.tcp = Some(x),
+            ProbeKind::Dns(x) => r.dns = Some(x),
+            ProbeKind::Command(x) => r.command = Some(x),
+        }
+        r
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpProbe {
+    pub url: String,
+    #[serde(default = "get")]
+    pub method: String,
+    /// Requests per second, sent on schedule whether or not earlier ones answered.
+    #[serde(default = "ten")]
+    pub rate: f64,
+    #[serde(default = "two_seconds")]
+    pub window: Dur,
+    #[serde(default = "one_second")]
+    pub timeout: Dur,
+    /// Statuses that count as success (default: 200-399).
+    #[serde(default)]
+    pub expect_status: Vec<u16>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+fn ten() -> f64 {
+    10.0
+}
+fn two_seconds() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PrometheusProbe {
+    /// The server, e.g. http://127.0.0.1:9090.
+    pub url: String,
+    pub query: String,
+    /// A range query over this window ending now (measures the last value, min and max).
+    #[serde(default)]
+    pub range: Option<Dur>,
+    #[serde(default = "five_seconds")]
+    pub step: Dur,
+    #[serde(default = "two_seconds")]
+    pub timeout: Dur,
+}
+
+fn five_seconds() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TcpProbe {
+    /// ip:port
+    pub address: std::net::SocketAddr,
+    #[serde(default = "one_second")]
+    pub timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DnsProbe {
+    /// ip:port of the server.
+    pub server: std::net::SocketAddr,
+    pub name: String,
+    /// A, AAAA, TXT, ... (default A).
+    #[serde(default = "type_a", rename = "type")]
+    pub qtype: String,
+    #[serde(default = "one_second")]
+    pub timeout: Dur,
+}
+
+fn type_a() -> String {
+    "A".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CommandProbe {
+    pub run: Vec<String>,
+    #[serde(default = "five_seconds")]
+    pub timeout: Dur,
+}
+
+/// Every fault action of the method, depth first.
+pub fn faults(steps: &[Step]) -> Vec<&Fault> {
+    let mut out = Vec::new();
+    for s in steps {
+        match s {
+            Step::Fault(f) => out.push(&**f),
+            Step::Parallel(p) => out.extend(faults(p)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How long the steps take at least: sequence adds, parallel takes the longest branch.
+pub fn min_duration(steps: &[Step]) -> Duration {
+    steps
+        .iter()
+        .map(|s| match s {
+            Step::Fault(f) => f.duration.unwrap_or_default(),
+            Step::Pause(d) => d.0,
+            Step::Parallel(p) => p
+                .iter()
+                .map(|s| min_duration(std::slice::from_ref(s)))
+                .max()
+                .unwrap_or_default(),
+            Step::Command(_) => Duration::ZERO,
+        })
+        .sum()
+}
