@@ -8,6 +8,7 @@ pub mod ctk;
 pub mod driver;
 pub mod load;
 pub mod model;
+pub mod probe;
 pub mod record;
 pub mod tolerance;
 

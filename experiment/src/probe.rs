@@ -1,0 +1,669 @@
+//! Probes: each measures the system once and returns a sample with its measures checked
+//! against the probe's tolerances.
+//!
+//! HTTP is spoken by hand (HTTP/1.1, one request per connection, as a new client would): it
+//! keeps the measurement honest (connect + request + full response) and the dependency tree
+//! small. Only plain http:// is supported; the model refuses https:// with one line.
+use crate::model::{
+    CommandProbe, DnsProbe, HttpProbe, Probe, ProbeKind, PrometheusProbe, TcpProbe,
+};
+use crate::record::{Measure, Phase, ProbeSample};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// Runs `probe` once. `t0` is the run's start (sample times are relative to it).
+pub async fn run(probe: &Probe, phase: Phase, t0: Instant) -> ProbeSample {
+    let start_ms = t0.elapsed().as_millis() as u64;
+    let result = match &probe.kind {
+        ProbeKind::Http(p) => http(p).await,
+        ProbeKind::Prometheus(p) => prometheus(p).await,
+        ProbeKind::Tcp(p) => tcp(p).await,
+        ProbeKind::Dns(p) => dns(p).await,
+        ProbeKind::Command(p) => command(p).await,
+    };
+    let (mut measures, error) = match result {
+        Ok(m) => (m, None),
+        Err(e) => (vec![], Some(e)),
+    };
+    for m in &mut measures {
+        if let Some(t) = probe.tolerance.get(&m.name) {
+            t.check(m);
+        }
+    }
+    // A tolerance on a measure the probe could not produce is a violation, not a pass.
+    for (name, t) in &probe.tolerance {
+        if !measures.iter().any(|m| &m.name == name) {
+            measures.push(Measure {
+                name: name.clone(),
+                value: None,
+                text: None,
+                tolerance: Some(t.as_str().to_string()),
+                ok: false,
+            });
+        }
+    }
+    let ok = error.is_none() && measures.iter().all(|m| m.ok);
+    ProbeSample {
+        probe: probe.name.clone(),
+        phase,
+        start_ms,
+        end_ms: t0.elapsed().as_millis() as u64,
+        ok,
+        measures,
+        error,
+    }
+}
+
+fn num(name: &str, v: f64) -> Measure {
+    Measure {
+        name: name.into(),
+        value: Some(v),
+        text: None,
+        tolerance: None,
+        ok: true,
+    }
+}
+
+fn text(name: &str, v: f64, t: String) -> Measure {
+    Measure {
+        name: name.into(),
+        value: Some(v),
+        text: Some(t),
+        tolerance: None,
+        ok: true,
+    }
+}
+
+/// A parsed http:// URL.
+struct Url {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<Url, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{url}` must start with http://"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or("bad IPv6 address")?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or("80"))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), "80"),
+        }
+    };
+    let port = port
+        .parse()
+        .map_err(|_| format!("`{url}`: bad port `{port}`"))?;
+    Ok(Url {
+        host,
+        port,
+        path: path.to_string(),
+    })
+}
+
+/// One HTTP/1.1 exchange: (status, body).
+async fn http_once(
+    url: &Url,
+    method: &str,
+    headers: &BTreeMap<String, String>,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut s = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
+    let _ = s.set_nodelay(true);
+    let mut req = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: chaos-probe\r\nConnection: close\r\n",
+        url.path, url.host
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    s.read_to_end(&mut buf)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no HTTP response head")?;
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("no HTTP status")?;
+    Ok((status, buf[head_end + 4..].to_vec()))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Requests at a fixed rate over the window (open loop: a slow answer does not delay the next
+/// request, so latency under fault is not hidden by coordinated omission).
+async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
+    let url = std::sync::Arc::new(parse_url(&p.url)?);
+    let n = ((p.rate * p.window.0.as_secs_f64()).round() as usize).max(1);
+    let gap = Duration::from_secs_f64(1.0 / p.rate);
+    let mut set = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..n {
+        tokio::time::sleep_until(start + gap * i as u32).await;
+        let (url, method, headers, timeout) = (
+            url.clone(),
+            p.method.clone(),
+            p.headers.clone(),
+            p.timeout.0,
+        );
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = tokio::time::timeout(timeout, http_once(&url, &method, &headers)).await;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            match r {
+                Ok(Ok((status, _))) => (ms, Some(status)),
+                _ => (ms, None),
+            }
+        });
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut errors = 0usize;
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    while let Some(r) = set.join_next().await {
+        let Ok((ms, status)) = r else {
+            errors += 1;
+            continue;
+        };
+        lat.push(ms);
+        match status {
+            Some(s) => {
+                *statuses.entry(s).or_default() += 1;
+                let good = if p.expect_status.is_empty() {
+                    (200..400).contains(&s)
+                } else {
+                    p.expect_status.contains(&s)
+                };
+                if !good {
+                    errors += 1;
+                }
+            }
+            None => errors += 1,
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let mut m = vec![
+        num("p50-ms", percentile(&lat, 50.0)),
+        num("p95-ms", percentile(&lat, 95.0)),
+        num("p99-ms", percentile(&lat, 99.0)),
+        num("error-rate", errors as f64 / n as f64),
+        num("requests", n as f64),
+    ];
+    if let Some((s, _)) = statuses.iter().max_by_key(|(_, c)| **c) {
+        m.push(num("status", *s as f64));
+    }
+    Ok(m)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An instant query (one series or a scalar), or a range query ending now.
+async fn prometheus(p: &PrometheusProbe) -> Result<Vec<Measure>, String> {
+    let base = parse_url(&p.url)?;
+    let prefix = base.path.trim_end_matches('/');
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let path = match p.range {
+        None => format!("{prefix}/api/v1/query?query={}", urlencode(&p.query)),
+        Some(w) => format!(
+            "{prefix}/api/v1/query_range?query={}&start={:.3}&end={now:.3}&step={}",
+            urlencode(&p.query),
+            now - w.0.as_secs_f64(),
+            p.step.0.as_secs_f64()
+        ),
+    };
+    let url = Url { path, ..base };
+    let (status, body) =
+        tokio::time::timeout(p.timeout.0, http_once(&url, "GET", &BTreeMap::new()))
+            .await
+            .map_err(|_| format!("no answer within {:?}", p.timeout.0))??;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("HTTP {status}: not JSON: {e}"))?;
+    if v["status"] != "success" {
+        return Err(format!(
+            "HTTP {status}: {}",
+            v["error"].as_str().unwrap_or("query failed")
+        ));
+    }
+    let data = &v["data"];
+    let parse = |pair: &serde_json::Value| -> Option<f64> { pair.get(1)?.as_str()?.parse().ok() };
+    match data["resultType"].as_str() {
+        Some("scalar") => Ok(vec![num(
+            "value",
+            parse(&data["result"]).ok_or("bad scalar")?,
+        )]),
+        Some("vector") => {
+            let r = data["result"].as_array().ok_or("bad vector")?;
+            if r.len() != 1 {
+                return Err(format!(
+                    "`{}` returned {} series; a probe needs exactly one (aggregate it, e.g. sum(...))",
+                    p.query,
+                    r.len()
+                ));
+            }
+            Ok(vec![num(
+                "value",
+                parse(&r[0]["value"]).ok_or("bad sample")?,
+            )])
+        }
+        Some("matrix") => {
+            let r = data["result"].as_array().ok_or("bad matrix")?;
+            if r.len() != 1 {
+                return Err(format!(
+                    "`{}` returned {} series; a probe needs exactly one",
+                    p.query,
+                    r.len()
+                ));
+            }
+            let vals: Vec<f64> = r[0]["values"]
+                .as_array()
+                .ok_or("bad matrix")?
+                .iter()
+                .filter_map(parse)
+                .collect();
+            let last = *vals.last().ok_or("no samples in the range")?;
+            let min = vals.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            Ok(vec![num("value", last), num("min", min), num("max", max)])
+        }
+        other => Err(format!("unexpected result type {other:?}")),
+    }
+}
+
+async fn tcp(p: &TcpProbe) -> Result<Vec<Measure>, String> {
+    let t = Instant::now();
+    let ok = matches!(
+        tokio::time::timeout(p.timeout.0, TcpStream::connect(p.address)).await,
+        Ok(Ok(_))
+    );
+    let mut m = vec![num("ok", if ok { 1.0 } else { 0.0 })];
+    if ok {
+        m.push(num("connect-ms", t.elapsed().as_secs_f64() * 1000.0));
+    }
+    Ok(m)
+}
+
+fn qtype(name: &str) -> Result<u16, String> {
+    Ok(match name.to_ascii_uppercase().as_str() {
+        "A" => 1,
+        "NS" => 2,
+        "CNAME" => 5,
+        "SOA" => 6,
+        "PTR" => 12,
+        "MX" => 15,
+        "TXT" => 16,
+        "AAAA" => 28,
+        "SRV" => 33,
+        other => {
+            return Err(format!(
+                "dns.type: `{other}` is not one of A, AAAA, CNAME, MX, NS, PTR, SOA, SRV, TXT"
+            ));
+        }
+    })
+}
+
+const RCODES: [&str; 11] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+    "NXRRSET", "NOTAUTH", "NOTZONE",
+];
+
+/// One UDP query: rcode, answer count, time. No answer within the timeout is an error.
+async fn dns(p: &DnsProbe) -> Result<Vec<Measure>, String> {
+    let mut q = Vec::with_capacity(64);
+    let id: u16 = (std::process::id() as u16) ^ (Instant::now().elapsed().subsec_nanos() as u16);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in p.name.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!(
+                "dns.name: `{}` has an empty or too long label",
+                p.name
+            ));
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype(&p.qtype)?.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    let bind = if p.server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    sock.send_to(&q, p.server)
+        .await
+        .map_err(|e| format!("send to {}: {e}", p.server))?;
+    let mut buf = [0u8; 1500];
+    let deadline = tokio::time::Instant::now() + p.timeout.0;
+    loop {
+        let (n, from) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf))
+            .await
+            .map_err(|_| format!("no answer from {} within {:?}", p.server, p.timeout.0))?
+            .map_err(|e| e.to_string())?;
+        if from != p.server || n < 12 || buf[0..2] != id.to_be_bytes() {
+            continue;
+        }
+        let rcode = (buf[3] & 0x0f) as usize;
+        let answers = u16::from_be_bytes([buf[6], buf[7]]);
+        return Ok(vec![
+            text(
+                "rcode",
+                rcode as f64,
+                RCODES
+                    .get(rcode)
+                    .map_or_else(|| rcode.to_string(), |s| s.to_string()),
+            ),
+            num("answers", answers as f64),
+            num("ms", t.elapsed().as_secs_f64() * 1000.0),
+        ]);
+    }
+}
+
+async fn command(p: &CommandProbe) -> Result<Vec<Measure>, String> {
+    let t = Instant::now();
+    let out = run_command(&p.run, p.timeout.0).await?;
+    let mut stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    stdout.truncate(4096);
+    Ok(vec![
+        num("exit-code", out.status.code().unwrap_or(-1) as f64),
+        Measure {
+            name: "stdout".into(),
+            value: None,
+            text: Some(stdout),
+            tolerance: None,
+            ok: true,
+        },
+        num("ms", t.elapsed().as_secs_f64() * 1000.0),
+    ])
+}
+
+/// Runs argv (no shell) with a timeout; the child is killed when the time is up.
+pub async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+) -> Result<std::process::Output, String> {
+    let (prog, args) = argv.split_first().ok_or("empty command")?;
+    let child = tokio::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("run {prog}: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => Err(format!("{prog}: {e}")),
+        Err(_) => Err(format!("{prog} did not finish within {timeout:?} (killed)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tolerance::Tolerance;
+    use tokio::net::TcpListener;
+
+    fn tol(pairs: &[(&str, &str)]) -> BTreeMap<String, Tolerance> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Tolerance::try_from(v.to_string()).unwrap()))
+            .collect()
+    }
+
+    /// A real HTTP server on loopback answering `status` after `delay`, with `body`.
+    async fn server(status: u16, delay: Duration, body: &'static str) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn http_probe(addr: std::net::SocketAddr, t: &[(&str, &str)]) -> Probe {
+        Probe {
+            name: "web".into(),
+            kind: ProbeKind::Http(HttpProbe {
+                url: format!("http://{addr}/x"),
+                method: "GET".into(),
+                rate: 50.0,
+                window: crate::model::Dur(Duration::from_millis(400)),
+                timeout: crate::model::Dur(Duration::from_millis(500)),
+                expect_status: vec![],
+                headers: BTreeMap::new(),
+            }),
+            tolerance: tol(t),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_measures_latency_errors_and_status_against_a_real_server() {
+        let fast = server(200, Duration::ZERO, "ok").await;
+        let s = run(
+            &http_probe(fast, &[("p99-ms", "< 100"), ("error-rate", "== 0")]),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.measure("requests").unwrap().value, Some(20.0));
+        assert_eq!(s.measure("status").unwrap().value, Some(200.0));
+
+        let slow = server(200, Duration::from_millis(150), "ok").await;
+        let s = run(
+            &http_probe(slow, &[("p50-ms", "< 100")]),
+            Phase::During,
+            Instant::now(),
+        )
+        .await;
+        assert!(!s.ok);
+        let p50 = s.measure("p50-ms").unwrap().value.unwrap();
+        assert!((150.0..400.0).contains(&p50), "p50 {p50}");
+
+        let failing = server(503, Duration::ZERO, "no").await;
+        let s = run(
+            &http_probe(failing, &[("error-rate", "<= 0.01")]),
+            Phase::During,
+            Instant::now(),
+        )
+        .await;
+        assert!(!s.ok);
+        assert_eq!(s.measure("error-rate").unwrap().value, Some(1.0));
+
+        // Nothing listening: every request fails, and the sample says so through error-rate.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = l.local_addr().unwrap();
+        drop(l);
+        let s = run(
+            &http_probe(gone, &[("error-rate", "<= 0.01")]),
+            Phase::During,
+            Instant::now(),
+        )
+        .await;
+        assert_eq!(s.measure("error-rate").unwrap().value, Some(1.0));
+        assert!(!s.ok);
+    }
+
+    #[tokio::test]
+    async fn prometheus_reads_one_series_and_refuses_several() {
+        // A server speaking the Prometheus HTTP API's JSON (the real Prometheus is exercised by
+        // the integration tests in tests/tests/experiments.rs).
+        let one = server(200, Duration::ZERO, r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"3"]}]}}"#).await;
+        let p = Probe {
+            name: "prom".into(),
+            kind: ProbeKind::Prometheus(PrometheusProbe {
+                url: format!("http://{one}"),
+                query: "sum(up)".into(),
+                range: None,
+                step: crate::model::Dur(Duration::from_secs(1)),
+                timeout: crate::model::Dur(Duration::from_secs(1)),
+            }),
+            tolerance: tol(&[("value", ">= 2")]),
+        };
+        let s = run(&p, Phase::Before, Instant::now()).await;
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.measure("value").unwrap().value, Some(3.0));
+        let two = server(200, Duration::ZERO, r#"{"status":"success","data":{"resultType":"vector","result":[{"value":[1,"1"]},{"value":[1,"2"]}]}}"#).await;
+        let mut p2 = p.clone();
+        if let ProbeKind::Prometheus(pp) = &mut p2.kind {
+            pp.url = format!("http://{two}");
+        }
+        let s = run(&p2, Phase::Before, Instant::now()).await;
+        assert!(!s.ok);
+        assert!(s.error.unwrap().contains("returned 2 series"));
+    }
+
+    #[tokio::test]
+    async fn tcp_dns_and_command_probes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let tcp_probe = |a| Probe {
+            name: "port".into(),
+            kind: ProbeKind::Tcp(TcpProbe {
+                address: a,
+                timeout: crate::model::Dur(Duration::from_millis(300)),
+            }),
+            tolerance: tol(&[("ok", "== 1")]),
+        };
+        assert!(
+            run(&tcp_probe(addr), Phase::Before, Instant::now())
+                .await
+                .ok
+        );
+        drop(l);
+        assert!(
+            !run(&tcp_probe(addr), Phase::Before, Instant::now())
+                .await
+                .ok
+        );
+
+        // A real UDP DNS responder: NXDOMAIN for everything.
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                buf[2] |= 0x80;
+                buf[3] = 0x83;
+                let _ = sock.send_to(&buf[..n], from).await;
+            }
+        });
+        let dns_probe = |t: &[(&str, &str)]| Probe {
+            name: "dns".into(),
+            kind: ProbeKind::Dns(DnsProbe {
+                server,
+                name: "db.example".into(),
+                qtype: "A".into(),
+                timeout: crate::model::Dur(Duration::from_millis(500)),
+            }),
+            tolerance: tol(t),
+        };
+        let s = run(
+            &dns_probe(&[("rcode", "== NXDOMAIN")]),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        assert!(s.ok, "{s:?}");
+        assert!(
+            !run(
+                &dns_probe(&[("rcode", "== NOERROR")]),
+                Phase::Before,
+                Instant::now()
+            )
+            .await
+            .ok
+        );
+
+        let cmd = |argv: &[&str], t: &[(&str, &str)]| Probe {
+            name: "cmd".into(),
+            kind: ProbeKind::Command(CommandProbe {
+                run: argv.iter().map(|s| s.to_string()).collect(),
+                timeout: crate::model::Dur(Duration::from_millis(500)),
+            }),
+            tolerance: tol(t),
+        };
+        assert!(
+            run(
+                &cmd(
+                    &["/bin/echo", "ok fine"],
+                    &[("exit-code", "== 0"), ("stdout", "~ ^ok")]
+                ),
+                Phase::Before,
+                Instant::now()
+            )
+            .await
+            .ok
+        );
+        assert!(
+            !run(
+                &cmd(&["/bin/false"], &[("exit-code", "== 0")]),
+                Phase::Before,
+                Instant::now()
+            )
+            .await
+            .ok
+        );
+        let s = run(
+            &cmd(&["/bin/sleep", "5"], &[("exit-code", "== 0")]),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        assert!(s.error.unwrap().contains("did not finish"));
+    }
+}
