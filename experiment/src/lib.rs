@@ -10,6 +10,7 @@ pub mod load;
 pub mod model;
 pub mod probe;
 pub mod record;
+pub mod runner;
 pub mod tolerance;
 
 pub use load::LoadError;
