@@ -10,6 +10,7 @@ pub mod load;
 pub mod model;
 pub mod probe;
 pub mod record;
+pub mod report;
 pub mod runner;
 pub mod tolerance;
 
