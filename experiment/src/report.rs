@@ -528,19 +528,19 @@ pub fn svg(r: &RunRecord) -> String {
     // Phases along the top.
     let mut last = "";
     for e in &r.events {
-        if let Some(ph) = e.text.strip_prefix("phase: ") {
-            if ph != last {
-                let px = x(e.t_ms);
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{px:.1}" x2="{px:.1}" y1="{:.1}" y2="{top}" stroke="#666" stroke-dasharray="2,2"/><text x="{:.1}" y="{:.1}" fill="#444">{}</text>"##,
-                    top - 14.0,
-                    px + 2.0,
-                    top - 4.0,
-                    esc(ph),
-                );
-                last = ph;
-            }
+        if let Some(ph) = e.text.strip_prefix("phase: ")
+            && ph != last
+        {
+            let px = x(e.t_ms);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px:.1}" x2="{px:.1}" y1="{:.1}" y2="{top}" stroke="#666" stroke-dasharray="2,2"/><text x="{:.1}" y="{:.1}" fill="#444">{}</text>"##,
+                top - 14.0,
+                px + 2.0,
+                top - 4.0,
+                esc(ph),
+            );
+            last = ph;
         }
     }
     s.push_str("</svg>\n");
@@ -847,7 +847,11 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("chaos-report-{}", std::process::id()));
         let files = write_all(&r, &dir).unwrap();
         assert_eq!(files.len(), 5);
-        assert!(std::fs::read_to_string(dir.join("report.html")).unwrap().starts_with("<!DOCTYPE html>"));
+        assert!(
+            std::fs::read_to_string(dir.join("report.html"))
+                .unwrap()
+                .starts_with("<!DOCTYPE html>")
+        );
         if std::env::var_os("CHAOS_KEEP_REPORT").is_none() {
             let _ = std::fs::remove_dir_all(&dir);
         }
