@@ -6,6 +6,7 @@
 //! report format and of the controller's history.
 pub mod ctk;
 pub mod driver;
+pub mod history;
 pub mod load;
 pub mod model;
 pub mod probe;
