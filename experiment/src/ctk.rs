@@ -1,12 +1,19 @@
-//! Chaos Toolkit experiments (placeholder until the importer lands).
+//! Chaos Toolkit experiments, imported into our model: what maps is mapped (http and process
+//! probes with their tolerances, process actions, pauses, rollbacks, `${name}` configuration
+//! values), everything else is refused with one line naming the element. The result goes
+//! through the same validation as a YAML experiment.
 use crate::LoadError;
 use crate::model::Experiment;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
-pub fn is_chaos_toolkit(v: &serde_json::Value) -> bool {
+/// A Chaos Toolkit file has typed activities (`"type": "action" | "probe"`) and providers.
+pub fn is_chaos_toolkit(v: &Value) -> bool {
     let typed = |key: &str| {
-        v.get(key)
-            .and_then(|m| m.as_array())
-            .is_some_and(|a| a.iter().any(|s| s.get("type").is_some()))
+        v.get(key).and_then(|m| m.as_array()).is_some_and(|a| {
+            a.iter()
+                .any(|s| s.get("type").is_some() || s.get("ref").is_some())
+        })
     };
     typed("method")
         || v.get("steady-state-hypothesis")
@@ -15,8 +22,398 @@ pub fn is_chaos_toolkit(v: &serde_json::Value) -> bool {
             .is_some_and(|a| a.iter().any(|p| p.get("provider").is_some()))
 }
 
-pub fn import(_v: &serde_json::Value, source: &str) -> Result<Experiment, LoadError> {
-    Err(LoadError(format!(
-        "{source}: Chaos Toolkit import is not implemented yet"
-    )))
+struct Ctx<'a> {
+    source: &'a str,
+    config: BTreeMap<String, String>,
+    /// Activities by name, for `{"ref": name}`.
+    named: BTreeMap<String, Value>,
+}
+
+impl Ctx<'_> {
+    fn err(&self, path: &str, rule: impl std::fmt::Display) -> LoadError {
+        LoadError(format!(
+            "{}: {path}: {rule} (Chaos Toolkit import)",
+            self.source
+        ))
+    }
+
+    /// `${name}` from the configuration, in a string.
+    fn subst(&self, path: &str, s: &str) -> Result<String, LoadError> {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let end = rest[i..]
+                .find('}')
+                .ok_or_else(|| self.err(path, format!("unclosed ${{ in `{s}`")))?;
+            let key = &rest[i + 2..i + end];
+            let v = self.config.get(key).ok_or_else(|| {
+                self.err(path, format!("`${{{key}}}` is not in the configuration"))
+            })?;
+            out.push_str(v);
+            rest = &rest[i + end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn str(&self, path: &str, v: &Value, key: &str) -> Result<String, LoadError> {
+        match v.get(key) {
+            Some(Value::String(s)) => self.subst(&format!("{path}.{key}"), s),
+            Some(other) => Err(self.err(
+                &format!("{path}.{key}"),
+                format!("must be a string, not {other}"),
+            )),
+            None => Err(self.err(path, format!("`{key}` is required"))),
+        }
+    }
+}
+
+pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
+    let mut ctx = Ctx {
+        source,
+        config: BTreeMap::new(),
+        named: BTreeMap::new(),
+    };
+    if v.get("secrets").is_some() {
+        return Err(ctx.err(
+            "secrets",
+            "secrets are not supported: pass them to commands through the environment",
+        ));
+    }
+    if let Some(Value::Object(c)) = v.get("configuration") {
+        for (k, val) in c {
+            let s =
+                match val {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Object(o) if o.get("type") == Some(&json!("env")) => {
+                        let key = o.get("key").and_then(Value::as_str).unwrap_or_default();
+                        match std::env::var(key) {
+                            Ok(s) => s,
+                            Err(_) => match o.get("default") {
+                                Some(d) => d
+                                    .as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| d.to_string()),
+                                None => return Err(ctx.err(
+                                    &format!("configuration.{k}"),
+                                    format!(
+                                        "environment variable {key} is not set and has no default"
+                                    ),
+                                )),
+                            },
+                        }
+                    }
+                    other => {
+                        return Err(ctx.err(
+                            &format!("configuration.{k}"),
+                            format!("{other} is not a plain value or an env lookup"),
+                        ));
+                    }
+                };
+            ctx.config.insert(k.clone(), s);
+        }
+    }
+    for key in v
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        if ![
+            "version",
+            "title",
+            "description",
+            "tags",
+            "configuration",
+            "contributions",
+            "steady-state-hypothesis",
+            "method",
+            "rollbacks",
+            "extensions",
+            "runtime",
+            "controls",
+        ]
+        .contains(&key.as_str())
+        {
+            return Err(ctx.err(&key, "unknown top-level key"));
+        }
+        if key == "controls" {
+            return Err(ctx.err("controls", "controls are not supported"));
+        }
+    }
+    let hyp = v.get("steady-state-hypothesis").ok_or_else(|| {
+        ctx.err(
+            "steady-state-hypothesis",
+            "is required: without a hypothesis nothing can be held or violated",
+        )
+    })?;
+    let mut probes = vec![];
+    for (i, p) in hyp
+        .get("probes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let path = format!("steady-state-hypothesis.probes[{i}]");
+        let p = resolve(&mut ctx, &path, p)?;
+        probes.push(probe(&ctx, &path, &p)?);
+    }
+    let mut method = vec![];
+    for (i, a) in v
+        .get("method")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let path = format!("method[{i}]");
+        let a = resolve(&mut ctx, &path, a)?;
+        method.extend(activity(&ctx, &path, &a)?);
+    }
+    let mut rollbacks = vec![];
+    for (i, a) in v
+        .get("rollbacks")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let path = format!("rollbacks[{i}]");
+        let a = resolve(&mut ctx, &path, a)?;
+        for step in activity(&ctx, &path, &a)? {
+            if let Some(c) = step.get("command") {
+                rollbacks.push(c.clone());
+            }
+        }
+    }
+    let exp = json!({
+        "title": v.get("title").and_then(Value::as_str).unwrap_or("(untitled Chaos Toolkit experiment)"),
+        "description": v.get("description").and_then(Value::as_str).unwrap_or(""),
+        "tags": v.get("tags").cloned().unwrap_or(json!([])),
+        "steady-state-hypothesis": {
+            "title": hyp.get("title").and_then(Value::as_str).unwrap_or("steady state"),
+            "probes": probes,
+        },
+        "method": method,
+        "rollbacks": rollbacks,
+    });
+    serde_json::from_value(exp)
+        .map_err(|e| LoadError(format!("{source}: {e} (Chaos Toolkit import)")))
+}
+
+/// `{"ref": "name"}` → the activity declared earlier under that name.
+fn resolve(ctx: &mut Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
+    if let Some(r) = a.get("ref").and_then(Value::as_str) {
+        return ctx
+            .named
+            .get(r)
+            .cloned()
+            .ok_or_else(|| ctx.err(path, format!("ref `{r}` names no earlier probe or action")));
+    }
+    if let Some(n) = a.get("name").and_then(Value::as_str) {
+        ctx.named.insert(n.to_string(), a.clone());
+    }
+    Ok(a.clone())
+}
+
+fn provider<'a>(ctx: &Ctx, path: &str, a: &'a Value) -> Result<(&'a Value, String), LoadError> {
+    let p = a
+        .get("provider")
+        .ok_or_else(|| ctx.err(path, "`provider` is required"))?;
+    let t = p.get("type").and_then(Value::as_str).unwrap_or("");
+    match t {
+        "http" | "process" => Ok((p, t.to_string())),
+        "python" => Err(ctx.err(path, format!(
+            "provider type \"python\" (module {}) is not supported: use a fault action in a chaos experiment file, or a process provider",
+            p.get("module").and_then(Value::as_str).unwrap_or("?")
+        ))),
+        other => Err(ctx.err(path, format!("provider type {other:?} is not supported (http and process are)"))),
+    }
+}
+
+fn timeout(p: &Value, default_s: f64) -> String {
+    let s = p
+        .get("timeout")
+        .and_then(Value::as_f64)
+        .unwrap_or(default_s);
+    format!("{}ms", (s * 1000.0).round().max(1.0) as u64)
+}
+
+fn argv(ctx: &Ctx, path: &str, p: &Value) -> Result<Vec<String>, LoadError> {
+    let mut v = vec![ctx.str(path, p, "path")?];
+    match p.get("arguments") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            for a in ctx.subst(path, s)?.split_whitespace() {
+                v.push(a.to_string());
+            }
+        }
+        Some(Value::Array(list)) => {
+            for a in list {
+                match a {
+                    Value::String(s) => v.push(ctx.subst(path, s)?),
+                    other => v.push(other.to_string()),
+                }
+            }
+        }
+        Some(other) => {
+            return Err(ctx.err(
+                &format!("{path}.provider.arguments"),
+                format!("{other} must be a string or a list"),
+            ));
+        }
+    }
+    Ok(v)
+}
+
+fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
+    if a.get("type").and_then(Value::as_str) != Some("probe") {
+        return Err(ctx.err(path, "the hypothesis holds probes only"));
+    }
+    let name = ctx.str(path, a, "name")?;
+    let (p, kind) = provider(ctx, path, a)?;
+    let tol = a
+        .get("tolerance")
+        .ok_or_else(|| ctx.err(path, "`tolerance` is required"))?;
+    let tpath = format!("{path}.tolerance");
+    if kind == "http" {
+        let mut out = json!({
+            "name": name,
+            "http": {
+                "url": ctx.str(&format!("{path}.provider"), p, "url")?,
+                "method": p.get("method").and_then(Value::as_str).unwrap_or("GET"),
+                "rate": 1, "window": "1s", "timeout": timeout(p, 3.0),
+            },
+        });
+        if let Some(Value::Object(h)) = p.get("headers") {
+            out["http"]["headers"] = Value::Object(h.clone());
+        }
+        match tol {
+            Value::Number(n) => {
+                out["http"]["expect-status"] = json!([n]);
+                out["tolerance"] = json!({"error-rate": "== 0"});
+            }
+            Value::Array(list) if list.iter().all(Value::is_number) => {
+                out["http"]["expect-status"] = Value::Array(list.clone());
+                out["tolerance"] = json!({"error-rate": "== 0"});
+            }
+            Value::Object(o) if o.get("type") == Some(&json!("range")) && matches!(o.get("target").and_then(Value::as_str), None | Some("status")) => {
+                let r = o.get("range").and_then(Value::as_array).filter(|r| r.len() == 2).ok_or_else(|| ctx.err(&tpath, "range needs [low, high]"))?;
+                out["tolerance"] = json!({"status": format!("{}..{}", r[0], r[1])});
+            }
+            other => return Err(ctx.err(&tpath, format!("{other} is not supported for an http probe (a status code, a list of them, or a status range)"))),
+        }
+        return Ok(out);
+    }
+    let tolerance = match tol {
+        Value::Number(n) => json!({"exit-code": format!("== {n}")}),
+        Value::Bool(true) => json!({"exit-code": "== 0"}),
+        Value::Object(o) => match (o.get("type").and_then(Value::as_str), o.get("target").and_then(Value::as_str)) {
+            (Some("regex"), Some("stdout")) => json!({"stdout": format!("~ {}", o.get("pattern").and_then(Value::as_str).unwrap_or(""))}),
+            (Some("range"), Some("status") | Some("exit_code")) => {
+                let r = o.get("range").and_then(Value::as_array).filter(|r| r.len() == 2).ok_or_else(|| ctx.err(&tpath, "range needs [low, high]"))?;
+                json!({"exit-code": format!("{}..{}", r[0], r[1])})
+            }
+            _ => return Err(ctx.err(&tpath, format!("{tol} is not supported for a process probe (an exit code, regex on stdout, or a range on status)"))),
+        },
+        other => return Err(ctx.err(&tpath, format!("{other} is not supported for a process probe"))),
+    };
+    Ok(json!({
+        "name": name,
+        "command": {"run": argv(ctx, &format!("{path}.provider"), p)?, "timeout": timeout(p, 30.0)},
+        "tolerance": tolerance,
+    }))
+}
+
+/// A method activity: pauses before/after around a command.
+fn activity(ctx: &Ctx, path: &str, a: &Value) -> Result<Vec<Value>, LoadError> {
+    let name = ctx.str(path, a, "name")?;
+    let (p, kind) = provider(ctx, path, a)?;
+    if kind != "process" {
+        return Err(ctx.err(path, "http actions are not supported in the method: use a process provider (e.g. curl) or a fault action"));
+    }
+    if a.get("background").and_then(Value::as_bool) == Some(true) {
+        return Err(ctx.err(path, "background activities are not supported: use parallel steps in a chaos experiment file"));
+    }
+    let pause = |key: &str| -> Option<Value> {
+        let s = a.get("pauses")?.get(key)?.as_f64().filter(|s| *s > 0.0)?;
+        Some(json!({"pause": format!("{}ms", (s * 1000.0).round() as u64)}))
+    };
+    let mut steps: Vec<Value> = pause("before").into_iter().collect();
+    steps.push(json!({"command": {"name": name, "run": argv(ctx, &format!("{path}.provider"), p)?, "timeout": timeout(p, 60.0)}}));
+    steps.extend(pause("after"));
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ProbeKind, Step};
+
+    const FIXTURE: &str = include_str!("../tests/fixtures/ctk-http.json");
+
+    #[test]
+    fn a_real_chaos_toolkit_file_maps_onto_the_model() {
+        let e = Experiment::parse(FIXTURE, "ctk-http.json").unwrap();
+        let p = &e.steady_state_hypothesis.probes;
+        assert_eq!(p.len(), 2);
+        match &p[0].kind {
+            ProbeKind::Http(h) => {
+                assert_eq!(h.url, "http://127.0.0.1:8080/");
+                assert_eq!(h.expect_status, vec![200]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p[1].tolerance["stdout"].as_str(), "~ ^ok");
+        // flush (command), its pause after, and the ref'd probe run as a command.
+        assert_eq!(e.method.len(), 3);
+        assert!(
+            matches!(&e.method[0], Step::Command(c) if c.run == ["touch", "/tmp/chaos-ctk-marker"])
+        );
+        assert!(matches!(&e.method[1], Step::Pause(d) if d.0.as_millis() == 1000));
+        assert_eq!(e.rollbacks[0].run, ["rm", "-f", "/tmp/chaos-ctk-marker"]);
+    }
+
+    #[test]
+    fn what_does_not_map_is_refused_with_the_element() {
+        let v: Value = serde_json::from_str(FIXTURE).unwrap();
+        let refuse = |edit: &dyn Fn(&mut Value), want: &str| {
+            let mut v = v.clone();
+            edit(&mut v);
+            let e = Experiment::parse(&v.to_string(), "x.json").unwrap_err().0;
+            assert!(e.contains(want), "{e}\nwant: {want}");
+        };
+        refuse(
+            &|v| v["method"][0]["provider"] = json!({"type": "python", "module": "chaosk8s.pod.actions", "func": "terminate_pods"}),
+            "x.json: method[0]: provider type \"python\" (module chaosk8s.pod.actions) is not supported",
+        );
+        refuse(
+            &|v| {
+                v["steady-state-hypothesis"]["probes"][0]["tolerance"] =
+                    json!({"type": "jsonpath", "path": "$.x"})
+            },
+            "steady-state-hypothesis.probes[0].tolerance: {\"path\":\"$.x\",\"type\":\"jsonpath\"} is not supported for an http probe",
+        );
+        refuse(
+            &|v| v["secrets"] = json!({}),
+            "x.json: secrets: secrets are not supported",
+        );
+        refuse(
+            &|v| v["method"][1] = json!({"ref": "nope"}),
+            "method[1]: ref `nope` names no earlier probe or action",
+        );
+        refuse(
+            &|v| {
+                v["configuration"]["marker"] =
+                    json!({"type": "env", "key": "CHAOS_SURELY_UNSET_VAR"})
+            },
+            "configuration.marker: environment variable CHAOS_SURELY_UNSET_VAR is not set",
+        );
+    }
 }

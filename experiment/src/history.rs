@@ -99,7 +99,11 @@ impl History {
                 },
             });
         }
-        out.sort_by(|a, b| b.started_unix_ms.cmp(&a.started_unix_ms).then(b.id.cmp(&a.id)));
+        out.sort_by(|a, b| {
+            b.started_unix_ms
+                .cmp(&a.started_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
         Ok(out)
     }
 }

@@ -414,7 +414,9 @@ async fn drive<D: FaultDriver>(
             ),
         );
     }
-    if rec.faults.is_empty() {
+    // A method of commands only (a Chaos Toolkit import injecting through its own tools) is
+    // judged on the hypothesis alone; a method with fault actions must have applied one.
+    if rec.faults.is_empty() && !model::faults(&exp.method).is_empty() {
         return (Verdict::Inconclusive, "the method applied no fault".into());
     }
     (
