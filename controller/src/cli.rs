@@ -57,6 +57,30 @@ enum Command {
     List,
     /// Agents connected to the controller, with their labels and capabilities.
     Agents,
+    /// Run an experiment (YAML, or a Chaos Toolkit JSON/YAML file). Exit codes: 0 hypothesis
+    /// held, 1 violated, 2 aborted (stop condition or interrupt), 3 error or inconclusive.
+    Run {
+        file: PathBuf,
+        /// Run the faults in this process, on this machine (no agent, no controller).
+        #[arg(long, conflicts_with = "controller")]
+        local: bool,
+        /// Write run.json, junit.xml, report.md, report.html and plot.svg here.
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+        /// With --local: journal directory for crash recovery.
+        #[arg(
+            long,
+            default_value = "/run/chaos/journal",
+            hide = true,
+            env = "CHAOS_JOURNAL_DIR"
+        )]
+        journal_dir: PathBuf,
+    },
+    /// Past runs kept by the controller.
+    Experiments {
+        #[command(subcommand)]
+        command: ExperimentsCommand,
+    },
     /// Revert a fault by id, or all of them.
     Revert {
         id: Option<String>,
@@ -79,6 +103,19 @@ enum Command {
         /// Seconds between updates.
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentsCommand {
+    /// Every run, newest first.
+    List,
+    /// One run's game-day record (Markdown; --json for the record).
+    Show {
+        id: String,
+        /// Also write its reports here.
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
     },
 }
 
@@ -441,6 +478,35 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
         Command::Certs { command } => crate::certs_cmd::run(command),
+        Command::Run {
+            file,
+            local,
+            report_dir,
+            journal_dir,
+        } => {
+            crate::run_cmd::run(
+                crate::run_cmd::RunArgs {
+                    file: &file,
+                    local,
+                    report_dir: report_dir.as_deref(),
+                    journal_dir,
+                    json: cli.json,
+                },
+                controller.as_ref(),
+            )
+            .await
+        }
+        Command::Experiments { command } => {
+            let Some(ctl) = controller else {
+                return refuse("--controller: is required for `experiments`");
+            };
+            match command {
+                ExperimentsCommand::List => crate::run_cmd::list(&ctl, cli.json).await,
+                ExperimentsCommand::Show { id, report_dir } => {
+                    crate::run_cmd::show_run(&ctl, &id, report_dir.as_deref(), cli.json).await
+                }
+            }
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! chaosctl shares with it.
 pub mod audit;
 pub mod certs;
+pub mod experiments;
 pub mod fleet;
 pub mod limits;
 pub mod local_driver;

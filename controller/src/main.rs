@@ -4,6 +4,13 @@ mod certs_cmd;
 mod cli;
 mod controller_client;
 mod fleet_cmd;
+mod local_engine;
+mod run_cmd;
+
+/// A new run id (time-ordered).
+pub fn run_id() -> String {
+    chaos_controller::experiments::new_run_id()
+}
 mod output;
 
 use anyhow::Result;

@@ -9,13 +9,13 @@ use crate::model::{self, Experiment, Probe, Step};
 use crate::probe;
 use crate::record::{Event, FaultRecord, Phase, ProbeSample, RunRecord, StepRecord, Verdict};
 use futures_util::future::join_all;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 /// What the live display and the controller's stream show as the run goes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProgressEvent {
     Phase {

@@ -3,8 +3,11 @@ use anyhow::{Context, Result, bail};
 use chaos_agent::metrics::{self, Text};
 use chaos_agent::tls::{self, TlsFiles};
 use chaos_controller::audit::Audit;
+use chaos_controller::experiments::ExperimentsService;
 use chaos_controller::fleet::Fleet;
 use chaos_controller::server::{ControllerService, FleetService};
+use chaos_experiment::history::History;
+use chaos_proto::experiments::v1::experiments_server::ExperimentsServer;
 use chaos_proto::fleet::v1::controller_server::ControllerServer;
 use chaos_proto::fleet::v1::fleet_server::FleetServer;
 use clap::Parser;
@@ -39,6 +42,9 @@ struct Args {
     /// Serve Prometheus metrics on this address (ip:port).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Where the history of experiment runs is kept.
+    #[arg(long, default_value = "/var/lib/chaos")]
+    state_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -77,6 +83,9 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let fleet = Fleet::new(args.lease, audit);
+    let runs = args.state_dir.join("runs");
+    let history =
+        Arc::new(History::open(&runs).with_context(|| format!("--state-dir: {}", runs.display()))?);
     if let Some(m) = args.metrics {
         let local = metrics::serve(m, render(fleet.clone()))
             .await
@@ -104,6 +113,11 @@ async fn run(args: Args) -> Result<()> {
         }))
         .add_service(ControllerServer::new(ControllerService {
             fleet: fleet.clone(),
+        }))
+        .add_service(ExperimentsServer::new(ExperimentsService {
+            fleet: fleet.clone(),
+            history,
+            runner: format!("controller {}", args.listen),
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
