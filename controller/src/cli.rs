@@ -37,7 +37,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "CHAOS_TLS_DIR")]
     tls_dir: Option<PathBuf>,
     /// Whose certificate to use (user-<NAME>.pem in --tls-dir); the audit log names it.
-    #[arg(long, global = true, env = "CHAOS_USER", default_value = "admin")]
+    #[arg(
+        long = "as",
+        global = true,
+        env = "CHAOS_USER",
+        default_value = "admin"
+    )]
     user: String,
     /// Talk to the controller without TLS; allowed only on loopback.
     #[arg(long, global = true)]

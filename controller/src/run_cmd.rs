@@ -43,10 +43,26 @@ pub async fn run(a: RunArgs<'_>, controller: Option<&ControllerFlags>) -> Result
             };
             run_local(&exp, &a).await?
         }
-        (false, Some(ctl)) => match run_remote(&text, &source, ctl, a.json).await? {
-            Ok(r) => r,
-            Err(code) => return Ok(code),
-        },
+        (false, Some(ctl)) => {
+            // Validate here first: a bad file fails before anything is sent, and a Chaos
+            // Toolkit file is imported here, where its `env` configuration is meant to be read;
+            // the controller gets it in our model.
+            let exp = match Experiment::parse(&text, &source) {
+                Ok(e) => e,
+                Err(e) => return fail(e),
+            };
+            let text = if chaos_experiment::ctk::is_chaos_toolkit(
+                &serde_yaml_ng::from_str(&text).unwrap_or_default(),
+            ) {
+                serde_yaml_ng::to_string(&exp).context("convert the Chaos Toolkit experiment")?
+            } else {
+                text
+            };
+            match run_remote(&text, &source, ctl, a.json).await? {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            }
+        }
         (false, None) => return fail("run: give --local, or --controller URL"),
     };
     finish(&record, &a)

@@ -27,6 +27,8 @@ struct Ctx<'a> {
     config: BTreeMap<String, String>,
     /// Activities by name, for `{"ref": name}`.
     named: BTreeMap<String, Value>,
+    /// Names given out so far: a ref runs the same activity again, under a new name.
+    used: std::collections::BTreeSet<String>,
 }
 
 impl Ctx<'_> {
@@ -74,6 +76,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
         source,
         config: BTreeMap::new(),
         named: BTreeMap::new(),
+        used: Default::default(),
     };
     if v.get("secrets").is_some() {
         return Err(ctx.err(
@@ -160,7 +163,11 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
     {
         let path = format!("steady-state-hypothesis.probes[{i}]");
         let p = resolve(&mut ctx, &path, p)?;
-        probes.push(probe(&ctx, &path, &p)?);
+        let p = probe(&ctx, &path, &p)?;
+        if let Some(n) = p["name"].as_str() {
+            ctx.used.insert(n.to_string());
+        }
+        probes.push(p);
     }
     let mut method = vec![];
     for (i, a) in v
@@ -173,7 +180,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
     {
         let path = format!("method[{i}]");
         let a = resolve(&mut ctx, &path, a)?;
-        method.extend(activity(&ctx, &path, &a)?);
+        method.extend(activity(&mut ctx, &path, &a)?);
     }
     let mut rollbacks = vec![];
     for (i, a) in v
@@ -186,7 +193,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
     {
         let path = format!("rollbacks[{i}]");
         let a = resolve(&mut ctx, &path, a)?;
-        for step in activity(&ctx, &path, &a)? {
+        for step in activity(&mut ctx, &path, &a)? {
             if let Some(c) = step.get("command") {
                 rollbacks.push(c.clone());
             }
@@ -332,8 +339,12 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
 }
 
 /// A method activity: pauses before/after around a command.
-fn activity(ctx: &Ctx, path: &str, a: &Value) -> Result<Vec<Value>, LoadError> {
-    let name = ctx.str(path, a, "name")?;
+fn activity(ctx: &mut Ctx, path: &str, a: &Value) -> Result<Vec<Value>, LoadError> {
+    let mut name = ctx.str(path, a, "name")?;
+    if ctx.used.contains(&name) {
+        name = format!("{name} ({path})");
+    }
+    ctx.used.insert(name.clone());
     let (p, kind) = provider(ctx, path, a)?;
     if kind != "process" {
         return Err(ctx.err(path, "http actions are not supported in the method: use a process provider (e.g. curl) or a fault action"));

@@ -21,7 +21,9 @@ impl Experiment {
         let value: serde_json::Value =
             serde_yaml_ng::from_str(text).map_err(|e| LoadError(located(source, &e, "", text)))?;
         if ctk::is_chaos_toolkit(&value) {
-            return ctk::import(&value, source);
+            let exp = ctk::import(&value, source)?;
+            check(&exp, text, source)?;
+            return Ok(exp);
         }
         let exp: Experiment =
             serde_yaml_ng::from_str(text).map_err(|e| LoadError(located(source, &e, "", text)))?;

@@ -325,8 +325,10 @@ async fn drive<D: FaultDriver>(
     };
     tokio::join!(method, watcher);
 
+    // Rollbacks run once the method has started: its commands may have changed the system
+    // even where no fault of ours was applied (Chaos Toolkit semantics).
     let applied_any = !st.rec().faults.is_empty();
-    if applied_any && !exp.rollbacks.is_empty() {
+    if !exp.rollbacks.is_empty() {
         phase(st, "rollbacks", progress);
         for c in &exp.rollbacks {
             run_command_step(c, "rollback", st, progress).await;
