@@ -476,9 +476,9 @@ fn agents_revert_within_the_lease_when_the_controller_dies() {
     bed.controller.as_mut().unwrap().kill9();
     let mut reverted = [None, None];
     while killed.elapsed() < Duration::from_secs(6) && reverted.iter().any(Option::is_none) {
-        for i in 0..2 {
-            if reverted[i].is_none() && bed.agent_faults(i + 1) == 0 {
-                reverted[i] = Some(killed.elapsed());
+        for (i, r) in reverted.iter_mut().enumerate() {
+            if r.is_none() && bed.agent_faults(i + 1) == 0 {
+                *r = Some(killed.elapsed());
             }
         }
         std::thread::sleep(Duration::from_millis(20));
