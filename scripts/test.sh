@@ -51,4 +51,14 @@ for l in d["loads"]:
     o, s = l["ours"], l["stress_ng"]
     print(f"  cpu {l['requested_percent']:.0f} %: ours {o['median_percent']:.2f} % ({o['error_pp']:+.2f} pp), stress-ng {s['median_percent']:.2f} % ({s['error_pp']:+.2f} pp); agent {l['agent_percent_of_one_cpu']:.2f} % of one CPU")
 PY
+./target/release/chaos-bench-fleet --rounds "${CHAOS_BENCH_FLEET_ROUNDS:-30}" --out bench-out/fleet.json >/dev/null
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/fleet.json"))
+for f in d["fanout"]:
+    a, r = f["apply_ms"], f["revert_ms"]
+    print(f"  fleet {f['agents']:>5} agents: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms; controller {f['controller_rss_kib']/1024:.1f} MiB")
+b = d["baseline_direct_unix_socket"]["apply_ms"]
+print(f"  fleet baseline (one agent, unix socket): apply p50 {b['p50']:.2f} p99 {b['p99']:.2f} ms; agent RSS {d['agent_rss_kib']/1024:.1f} MiB")
+PY
 echo "all tests passed"

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt;
 
 #[derive(Parser)]
 #[command(
@@ -120,7 +121,13 @@ async fn run(args: Args) -> Result<()> {
             runner: format!("controller {}", args.listen),
         }))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small replies must not wait for delayed ACKs (Nagle): 40 ms per command otherwise.
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            }),
             shutdown,
         )
         .await

@@ -11,18 +11,10 @@
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::spec::{Cidr, Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
 use chaos_agent::{Engine, EngineConfig};
-use chaos_tests::{B4, Dnsmasq, TestNet, addr, dns_ask, sh};
+use chaos_tests::{B4, Dnsmasq, TestNet, addr, arg, dns_ask, percentile, sh};
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 /// `n` distinct /32s in 10.100.0.0/16 and beyond: none of them is B's address.
 fn cidrs(n: usize) -> Vec<Cidr> {
@@ -73,11 +65,6 @@ fn iperf(net: &TestNet, seconds: u32) -> f64 {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn latencies(

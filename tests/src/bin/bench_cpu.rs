@@ -11,18 +11,10 @@
 //!
 //! Usage: chaos-bench-cpu [--out FILE] [--rounds N] [--seconds S]
 use chaos_tests::cgroups::{TestCgroup, clock_ticks_per_sec, cpu_ns_all_threads, cpu_ticks};
-use chaos_tests::{Agent, fault_id, sh};
+use chaos_tests::{Agent, arg, fault_id, sh};
 use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 const LOADS: [f64; 3] = [25.0, 50.0, 90.0];
 const SETTLE: Duration = Duration::from_secs(1);
