@@ -72,6 +72,9 @@ enum Command {
         /// Write run.json, junit.xml, report.md, report.html and plot.svg here.
         #[arg(long)]
         report_dir: Option<PathBuf>,
+        /// Only validate the file (exit 0 if it would run, 3 with the error line if not).
+        #[arg(long)]
+        check: bool,
         /// With --local: journal directory for crash recovery.
         #[arg(
             long,
@@ -487,8 +490,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             file,
             local,
             report_dir,
+            check,
             journal_dir,
         } => {
+            if check {
+                return crate::run_cmd::check(&file);
+            }
             crate::run_cmd::run(
                 crate::run_cmd::RunArgs {
                     file: &file,

@@ -29,6 +29,24 @@ fn fail(line: impl std::fmt::Display) -> Result<ExitCode> {
     Ok(ExitCode::from(EXIT_ERROR))
 }
 
+/// `run --check`: validation only, nothing contacted or applied.
+pub fn check(file: &Path) -> Result<ExitCode> {
+    match Experiment::load(file) {
+        Ok(e) => {
+            println!(
+                "{}: ok: {} hypothesis probes, {} fault actions, {} stop conditions, method at least {:?}",
+                file.display(),
+                e.steady_state_hypothesis.probes.len(),
+                chaos_experiment::model::faults(&e.method).len(),
+                e.stop_conditions.len(),
+                chaos_experiment::model::min_duration(&e.method)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => fail(e),
+    }
+}
+
 pub async fn run(a: RunArgs<'_>, controller: Option<&ControllerFlags>) -> Result<ExitCode> {
     let text = match std::fs::read_to_string(a.file) {
         Ok(t) => t,

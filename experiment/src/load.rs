@@ -302,3 +302,20 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         }
     }
 }
+
+#[cfg(test)]
+mod readme {
+    /// The experiment in the README must load: docs that do not parse are a bug.
+    #[test]
+    fn the_readme_example_is_a_valid_experiment() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("# cart-loss.yaml\n")
+            .expect("example in README");
+        let body = &readme[start..];
+        let end = body.find("```").expect("end of the example");
+        let e = crate::Experiment::parse(&body[..end], "README.md").unwrap();
+        assert_eq!(crate::model::faults(&e.method).len(), 1);
+        assert_eq!(e.stop_conditions.len(), 1);
+    }
+}
