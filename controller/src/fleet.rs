@@ -209,6 +209,12 @@ impl Fleet {
             })
             .cloned()
             .collect();
+        if let Some(max) = sel.max_agents.filter(|m| picked.len() > *m as usize) {
+            return Err(format!(
+                "blast-radius.max-agents: the target matches {} agents, more than {max}; nothing was applied",
+                picked.len()
+            ));
+        }
         if picked.is_empty() {
             return Err(if agents.is_empty() {
                 "target: no agent is connected to the controller".to_string()

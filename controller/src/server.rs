@@ -132,6 +132,7 @@ fn selector(s: Option<fleet::Selector>) -> AgentSelector {
     AgentSelector {
         agents: s.agents,
         labels: s.labels.into_iter().collect(),
+        max_agents: None,
     }
 }
 

@@ -13,6 +13,9 @@ pub struct AgentSelector {
     /// Agents whose labels include all of these.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The blast radius: refuse, before applying anything, when more agents than this match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_agents: Option<u32>,
 }
 
 /// One fault as applied on one agent.

@@ -490,6 +490,7 @@ impl Fault {
             selector: AgentSelector {
                 agents: t.agents.clone(),
                 labels: t.labels.clone(),
+                max_agents: None,
             },
             duration: r.duration.map(|d| d.0),
             raw: Box::new(r),

@@ -82,6 +82,8 @@ struct State {
     halt: watch::Sender<Option<(Verdict, String)>>,
     last_revert_ms: Mutex<Option<u64>>,
     apply_error: Mutex<Option<String>>,
+    /// blast-radius.max-agents, enforced by the driver when it resolves a selector.
+    max_agents: Option<u32>,
 }
 
 impl State {
@@ -154,6 +156,7 @@ pub async fn run<D: FaultDriver>(
         halt,
         last_revert_ms: Mutex::new(None),
         apply_error: Mutex::new(None),
+        max_agents: exp.blast_radius.max_agents,
     };
     let (verdict, reason) = drive(exp, driver, &st, opts.cancel, progress).await;
     let mut rec = st.rec().clone();
@@ -327,7 +330,7 @@ async fn drive<D: FaultDriver>(
 
     // Rollbacks run once the method has started: its commands may have changed the system
     // even where no fault of ours was applied (Chaos Toolkit semantics).
-    let applied_any = !st.rec().faults.is_empty();
+    let applied_any = st.rec().faults.iter().any(|f| !f.id.is_empty());
     if !exp.rollbacks.is_empty() {
         phase(st, "rollbacks", progress);
         for c in &exp.rollbacks {
@@ -477,7 +480,9 @@ async fn halted_sleep(st: &State, d: Duration) {
 
 async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progress: Progress<'_>) {
     let start = st.ms();
-    match driver.apply(&f.selector, f.spec.clone()).await {
+    let mut selector = f.selector.clone();
+    selector.max_agents = st.max_agents;
+    match driver.apply(&selector, f.spec.clone()).await {
         Ok(applied) => {
             let now = st.ms();
             {

@@ -421,6 +421,28 @@ fn an_invalid_experiment_is_refused_with_its_line_and_nothing_applied() {
         "{err}"
     );
     assert_eq!(bed.agent_faults(1), 0);
+    // A label that selects more agents than the blast radius allows: refused before applying.
+    let yaml = format!(
+        "title: too wide\n{}method:
+  - fault:
+      name: wide
+      loss: {{percent: 10}}
+      target: {{labels: {{app: shop}}, interface: eth0}}
+      duration: 2s
+blast-radius: {{max-agents: 1}}
+",
+        hypothesis(&app(1), "{error-rate: \"<= 0.01\"}")
+    );
+    let (code, r, _) = bed.run("wide.yaml", &yaml);
+    assert_eq!(code, 3, "{}", r["reason"]);
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("blast-radius.max-agents: the target matches 2 agents, more than 1"),
+        "{reason}"
+    );
+    assert_eq!((bed.agent_faults(1), bed.agent_faults(2)), (0, 0));
+    let audit = std::fs::read_to_string(bed.site.tmp.join("audit.jsonl")).unwrap_or_default();
+    assert!(!audit.contains("\"result\":\"ok\""), "{audit}");
 }
 
 #[test]
