@@ -79,6 +79,31 @@ impl ProbeSample {
     pub fn measure(&self, name: &str) -> Option<&Measure> {
         self.measures.iter().find(|m| m.name == name)
     }
+
+    /// What is wrong with the sample, for a person: its error, or each measure out of
+    /// tolerance with its value (`error-rate = 0.300 (tolerance <= 0.01)`).
+    pub fn out_of_tolerance(&self) -> String {
+        if let Some(e) = &self.error {
+            return e.clone();
+        }
+        self.measures
+            .iter()
+            .filter(|m| !m.ok)
+            .map(|m| {
+                let v = m
+                    .text
+                    .clone()
+                    .or_else(|| m.value.map(|v| format!("{v:.3}")))
+                    .unwrap_or_else(|| "none".into());
+                format!(
+                    "{} = {v} (tolerance {})",
+                    m.name,
+                    m.tolerance.as_deref().unwrap_or("?")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// One fault action as it ran on one agent.

@@ -43,29 +43,6 @@ fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
-fn bad_measures(s: &ProbeSample) -> String {
-    if let Some(e) = &s.error {
-        return e.clone();
-    }
-    s.measures
-        .iter()
-        .filter(|m| !m.ok)
-        .map(|m| {
-            let v = m
-                .text
-                .clone()
-                .or_else(|| m.value.map(|v| format!("{v:.3}")))
-                .unwrap_or_else(|| "none".into());
-            format!(
-                "{} = {v} (tolerance {})",
-                m.name,
-                m.tolerance.as_deref().unwrap_or("?")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Samples grouped by (probe, phase), in first-seen order.
 fn groups(r: &RunRecord) -> Vec<((String, Phase), Vec<&ProbeSample>)> {
     let mut order: Vec<(String, Phase)> = vec![];
@@ -106,11 +83,11 @@ pub fn junit(r: &RunRecord) -> String {
             let _ = write!(
                 cases,
                 "\n      <failure message=\"{}\">{} of {} samples out of tolerance; first at {} ms: {}</failure>",
-                esc(&bad_measures(first)),
+                esc(&first.out_of_tolerance()),
                 bad.len(),
                 samples.len(),
                 first.start_ms,
-                esc(&bad_measures(first))
+                esc(&first.out_of_tolerance())
             );
         }
         let _ = write!(
@@ -511,7 +488,7 @@ pub fn svg(r: &RunRecord) -> String {
                     "{} at {} ms: {}",
                     p.probe,
                     p.end_ms,
-                    bad_measures(p)
+                    p.out_of_tolerance()
                 ))
             );
         }

@@ -182,27 +182,7 @@ fn describe(p: &Probe) -> String {
 }
 
 fn failed_measures(s: &ProbeSample) -> String {
-    if let Some(e) = &s.error {
-        return format!("{}: {e}", s.probe);
-    }
-    let bad: Vec<String> = s
-        .measures
-        .iter()
-        .filter(|m| !m.ok)
-        .map(|m| {
-            let v = m
-                .text
-                .clone()
-                .or_else(|| m.value.map(|v| format!("{v:.3}")))
-                .unwrap_or_else(|| "none".into());
-            format!(
-                "{} = {v} (tolerance {})",
-                m.name,
-                m.tolerance.as_deref().unwrap_or("?")
-            )
-        })
-        .collect();
-    format!("{}: {}", s.probe, bad.join(", "))
+    format!("{}: {}", s.probe, s.out_of_tolerance())
 }
 
 async fn probe_all(
