@@ -23,6 +23,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 cargo test -p chaos-tests --locked --tests -- --test-threads=1
 
+echo "== Kubernetes manifests: every overlay rendered and validated for Kubernetes 1.29+"
+./scripts/k8s-check.sh --self-test
+
 echo "== real Debian kernels (6.1, no TCX: clsact path) under QEMU, x86_64 and arm64"
 cargo xtask vm-test
 
