@@ -5,7 +5,9 @@
 //! The lease is the safety net: faults applied for the controller are reverted when no lease
 //! renewal has arrived for the lease's ttl. The watchdog runs as its own task, so a stuck stream
 //! or a slow command can never keep a fault alive past its lease.
-use crate::tls::{TlsFiles, url_host};
+use crate::tls::TlsFiles;
+#[cfg(feature = "tls")]
+use crate::tls::url_host;
 use chaos_proto::agent::v1 as pb;
 use chaos_proto::agent::v1::agent_server::Agent;
 use chaos_proto::fleet::v1 as fleet;
@@ -86,17 +88,23 @@ async fn connection_loop<A: Agent>(agent: Arc<A>, cfg: FleetConfig, state: Arc<F
 }
 
 async fn connect(cfg: &FleetConfig) -> Result<Channel, String> {
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
     let mut ep = Endpoint::from_shared(cfg.url.clone())
         .map_err(|e| format!("--controller `{}`: {e}", cfg.url))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
+    #[cfg(feature = "tls")]
     if let Some(tls) = &cfg.tls {
         let host = url_host(&cfg.url).unwrap_or_default();
         ep = ep
             .tls_config(tls.client(host).map_err(|e| e.to_string())?)
             .map_err(|e| format!("TLS: {e}"))?;
+    }
+    #[cfg(not(feature = "tls"))]
+    if cfg.tls.is_some() {
+        return Err("this chaos-agent was built without TLS (feature `tls`)".into());
     }
     ep.connect().await.map_err(|e| format!("{e:?}"))
 }

@@ -12,6 +12,7 @@ pub mod netem_dist;
 pub mod netlink;
 pub mod netns;
 pub mod null_backend;
+pub mod pod;
 pub mod qdisc;
 pub mod server;
 pub mod spec;

@@ -6,6 +6,7 @@
 //! that takes commands from the network without authentication would be a remote root shell.
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "tls")]
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,7 @@ impl TlsFiles {
         }
     }
 
+    #[cfg(feature = "tls")]
     fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
         std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_path_buf(),
@@ -46,6 +48,7 @@ impl TlsFiles {
     }
 
     /// Server side: present our certificate, require a client certificate from the CA.
+    #[cfg(feature = "tls")]
     pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
         Ok(ServerTlsConfig::new()
             .identity(Identity::from_pem(
@@ -57,6 +60,7 @@ impl TlsFiles {
 
     /// Client side: trust only the CA, present our certificate. `domain` is the name the
     /// server's certificate must carry (the URL's host).
+    #[cfg(feature = "tls")]
     pub fn client(&self, domain: &str) -> Result<ClientTlsConfig, TlsError> {
         Ok(ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(Self::read(&self.ca)?))

@@ -187,6 +187,7 @@ fn vm_test(root: &Path) -> Result<()> {
                 "chaos-tests",
                 "--bin",
                 "chaos-vmtest",
+                "--no-default-features",
                 "--target",
                 target,
             ])

@@ -1,0 +1,301 @@
+//! Finding a pod's network namespace and cgroups from its UID: synthetic kubepods-style cgroup
+//! trees (cgroupfs and systemd drivers; containerd, CRI-O and Docker names; nested prefixes),
+//! created for real in this host's v2 and v1 `cpu` hierarchies, holding real processes in real
+//! network namespaces the test created. Everything is removed on drop.
+use chaos_agent::pod::{self, Anchor, PodError, PodUid};
+use chaos_tests::{require_root, serial, sh, sh_ok};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A pod made of cgroup directories and processes; torn down on drop.
+struct FakePod {
+    netns: String,
+    /// Created directories, parents first.
+    dirs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = sh(&format!("ip netns del {} 2>/dev/null", self.netns));
+    }
+}
+
+/// Pods that nest in directories the first one created: torn down last first, also when a
+/// test fails half way.
+struct Pods(Vec<FakePod>);
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        while let Some(p) = self.0.pop() {
+            drop(p);
+        }
+    }
+}
+
+/// The v2 hierarchy and the v1 one carrying `cpu`: (mount point, name in /proc/PID/cgroup).
+fn hierarchies() -> Vec<(PathBuf, String)> {
+    let mut out = vec![];
+    for h in chaos_agent::cgroup::hierarchies().expect("mountinfo") {
+        if h.root != "/" {
+            continue;
+        }
+        if h.v2 {
+            out.push((h.mount.clone(), String::new()));
+        } else if h.controllers.iter().any(|c| c == "cpu") {
+            out.push((h.mount.clone(), h.controllers.join(",")));
+        }
+    }
+    assert!(
+        !out.is_empty(),
+        "no v2 or v1 cpu cgroup hierarchy on this host"
+    );
+    out
+}
+
+fn mkdirs(base: &Path, rel: &str, dirs: &mut Vec<PathBuf>) {
+    let mut p = base.to_path_buf();
+    for seg in rel.trim_start_matches('/').split('/') {
+        p.push(seg);
+        if !p.exists() {
+            std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+            dirs.push(p.clone());
+        }
+    }
+}
+
+fn join(hier: &[(PathBuf, String)], rel: &str, pid: u32) {
+    for (mount, _) in hier {
+        let f = mount.join(rel.trim_start_matches('/')).join("cgroup.procs");
+        std::fs::write(&f, pid.to_string()).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+}
+
+/// A process in namespace `ns` running `program` (so its comm is the program's file name).
+fn start(ns: &str, program: &Path) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(program)
+        .arg("1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Builds a pod: a container process started first (older), then the pause process.
+fn fake_pod(
+    i: usize,
+    pod_dir: &str,
+    container_seg: &str,
+    sandbox_seg: &str,
+    with_pause: bool,
+) -> FakePod {
+    let netns = format!("cht-pod-{}-{i}", std::process::id());
+    let _ = sh(&format!("ip netns del {netns} 2>/dev/null"));
+    sh_ok(&format!("ip netns add {netns}"));
+    let hier = hierarchies();
+    let mut pod = FakePod {
+        netns: netns.clone(),
+        dirs: vec![],
+        children: vec![],
+    };
+    let container_dir = format!("{pod_dir}/{container_seg}");
+    let sandbox_dir = format!("{pod_dir}/{sandbox_seg}");
+    for (mount, _) in &hier {
+        mkdirs(mount, &container_dir, &mut pod.dirs);
+        mkdirs(mount, &sandbox_dir, &mut pod.dirs);
+    }
+    let app = start(&netns, Path::new("/bin/sleep"));
+    join(&hier, &container_dir, app.id());
+    pod.children.push(app);
+    std::thread::sleep(Duration::from_millis(20));
+    if with_pause {
+        let pause = std::env::temp_dir().join(format!("chaos-pods-{}/pause", std::process::id()));
+        std::fs::create_dir_all(pause.parent().unwrap()).unwrap();
+        if !pause.exists() {
+            std::fs::copy("/bin/sleep", &pause).unwrap();
+        }
+        let p = start(&netns, &pause);
+        join(&hier, &sandbox_dir, p.id());
+        pod.children.push(p);
+    }
+    // Let `ip netns exec` exec the program so /proc shows its comm.
+    std::thread::sleep(Duration::from_millis(100));
+    pod
+}
+
+fn uid(i: usize) -> PodUid {
+    format!("{:08x}-0d4e-4f5a-8b6c-{:012x}", std::process::id(), i)
+        .parse()
+        .unwrap()
+}
+
+/// A pod's cgroup path, its container's cgroup name and its sandbox's, for a uid.
+type Layout = Box<dyn Fn(&PodUid) -> (String, String, String)>;
+
+const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd01";
+const SID: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba98765432aa";
+
+#[test]
+fn every_layout_resolves_the_pods_netns_through_its_pause_process() {
+    let _g = serial();
+    require_root();
+    let root = format!("chaos-test-pods-{}", std::process::id());
+    let layouts: Vec<(&str, Layout)> = vec![
+        (
+            "cgroupfs burstable (containerd, k3s)",
+            Box::new(|u: &PodUid| {
+                (
+                    format!("/kubepods/burstable/pod{u}"),
+                    CID.into(),
+                    SID.into(),
+                )
+            }),
+        ),
+        (
+            "cgroupfs guaranteed",
+            Box::new(|u: &PodUid| (format!("/kubepods/pod{u}"), CID.into(), SID.into())),
+        ),
+        (
+            "systemd containerd",
+            Box::new(|u: &PodUid| {
+                let s = u.to_string().replace('-', "_");
+                (
+                    format!(
+                        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{s}.slice"
+                    ),
+                    format!("cri-containerd-{CID}.scope"),
+                    format!("cri-containerd-{SID}.scope"),
+                )
+            }),
+        ),
+        (
+            "systemd CRI-O",
+            Box::new(|u: &PodUid| {
+                let s = u.to_string().replace('-', "_");
+                (
+                    format!("/kubepods.slice/kubepods-pod{s}.slice"),
+                    format!("crio-{CID}.scope"),
+                    format!("crio-{SID}.scope"),
+                )
+            }),
+        ),
+        (
+            "systemd Docker best effort",
+            Box::new(|u: &PodUid| {
+                let s = u.to_string().replace('-', "_");
+                (
+                    format!(
+                        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{s}.slice"
+                    ),
+                    format!("docker-{CID}.scope"),
+                    format!("docker-{SID}.scope"),
+                )
+            }),
+        ),
+        (
+            "nested (a kind node in Docker)",
+            Box::new(|u: &PodUid| {
+                (
+                    format!("/docker/{SID}/kubepods/besteffort/pod{u}"),
+                    CID.into(),
+                    SID.into(),
+                )
+            }),
+        ),
+    ];
+    let mut guards = Pods(vec![]);
+    for (i, (name, layout)) in layouts.iter().enumerate() {
+        let u = uid(i);
+        let (pod_dir, container, sandbox) = layout(&u);
+        let pod_dir = format!("/{root}{pod_dir}");
+        let fake = fake_pod(i, &pod_dir, &container, &sandbox, true);
+        let found = pod::scan(Path::new("/proc"), &u).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (p, anchor) = found.netns_process();
+        assert_eq!(
+            (p.comm.as_str(), anchor),
+            ("pause", Anchor::Sandbox),
+            "{name}: {found:?}"
+        );
+        assert_eq!(p.pid, fake.children[1].id(), "{name}");
+        let (ns_file, _) = found.netns_path(Path::new("/proc"));
+        let want = std::fs::metadata(format!("/run/netns/{}", fake.netns))
+            .unwrap()
+            .ino();
+        assert_eq!(
+            std::fs::metadata(&ns_file).unwrap().ino(),
+            want,
+            "{name}: not the pod's netns"
+        );
+        let containers = found.containers();
+        assert_eq!(containers.len(), 1, "{name}: {containers:?}");
+        assert_eq!(containers[CID], vec![fake.children[0].id()], "{name}");
+        for (_, key) in hierarchies() {
+            assert_eq!(
+                found.cgroups.get(&key),
+                Some(&pod_dir),
+                "{name}: cgroup in hierarchy {key:?}"
+            );
+        }
+        guards.0.push(fake);
+    }
+    // Each pod found only its own processes.
+    for (i, g) in guards.0.iter().enumerate() {
+        let found = pod::scan(Path::new("/proc"), &uid(i)).unwrap();
+        let pids: Vec<u32> = found.processes.iter().map(|p| p.pid).collect();
+        let mut want: Vec<u32> = g.children.iter().map(|c| c.id()).collect();
+        want.sort();
+        assert_eq!(pids, want);
+    }
+    drop(guards);
+    for (mount, _) in hierarchies() {
+        let _ = std::fs::remove_dir(mount.join(&root));
+        assert!(
+            !mount.join(&root).exists(),
+            "left {}",
+            mount.join(&root).display()
+        );
+    }
+}
+
+#[test]
+fn without_a_pause_process_the_oldest_one_anchors_the_netns() {
+    let _g = serial();
+    require_root();
+    let root = format!("chaos-test-pods-{}", std::process::id());
+    let u = uid(50);
+    let pod_dir = format!("/{root}-nopause/kubepods/burstable/pod{u}");
+    let fake = fake_pod(50, &pod_dir, CID, SID, false);
+    let found = pod::scan(Path::new("/proc"), &u).unwrap();
+    let (p, anchor) = found.netns_process();
+    assert_eq!((p.pid, anchor), (fake.children[0].id(), Anchor::Oldest));
+    drop(fake);
+    for (mount, _) in hierarchies() {
+        let _ = std::fs::remove_dir(mount.join(format!("{root}-nopause")));
+    }
+}
+
+#[test]
+fn unknown_and_malformed_uids_are_refused_in_one_line() {
+    let u = uid(99);
+    assert_eq!(
+        pod::scan(Path::new("/proc"), &u).unwrap_err().to_string(),
+        format!("pod {u}: no process of it runs on this node (no /proc/*/cgroup names it)")
+    );
+    let e = "pod-1".parse::<PodUid>().unwrap_err();
+    assert_eq!(e, PodError::BadUid("pod-1".into()));
+    assert_eq!(
+        e.to_string(),
+        "invalid pod uid: `pod-1` must be a UUID like 6f1c2a3b-0d4e-4f5a-8b6c-7d8e9f0a1b2c"
+    );
+}
