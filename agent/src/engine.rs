@@ -890,7 +890,8 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn new_id() -> String {
+/// A fault id: `f-` and 8 random hex digits.
+pub fn new_id() -> String {
     let mut bytes = [0u8; 4];
     // SAFETY: getrandom writes at most bytes.len() bytes into our buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };

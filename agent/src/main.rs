@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// A label k=v faults can select this agent by. Repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = spec::parse_label)]
     labels: Vec<(String, String)>,
     /// Directory with ca.pem and agent-<node>.pem / agent-<node>-key.pem (`chaosctl certs init`).
     #[arg(long, env = "CHAOS_TLS_DIR")]
@@ -70,13 +70,6 @@ struct Args {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     spec::parse_duration(s).map_err(|e| e.rule)
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{s}` must be key=value")),
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -307,7 +300,7 @@ fn render_text(faults: &[pb::Fault], state: Option<&FleetState>) -> String {
             .spec
             .as_ref()
             .and_then(|s| s.kind.as_ref())
-            .map(kind_name)
+            .map(chaos_agent::server::kind_name)
             .unwrap_or("unknown");
         let c = f.counters.unwrap_or_default();
         for (name, v) in [
@@ -335,19 +328,4 @@ fn render_text(faults: &[pb::Fault], state: Option<&FleetState>) -> String {
         );
     }
     t.finish()
-}
-
-fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
-    use pb::fault_spec::Kind::*;
-    match k {
-        Loss(_) => "loss",
-        Corrupt(_) => "corrupt",
-        Partition(_) => "partition",
-        Latency(_) => "latency",
-        Bandwidth(_) => "bandwidth",
-        Reorder(_) => "reorder",
-        Duplicate(_) => "duplicate",
-        Dns(_) => "dns",
-        Cpu(_) => "cpu",
-    }
 }

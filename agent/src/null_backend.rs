@@ -2,11 +2,12 @@
 //! with the same parser and limits as the engine, then kept in memory with zero counters until
 //! reverted or past their deadline. It exists to measure the fleet (a thousand agent processes
 //! on one machine, unprivileged), never to stand in for the engine in a fault test.
-use crate::spec::FaultSpec;
+use crate::engine::{new_id, unix_ms};
+use crate::server::apply_spec;
 use chaos_proto::agent::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -29,23 +30,9 @@ impl NullAgent {
 
     /// Drops faults whose deadline passed, as the engine's deadline enforcer would.
     fn expire(&self) {
-        let now = unix_ms(SystemTime::now());
+        let now = unix_ms(SystemTime::now()) as i64;
         self.faults().retain(|_, f| f.deadline_unix_ms > now);
     }
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn new_id() -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("n{:x}{:04x}", n as u64, std::process::id() & 0xffff)
 }
 
 #[tonic::async_trait]
@@ -54,12 +41,7 @@ impl pb::agent_server::Agent for NullAgent {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("invalid spec: is required"))?;
-        let parsed = FaultSpec::try_from(spec.clone())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (spec, parsed) = apply_spec(req.into_inner())?;
         parsed
             .validate(self.max_duration)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -67,7 +49,7 @@ impl pb::agent_server::Agent for NullAgent {
         let fault = pb::Fault {
             id: new_id(),
             spec: Some(spec),
-            deadline_unix_ms: unix_ms(SystemTime::now() + parsed.duration),
+            deadline_unix_ms: unix_ms(SystemTime::now() + parsed.duration) as i64,
             counters: Some(pb::Counters::default()),
             backend: "null".into(),
         };

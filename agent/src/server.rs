@@ -261,18 +261,40 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Status::internal(format!("engine task: {e}")))
 }
 
+/// The spec of an Apply request, as sent and as parsed with the CLI's parsers: every backend of
+/// the Agent API (the engine, the null backend) refuses the same input with the same line.
+pub fn apply_spec(req: pb::ApplyRequest) -> Result<(pb::FaultSpec, FaultSpec), Status> {
+    let sent = req
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: is required"))?;
+    let parsed =
+        FaultSpec::try_from(sent.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((sent, parsed))
+}
+
+/// The fault kind's name, as the CLI spells it.
+pub fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
+    use pb::fault_spec::Kind::*;
+    match k {
+        Loss(_) => "loss",
+        Corrupt(_) => "corrupt",
+        Partition(_) => "partition",
+        Latency(_) => "latency",
+        Bandwidth(_) => "bandwidth",
+        Reorder(_) => "reorder",
+        Duplicate(_) => "duplicate",
+        Dns(_) => "dns",
+        Cpu(_) => "cpu",
+    }
+}
+
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
     async fn apply(
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("invalid spec: is required"))?;
-        let spec =
-            FaultSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (_, spec) = apply_spec(req.into_inner())?;
         let engine = self.engine.clone();
         let fault = blocking(move || engine.apply(spec))
             .await?

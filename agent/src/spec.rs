@@ -691,6 +691,15 @@ pub fn parse_rate(s: &str) -> Result<u64, InvalidInput> {
     Ok(bytes as u64)
 }
 
+/// A `key=value` label (agents' `--label`, chaosctl's `--selector`); the error is clap's value
+/// message.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` must be key=value")),
+    }
+}
+
 /// Parses `500ms`, `30s`, `5m`, `1h`, `1m30s`. A bare number is refused: its unit is a guess.
 pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
     let bad = || {

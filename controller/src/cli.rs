@@ -283,7 +283,7 @@ struct Run {
     #[arg(long = "on")]
     on: Vec<String>,
     /// With --controller: agents whose labels include k=v. Repeatable.
-    #[arg(long = "selector", value_parser = parse_label)]
+    #[arg(long = "selector", value_parser = spec::parse_label)]
     selector: Vec<(String, String)>,
     /// With --local: how to attach (auto, tcx, clsact).
     #[arg(long, default_value = "auto", hide = true, env = "CHAOS_ATTACH")]
@@ -437,13 +437,6 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
 pub fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
     eprintln!("chaosctl: {message}");
     Ok(ExitCode::from(EXIT_INVALID))
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{s}` must be key=value")),
-    }
 }
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -701,18 +694,10 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
 }
 
 fn kind_name(f: &pb::Fault) -> &'static str {
-    match f.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(pb::fault_spec::Kind::Loss(_)) => "loss",
-        Some(pb::fault_spec::Kind::Corrupt(_)) => "corrupt",
-        Some(pb::fault_spec::Kind::Partition(_)) => "partition",
-        Some(pb::fault_spec::Kind::Latency(_)) => "latency",
-        Some(pb::fault_spec::Kind::Bandwidth(_)) => "bandwidth",
-        Some(pb::fault_spec::Kind::Reorder(_)) => "reorder",
-        Some(pb::fault_spec::Kind::Duplicate(_)) => "duplicate",
-        Some(pb::fault_spec::Kind::Dns(_)) => "dns",
-        Some(pb::fault_spec::Kind::Cpu(_)) => "cpu",
-        None => "unknown",
-    }
+    f.spec
+        .as_ref()
+        .and_then(|s| s.kind.as_ref())
+        .map_or("unknown", chaos_agent::server::kind_name)
 }
 
 /// What a fault acts on: the interface, or for cpu the cgroup or process.

@@ -8,7 +8,7 @@ use chaos_proto::fleet::v1 as fleet;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -59,13 +59,6 @@ pub struct Fleet {
     pub counts: Counts,
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Who asked, for the audit log: a certificate's name, or the peer address with plaintext.
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
@@ -105,7 +98,7 @@ impl Fleet {
                 capabilities: hello.capabilities,
                 agent_version: hello.agent_version,
                 peer,
-                connected_unix_ms: unix_ms(),
+                connected_unix_ms: chaos_agent::engine::unix_ms(SystemTime::now()) as i64,
                 faults: 0,
             },
             generation,
