@@ -58,3 +58,37 @@ pub trait FaultDriver: Send + Sync {
         fault: &AppliedFault,
     ) -> impl std::future::Future<Output = Result<pb::Counters, DriverError>> + Send;
 }
+
+/// One line describing a spec for the audit log and records: kind, parameters, target.
+pub fn summarize(spec: &pb::FaultSpec) -> String {
+    use pb::fault_spec::Kind;
+    let kind = match &spec.kind {
+        Some(Kind::Loss(l)) => format!("loss {}%", l.percent),
+        Some(Kind::Corrupt(c)) => format!("corrupt {}%", c.percent),
+        Some(Kind::Partition(_)) => "partition".into(),
+        Some(Kind::Latency(l)) => format!("latency {} ms", l.ms),
+        Some(Kind::Bandwidth(b)) => format!("bandwidth {}", b.rate),
+        Some(Kind::Reorder(r)) => format!("reorder {}%", r.percent),
+        Some(Kind::Duplicate(d)) => format!("duplicate {}%", d.percent),
+        Some(Kind::Dns(d)) => format!("dns {}", d.mode),
+        Some(Kind::Cpu(c)) => format!("cpu {}x{}%", c.workers, c.load_percent),
+        None => "?".into(),
+    };
+    match &spec.target {
+        Some(t) => {
+            let mut s = format!(
+                "{kind} on {}",
+                if t.interface.is_empty() {
+                    "?"
+                } else {
+                    &t.interface
+                }
+            );
+            if !t.dest.is_empty() {
+                s.push_str(&format!(" to {}", t.dest.join(",")));
+            }
+            s
+        }
+        None => kind,
+    }
+}

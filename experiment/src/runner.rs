@@ -524,22 +524,13 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
     }
 }
 
+/// The audit log's description of the fault, and how long the action holds it.
 fn summary(f: &model::Fault) -> String {
-    let mut s = serde_json::to_value(model::RawFault::from(f.clone()))
-        .ok()
-        .and_then(|v| v.get(&f.kind).cloned())
-        .map(|v| v.to_string())
-        .unwrap_or_default();
-    if let Some(t) = &f.spec.target {
-        s.push_str(&format!(" on {}", t.interface));
-        if !t.dest.is_empty() {
-            s.push_str(&format!(" to {}", t.dest.join(",")));
-        }
+    let s = crate::driver::summarize(&f.spec);
+    match f.duration {
+        Some(d) => format!("{s} for {d:?}"),
+        None => s,
     }
-    if let Some(d) = f.duration {
-        s.push_str(&format!(" for {d:?}"));
-    }
-    s
 }
 
 async fn revert_action<D: FaultDriver>(
