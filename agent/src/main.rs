@@ -12,7 +12,7 @@ use chaos_proto::agent::v1 as pb;
 use chaos_proto::agent::v1::agent_server::{Agent, AgentServer};
 use clap::Parser;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
@@ -144,24 +144,8 @@ fn fleet_config(args: &Args) -> Result<Option<FleetConfig>> {
 
 /// The controller's addresses, so no fault ever matches the agent's own control traffic.
 fn controller_endpoints(url: &str) -> Vec<SocketAddr> {
-    let Some(host) = tls::url_host(url) else {
-        return vec![];
-    };
-    let authority = url
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("");
-    let port = authority
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .unwrap_or(if url.starts_with("https://") { 443 } else { 80 });
-    (host, port)
-        .to_socket_addrs()
-        .map(|a| a.collect())
-        .unwrap_or_default()
+    let default = if url.starts_with("https://") { 443 } else { 80 };
+    tls::url_socket_addrs(url, Some(default))
 }
 
 async fn run(args: Args) -> Result<()> {

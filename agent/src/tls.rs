@@ -4,7 +4,7 @@
 //! Plaintext exists for development and tests on one machine, so it is accepted only when asked
 //! for explicitly *and* the address cannot leave the host (loopback or a unix socket): an agent
 //! that takes commands from the network without authentication would be a remote root shell.
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 #[cfg(feature = "tls")]
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -84,6 +84,28 @@ pub fn url_host(url: &str) -> Option<&str> {
     authority.split(':').next()
 }
 
+/// The socket addresses `scheme://host[:port]/...` names, the host resolved. Without a port,
+/// `default_port`; with neither, none.
+pub fn url_socket_addrs(url: &str, default_port: Option<u16>) -> Vec<SocketAddr> {
+    let Some(host) = url_host(url) else {
+        return vec![];
+    };
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    let port = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .or(default_port);
+    match port {
+        Some(port) => (host, port)
+            .to_socket_addrs()
+            .map(|a| a.collect())
+            .unwrap_or_default(),
+        None => vec![],
+    }
+}
+
 /// Whether `url` cannot leave this host: a unix socket, or a loopback address or `localhost`.
 pub fn is_local(url: &str) -> bool {
     if url.starts_with("unix://") {
@@ -142,5 +164,27 @@ mod tests {
         assert_eq!(url_host("http://[fd00::1]:1"), Some("fd00::1"));
         assert_eq!(url_host("http://10.0.0.1"), Some("10.0.0.1"));
         assert_eq!(url_host("ftp://x"), None);
+    }
+
+    #[test]
+    fn url_socket_addrs_take_the_port_or_the_default() {
+        let one = |u: &str, d| url_socket_addrs(u, d).first().map(ToString::to_string);
+        assert_eq!(
+            one("https://127.0.0.1:7070/x", None).as_deref(),
+            Some("127.0.0.1:7070")
+        );
+        assert_eq!(
+            one("https://[::1]:7070", None).as_deref(),
+            Some("[::1]:7070")
+        );
+        assert_eq!(
+            one("https://[::1]", Some(443)).as_deref(),
+            Some("[::1]:443")
+        );
+        assert_eq!(
+            one("https://0.0.0.0:7070", None).as_deref(),
+            Some("0.0.0.0:7070")
+        );
+        assert_eq!(one("https://10.0.0.1", None), None);
     }
 }

@@ -392,31 +392,25 @@ pub fn svg(r: &RunRecord) -> String {
             esc(&format!("{} @ {}", f.action, f.agent))
         );
     }
-    // Axes and ticks.
+    // Axes and ticks: a grid line with its label at each value.
+    let grid = |s: &mut String, y: f64, label: f64| {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 4.0,
+            y + 4.0,
+            trim(label),
+        );
+    };
     let step = nice_step(lat_max, 5.0);
     let mut v = 0.0;
     while v <= lat_max {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            w - right,
-            left - 4.0,
-            ly(v) + 4.0,
-            trim(v),
-            y = ly(v),
-        );
+        grid(&mut s, ly(v), v);
         v += step;
     }
     for e in [0.0, 0.5, 1.0] {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            w - right,
-            left - 4.0,
-            ey(e) + 4.0,
-            trim(e),
-            y = ey(e)
-        );
+        grid(&mut s, ey(e), e);
     }
     let tstep = nice_step(t_max, 10.0);
     let mut t = 0.0;

@@ -11,7 +11,7 @@ use chaos_proto::experiments::v1::experiments_server::ExperimentsServer;
 use chaos_proto::fleet::v1::controller_server::ControllerServer;
 use chaos_proto::fleet::v1::fleet_server::FleetServer;
 use clap::Parser;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -152,11 +152,9 @@ fn listen_config(args: &Args) -> Result<(SocketAddr, Option<tonic::transport::Se
     } else {
         bail!("--listen: `{url}` must start with https:// (or http:// with --insecure-plaintext)");
     };
-    let authority = url.split("://").nth(1).unwrap_or("").trim_end_matches('/');
-    let addr = authority
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
+    let addr = tls::url_socket_addrs(url, None)
+        .into_iter()
+        .next()
         .with_context(|| format!("--listen: `{url}` needs a host:port"))?;
     Ok((addr, tls))
 }
