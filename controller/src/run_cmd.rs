@@ -53,30 +53,18 @@ pub async fn run(a: RunArgs<'_>, controller: Option<&ControllerFlags>) -> Result
         Err(e) => return fail(format!("{}: {e}", a.file.display())),
     };
     let source = a.file.display().to_string();
+    // Validated here in every case: a bad file fails before anything runs or is sent.
+    let exp = match Experiment::parse(&text, &source) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
     let record = match (a.local, controller) {
-        (true, _) => {
-            let exp = match Experiment::parse(&text, &source) {
-                Ok(e) => e,
-                Err(e) => return fail(e),
-            };
-            run_local(&exp, &a).await?
-        }
+        (true, _) => run_local(&exp, &a).await?,
         (false, Some(ctl)) => {
-            // Validate here first: a bad file fails before anything is sent, and a Chaos
-            // Toolkit file is imported here, where its `env` configuration is meant to be read;
-            // the controller gets it in our model.
-            let exp = match Experiment::parse(&text, &source) {
-                Ok(e) => e,
-                Err(e) => return fail(e),
-            };
-            let text = if chaos_experiment::ctk::is_chaos_toolkit(
-                &serde_yaml_ng::from_str(&text).unwrap_or_default(),
-            ) {
-                serde_yaml_ng::to_string(&exp).context("convert the Chaos Toolkit experiment")?
-            } else {
-                text
-            };
-            match run_remote(&text, &source, ctl, a.json).await? {
+            // The controller gets the validated model: a Chaos Toolkit file is imported here,
+            // where its `env` configuration is meant to be read.
+            let model = serde_yaml_ng::to_string(&exp).context("serialize the experiment")?;
+            match run_remote(&model, &source, ctl, a.json).await? {
                 Ok(r) => r,
                 Err(code) => return Ok(code),
             }

@@ -317,5 +317,8 @@ mod readme {
         let e = crate::Experiment::parse(&body[..end], "README.md").unwrap();
         assert_eq!(crate::model::faults(&e.method).len(), 1);
         assert_eq!(e.stop_conditions.len(), 1);
+        // What chaosctl sends the controller: the model, serialized, reads back the same.
+        let sent = serde_yaml_ng::to_string(&e).unwrap();
+        assert_eq!(crate::Experiment::parse(&sent, "sent").unwrap(), e);
     }
 }
