@@ -4,6 +4,7 @@ pub mod audit;
 pub mod certs;
 pub mod experiments;
 pub mod fleet;
+pub mod k8s;
 pub mod limits;
 pub mod local_driver;
 pub mod server;

@@ -8,6 +8,7 @@ use crate::driver::AgentSelector;
 use crate::tolerance::Tolerance;
 use chaos_agent::spec::FaultSpec;
 use chaos_proto::agent::v1 as pb;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,7 +35,7 @@ impl From<Dur> for String {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Experiment {
     pub title: String,
@@ -56,7 +57,7 @@ pub struct Experiment {
     pub blast_radius: BlastRadius,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Hypothesis {
     pub title: String,
@@ -64,7 +65,7 @@ pub struct Hypothesis {
 }
 
 /// Continuous probing while faults are active.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct During {
     #[serde(default = "one_second")]
@@ -84,7 +85,7 @@ impl Default for During {
 }
 
 /// After the last revert: probe until the hypothesis holds again (the recovery time).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Recovery {
     #[serde(default = "thirty_seconds")]
@@ -116,7 +117,7 @@ fn yes() -> bool {
 }
 
 /// Limits the method must stay within; checked before anything runs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BlastRadius {
     /// Agents one fault action may select (the fleet enforces it when it resolves selectors).
@@ -140,14 +141,17 @@ pub enum Step {
 
 /// YAML has no one-key-map enums in serde_yaml 0.9's model (it uses tags), so a step is read
 /// as a map with exactly one of these keys.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RawStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Box<Fault>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<Dur>,
+    /// Kubernetes schemas cannot nest themselves: the API server keeps parallel branches as
+    /// they are and the controller validates them when it reads the experiment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "nested_steps")]
     pub parallel: Option<Vec<Step>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Command>,
@@ -194,8 +198,33 @@ impl From<Step> for RawStep {
     }
 }
 
+fn nested_steps(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
+}
+
+/// A validated type is described by the schema of what it is read from.
+macro_rules! schema_as {
+    ($($t:ty => $raw:ty),* $(,)?) => {$(
+        impl JsonSchema for $t {
+            fn inline_schema() -> bool {
+                <$raw>::inline_schema()
+            }
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                <$raw>::schema_name()
+            }
+            fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                <$raw>::json_schema(g)
+            }
+        }
+    )*};
+}
+schema_as!(Dur => String, Step => RawStep, Fault => RawFault, Probe => RawProbe, Tolerance => String);
+
 /// Runs a program (no shell) and waits for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Command {
     pub name: String,
@@ -218,7 +247,7 @@ pub struct Fault {
     raw: Box<RawFault>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RawFault {
     pub name: String,
@@ -250,7 +279,18 @@ pub struct RawFault {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `{}`. Kubernetes refuses `additionalProperties: false` in a CRD (it prunes unknown fields
+/// instead), which is what schemars says for a struct with no fields that denies unknown ones.
+impl JsonSchema for Empty {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Empty".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "object"})
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Loss {
     pub percent: f64,
@@ -258,13 +298,13 @@ pub struct Loss {
     pub correlation: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Percent {
     pub percent: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Latency {
     pub ms: f64,
@@ -278,13 +318,13 @@ pub struct Latency {
     pub backend: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Bandwidth {
     pub rate: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Reorder {
     pub percent: f64,
@@ -293,7 +333,7 @@ pub struct Reorder {
     pub correlation: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Dns {
     pub mode: String,
@@ -301,7 +341,7 @@ pub struct Dns {
     pub domains: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Cpu {
     pub workers: u32,
@@ -313,7 +353,7 @@ pub struct Cpu {
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RawTarget {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -550,7 +590,7 @@ impl ProbeKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RawProbe {
     pub name: String,
@@ -655,7 +695,7 @@ impl From<Probe> for RawProbe {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HttpProbe {
     pub url: String,
@@ -685,7 +725,7 @@ fn two_seconds() -> Dur {
     Dur(Duration::from_secs(2))
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrometheusProbe {
     /// The server, e.g. http://127.0.0.1:9090.
@@ -704,7 +744,7 @@ fn five_seconds() -> Dur {
     Dur(Duration::from_secs(5))
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TcpProbe {
     /// ip:port
@@ -713,7 +753,7 @@ pub struct TcpProbe {
     pub timeout: Dur,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DnsProbe {
     /// ip:port of the server.
@@ -730,7 +770,7 @@ fn type_a() -> String {
     "A".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CommandProbe {
     pub run: Vec<String>,

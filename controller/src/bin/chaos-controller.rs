@@ -46,6 +46,14 @@ struct Args {
     /// Where the history of experiment runs is kept.
     #[arg(long, default_value = "/var/lib/chaos")]
     state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (YAML), as committed in deploy/base/crds/.
+    Crds,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -60,6 +68,18 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Command::Crds) = args.command {
+        return match chaos_controller::k8s::crd::crds_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chaos-controller: crds: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
