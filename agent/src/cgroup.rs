@@ -187,6 +187,10 @@ pub fn resolve(target: &CgroupRef) -> Result<Placement, InvalidInput> {
             }
             Ok(placement)
         }
+        CgroupRef::Pod(uid) => {
+            let pod = crate::pod::scan_uid(Path::new("/proc"), uid)?;
+            resolve_path(&hierarchies, pod.cgroup())
+        }
     }
 }
 

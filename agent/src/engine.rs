@@ -15,7 +15,7 @@ use crate::spec::{DEFAULT_MAX_DURATION, FaultKind, FaultSpec, InvalidInput, Netn
 use crate::stress::{CpuStress, StressError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -258,6 +258,7 @@ impl Engine {
     /// Validates `spec`, applies it and returns once it is live in the kernel.
     pub fn apply(self: &Arc<Self>, spec: FaultSpec) -> Result<FaultStatus, EngineError> {
         spec.validate(self.config.max_duration)?;
+        let spec = crate::pod::resolve(spec, Path::new("/proc"))?;
         match &spec.kind {
             // A cgroup that exists nowhere is bad input, refused before anything starts.
             FaultKind::Cpu { cgroup, .. } => {

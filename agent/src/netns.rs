@@ -22,6 +22,10 @@ pub enum NetnsError {
     Setns { path: PathBuf, source: nix::Error },
     #[error("netns worker thread: {0}")]
     Thread(String),
+    /// A bug, not input: pods are resolved to a process before a namespace is opened, and a
+    /// pod must never fall back to the current (host) namespace.
+    #[error("the netns of pod {0} was not resolved to a process")]
+    Unresolved(String),
 }
 
 /// The identity of a namespace (device and inode of its nsfs file), so a journal entry is never
@@ -45,6 +49,7 @@ impl Netns {
     pub fn open(target: &NetnsRef) -> Result<Self, NetnsError> {
         let field = match target {
             NetnsRef::Pid(_) => "--pid",
+            NetnsRef::Pod(uid) => return Err(NetnsError::Unresolved(uid.clone())),
             _ => "--netns",
         };
         let Some(path) = target.path() else {

@@ -9,6 +9,7 @@
 //!
 //! For the network namespace the pod's sandbox ("pause") process is preferred: it lives as
 //! long as the pod, so a fault entered through it survives container restarts.
+use crate::spec::{FaultSpec, InvalidInput, NetnsRef, invalid};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -142,6 +143,22 @@ impl Pod {
         (proc_root.join(p.pid.to_string()).join("ns/net"), a)
     }
 
+    /// The pod's own cgroup path: the v2 one, else the one of the hierarchy with the cpu
+    /// controller (kubelet uses one path in every hierarchy).
+    pub fn cgroup(&self) -> &str {
+        self.cgroups
+            .get("")
+            .or_else(|| {
+                self.cgroups
+                    .iter()
+                    .find(|(k, _)| k.split(',').any(|c| c == "cpu"))
+                    .map(|(_, v)| v)
+            })
+            .or_else(|| self.cgroups.values().next())
+            .map(String::as_str)
+            .unwrap_or("/")
+    }
+
     /// Container processes (not the sandbox), grouped by container id.
     pub fn containers(&self) -> BTreeMap<String, Vec<u32>> {
         let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -162,6 +179,27 @@ fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
         .nth(19)?
         .parse()
         .ok()
+}
+
+/// [`scan`] for a UID as a spec carries it, with errors that name the spec's field.
+pub fn scan_uid(proc_root: &Path, uid: &str) -> Result<Pod, InvalidInput> {
+    let field = "--pod-uid";
+    let uid: PodUid = uid
+        .parse()
+        .map_err(|e: PodError| invalid(field, e.to_string()))?;
+    scan(proc_root, &uid).map_err(|e| invalid(field, e.to_string()))
+}
+
+/// Resolves a pod target to its sandbox process, so the engine and its journal deal in a
+/// process (whose namespace outlives container restarts) and never see a pod again.
+pub fn resolve(mut spec: FaultSpec, proc_root: &Path) -> Result<FaultSpec, InvalidInput> {
+    if let NetnsRef::Pod(uid) = &spec.target.netns {
+        let pod = scan_uid(proc_root, uid)?;
+        let (p, anchor) = pod.netns_process();
+        tracing::info!(pod = %uid, pid = p.pid, comm = %p.comm, ?anchor, "pod netns");
+        spec.target.netns = NetnsRef::Pid(p.pid);
+    }
+    Ok(spec)
 }
 
 /// Scans `proc_root` (normally /proc, the host's with hostPID) for pod `uid`'s processes.

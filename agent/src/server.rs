@@ -71,7 +71,8 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                 cgroup: match c.cgroup_target {
                     Some(pb::cpu::CgroupTarget::Cgroup(path)) => CgroupRef::Path(path),
                     Some(pb::cpu::CgroupTarget::Pid(pid)) => CgroupRef::Pid(pid),
-                    None => CgroupRef::from_flags(None, None)?,
+                    Some(pb::cpu::CgroupTarget::PodUid(uid)) => CgroupRef::Pod(uid),
+                    None => CgroupRef::from_flags(None, None, None)?,
                 },
             },
             None => {
@@ -98,6 +99,10 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
             None => NetnsRef::Current,
             Some(pb::target::Namespace::Netns(n)) => NetnsRef::named(&n)?,
             Some(pb::target::Namespace::Pid(pid)) => NetnsRef::Pid(pid),
+            Some(pb::target::Namespace::PodUid(uid)) => {
+                spec::check_pod_uid("--pod-uid", &uid)?;
+                NetnsRef::Pod(uid)
+            }
         };
         Ok(FaultSpec {
             kind,
@@ -182,6 +187,7 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     cgroup_target: Some(match cgroup {
                         CgroupRef::Path(p) => pb::cpu::CgroupTarget::Cgroup(p.clone()),
                         CgroupRef::Pid(pid) => pb::cpu::CgroupTarget::Pid(*pid),
+                        CgroupRef::Pod(uid) => pb::cpu::CgroupTarget::PodUid(uid.clone()),
                     }),
                 });
                 return pb::FaultSpec {
@@ -202,6 +208,7 @@ impl From<&FaultSpec> for pb::FaultSpec {
                         Some(pb::target::Namespace::Netns(p.display().to_string()))
                     }
                     NetnsRef::Pid(pid) => Some(pb::target::Namespace::Pid(*pid)),
+                    NetnsRef::Pod(uid) => Some(pb::target::Namespace::PodUid(uid.clone())),
                 },
                 dest: t.remote.iter().map(ToString::to_string).collect(),
                 source: t.local.iter().map(ToString::to_string).collect(),

@@ -81,17 +81,25 @@ pub enum FaultKind {
 pub enum CgroupRef {
     Path(String),
     Pid(u32),
+    /// A Kubernetes pod's own cgroup, by UID (canonical form); the engine resolves it to a
+    /// path through [`crate::pod::resolve`] before anything runs.
+    Pod(String),
 }
 
 impl CgroupRef {
-    /// Exactly one of `--cgroup PATH` and `--pid PID`.
-    pub fn from_flags(cgroup: Option<&str>, pid: Option<u32>) -> Result<Self, InvalidInput> {
-        match (cgroup, pid) {
-            (Some(path), None) => Ok(CgroupRef::Path(path.to_string())),
-            (None, Some(pid)) => Ok(CgroupRef::Pid(pid)),
+    /// Exactly one of `--cgroup PATH`, `--pid PID` and `--pod-uid UID`.
+    pub fn from_flags(
+        cgroup: Option<&str>,
+        pid: Option<u32>,
+        pod_uid: Option<&str>,
+    ) -> Result<Self, InvalidInput> {
+        match (cgroup, pid, pod_uid) {
+            (Some(path), None, None) => Ok(CgroupRef::Path(path.to_string())),
+            (None, Some(pid), None) => Ok(CgroupRef::Pid(pid)),
+            (None, None, Some(uid)) => Ok(CgroupRef::Pod(uid.to_string())),
             _ => Err(invalid(
                 "--cgroup",
-                "give exactly one of --cgroup PATH or --pid PID",
+                "give exactly one of --cgroup PATH, --pid PID or --pod-uid UID",
             )),
         }
     }
@@ -100,6 +108,7 @@ impl CgroupRef {
         match self {
             CgroupRef::Pid(0) => Err(invalid("--pid", "must be a process id greater than 0")),
             CgroupRef::Pid(_) => Ok(()),
+            CgroupRef::Pod(uid) => check_pod_uid("--pod-uid", uid),
             CgroupRef::Path(p) => {
                 if !p.starts_with('/')
                     || p.contains('\0')
@@ -120,11 +129,20 @@ impl CgroupRef {
     }
 }
 
+/// A pod UID must be a UUID; checked where specs are parsed, so the controller refuses a
+/// typo before it reaches an agent.
+pub fn check_pod_uid(field: &'static str, uid: &str) -> Result<(), InvalidInput> {
+    uid.parse::<crate::pod::PodUid>()
+        .map(|_| ())
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
 impl fmt::Display for CgroupRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CgroupRef::Path(p) => write!(f, "cgroup {p}"),
             CgroupRef::Pid(pid) => write!(f, "cgroups of pid {pid}"),
+            CgroupRef::Pod(uid) => write!(f, "cgroup of pod {uid}"),
         }
     }
 }
@@ -228,6 +246,9 @@ pub enum NetnsRef {
     Path(PathBuf),
     /// The namespace of a process.
     Pid(u32),
+    /// A Kubernetes pod's namespace, by UID; the engine resolves it to its sandbox process
+    /// through [`crate::pod::resolve`] before anything runs.
+    Pod(String),
 }
 
 impl NetnsRef {
@@ -245,9 +266,10 @@ impl NetnsRef {
         }
     }
 
+    /// The namespace file; `None` for the current namespace and for a pod not yet resolved.
     pub fn path(&self) -> Option<PathBuf> {
         match self {
-            NetnsRef::Current => None,
+            NetnsRef::Current | NetnsRef::Pod(_) => None,
             NetnsRef::Path(p) => Some(p.clone()),
             NetnsRef::Pid(pid) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
         }
@@ -260,6 +282,7 @@ impl fmt::Display for NetnsRef {
             NetnsRef::Current => write!(f, "current netns"),
             NetnsRef::Path(p) => write!(f, "netns {}", p.display()),
             NetnsRef::Pid(pid) => write!(f, "netns of pid {pid}"),
+            NetnsRef::Pod(uid) => write!(f, "netns of pod {uid}"),
         }
     }
 }
@@ -910,11 +933,11 @@ mod tests {
             assert_eq!(field(cpu(1, 50.0, CgroupRef::Path(bad.into()))), "--cgroup");
         }
         assert_eq!(
-            CgroupRef::from_flags(None, None).unwrap_err().field,
+            CgroupRef::from_flags(None, None, None).unwrap_err().field,
             "--cgroup"
         );
         assert_eq!(
-            CgroupRef::from_flags(Some("/a"), Some(1))
+            CgroupRef::from_flags(Some("/a"), Some(1), None)
                 .unwrap_err()
                 .field,
             "--cgroup"

@@ -231,6 +231,9 @@ enum FaultArgs {
         /// Run in the cgroups of this process.
         #[arg(long)]
         pid: Option<u32>,
+        /// Run in the cgroup of this Kubernetes pod (found on the agent's node by its UID).
+        #[arg(long)]
+        pod_uid: Option<String>,
         #[command(flatten)]
         run: Run,
     },
@@ -242,11 +245,15 @@ struct Common {
     #[arg(long)]
     interface: String,
     /// Target netns by name (/run/netns/NAME) or path.
-    #[arg(long, conflicts_with = "pid")]
+    #[arg(long, conflicts_with_all = ["pid", "pod_uid"])]
     netns: Option<String>,
     /// Target the network namespace of this process.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pod_uid")]
     pid: Option<u32>,
+    /// Target the network namespace of this Kubernetes pod, found on the agent's node from its
+    /// UID (`kubectl get pod NAME -o jsonpath='{.metadata.uid}'`).
+    #[arg(long)]
+    pod_uid: Option<String>,
     /// Remote CIDR (the far end: destination of egress, source of ingress). Repeatable.
     #[arg(long = "dest")]
     dest: Vec<String>,
@@ -309,6 +316,7 @@ impl FaultArgs {
             load,
             cgroup,
             pid,
+            pod_uid,
             run,
         } = self
         {
@@ -316,7 +324,7 @@ impl FaultArgs {
                 kind: FaultKind::Cpu {
                     workers: *workers,
                     load_percent: *load,
-                    cgroup: CgroupRef::from_flags(cgroup.as_deref(), *pid)?,
+                    cgroup: CgroupRef::from_flags(cgroup.as_deref(), *pid, pod_uid.as_deref())?,
                 },
                 target: Target::none(),
                 duration: spec::parse_duration(&run.duration)?,
@@ -413,10 +421,14 @@ impl FaultArgs {
 }
 
 fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
-    let netns = match (&c.netns, c.pid) {
-        (Some(n), _) => NetnsRef::named(n)?,
-        (None, Some(pid)) => NetnsRef::Pid(pid),
-        (None, None) => NetnsRef::Current,
+    let netns = match (&c.netns, c.pid, &c.pod_uid) {
+        (Some(n), _, _) => NetnsRef::named(n)?,
+        (None, Some(pid), _) => NetnsRef::Pid(pid),
+        (None, None, Some(uid)) => {
+            spec::check_pod_uid("--pod-uid", uid)?;
+            NetnsRef::Pod(uid.clone())
+        }
+        (None, None, None) => NetnsRef::Current,
     };
     Ok(FaultSpec {
         kind,
@@ -537,6 +549,10 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
         ..EngineConfig::default()
     };
     let duration = spec.duration;
+    // Listening before the fault goes live: a signal sent as soon as "applied" is printed
+    // must revert it, not be lost.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let (engine, applied) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
         let (engine, reclaimed) = Engine::start(config)?;
         if reclaimed.faults > 0 || reclaimed.qdiscs > 0 {
@@ -573,8 +589,6 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
         }),
     );
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let end = tokio::time::Instant::now() + duration;
     let interval = Duration::from_secs_f64(common.interval.max(0.05));
     let mut next_report = Instant::now() + interval;
@@ -706,6 +720,7 @@ fn target_label(s: &pb::FaultSpec) -> String {
         Some(pb::fault_spec::Kind::Cpu(c)) => match &c.cgroup_target {
             Some(pb::cpu::CgroupTarget::Cgroup(p)) => format!("cgroup {p}"),
             Some(pb::cpu::CgroupTarget::Pid(pid)) => format!("cgroups of pid {pid}"),
+            Some(pb::cpu::CgroupTarget::PodUid(uid)) => format!("cgroup of pod {uid}"),
             None => "?".into(),
         },
         _ => s

@@ -299,3 +299,110 @@ fn unknown_and_malformed_uids_are_refused_in_one_line() {
         "invalid pod uid: `pod-1` must be a UUID like 6f1c2a3b-0d4e-4f5a-8b6c-7d8e9f0a1b2c"
     );
 }
+
+/// `--pod-uid` end to end: the engine resolves the pod to its pause process and faults the
+/// pod's own netns (a partition on its loopback, proven with traffic inside it), and CPU
+/// stress lands in the pod's own cgroup; both revert cleanly.
+#[test]
+fn pod_uid_targets_the_pods_netns_and_cgroup() {
+    let _g = serial();
+    require_root();
+    let root = format!("chaos-test-pods-{}-uid", std::process::id());
+    let u = uid(60);
+    let pod_dir = format!("/{root}/kubepods/burstable/pod{u}");
+    let fake = fake_pod(60, &pod_dir, CID, SID, true);
+    sh_ok(&format!("ip -n {} link set lo up", fake.netns));
+    let tmp = std::env::temp_dir().join(format!("chaos-pods-{}-uid", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let to = chaos_tests::addr("127.0.0.1", 5301);
+    let (_, before) = chaos_tests::udp_probe(&fake.netns, &fake.netns, to, 100);
+    assert_eq!(before, 100, "the pod's loopback works before the fault");
+    let uid = u.to_string();
+    let fault = chaos_tests::LocalFault::start(
+        &[
+            "inject",
+            "partition",
+            "--interface",
+            "lo",
+            "--pod-uid",
+            &uid,
+            "--interval",
+            "0",
+        ],
+        &tmp.join("journal"),
+    );
+    let (_, during) = chaos_tests::udp_probe(&fake.netns, &fake.netns, to, 100);
+    let (status, _) = fault.stop();
+    assert_eq!(during, 0, "the partition did not reach the pod's netns");
+    assert!(status.success());
+    let (_, after) = chaos_tests::udp_probe(&fake.netns, &fake.netns, to, 100);
+    assert_eq!(after, 100, "traffic still blocked after revert");
+
+    let pod_procs = |fake: &FakePod| -> Vec<u32> {
+        let (mount, _) = &hierarchies()[0];
+        let f = mount
+            .join(pod_dir.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let mine: Vec<u32> = fake.children.iter().map(|c| c.id()).collect();
+        text.lines()
+            .filter_map(|l| l.parse().ok())
+            .filter(|p| !mine.contains(p))
+            .collect()
+    };
+    assert!(pod_procs(&fake).is_empty());
+    let cpu = chaos_tests::LocalFault::start(
+        &[
+            "inject",
+            "cpu",
+            "--workers",
+            "1",
+            "--load",
+            "20",
+            "--pod-uid",
+            &uid,
+            "--interval",
+            "0",
+        ],
+        &tmp.join("journal"),
+    );
+    let workers = pod_procs(&fake);
+    let (status, out) = cpu.stop();
+    assert_eq!(
+        workers.len(),
+        1,
+        "one worker in the pod's own cgroup: {workers:?}"
+    );
+    assert!(status.success(), "{status}: {out}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pod_procs(&fake).is_empty(), "the worker outlived the fault");
+
+    let bad = chaos_tests::chaosctl(&[
+        "inject",
+        "loss",
+        "--percent",
+        "5",
+        "--interface",
+        "lo",
+        "--pod-uid",
+        "pod-1",
+        "--local",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--pod-uid") && err.lines().count() == 1,
+        "{err}"
+    );
+    drop(fake);
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (mount, _) in hierarchies() {
+        for d in [
+            format!("{root}/kubepods/burstable"),
+            format!("{root}/kubepods"),
+            root.clone(),
+        ] {
+            let _ = std::fs::remove_dir(mount.join(d));
+        }
+    }
+}
