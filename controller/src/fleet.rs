@@ -172,6 +172,9 @@ impl Fleet {
 
     /// The agents `sel` picks, or one line saying why none or which names are unknown.
     pub fn select(&self, sel: &AgentSelector) -> Result<Vec<Arc<AgentConn>>, String> {
+        if sel.pods.is_some() {
+            return Err(crate::local_driver::POD_TARGETS.into());
+        }
         let agents = self.read();
         let unknown: Vec<&str> = sel
             .agents

@@ -24,6 +24,9 @@ fn err(e: impl std::fmt::Display) -> DriverError {
     DriverError(e.to_string())
 }
 
+/// Why a pod target is refused outside Kubernetes mode.
+pub const POD_TARGETS: &str = "target.pods: pods are resolved by chaos-controller in Kubernetes mode (a ChaosExperiment); use target.netns or --pod-uid here";
+
 impl FaultDriver for LocalDriver {
     async fn apply(
         &self,
@@ -34,6 +37,9 @@ impl FaultDriver for LocalDriver {
             return Err(DriverError(
                 "target: agents and labels select agents of a controller; with --local faults run on this machine (leave them out, or run with --controller)".into(),
             ));
+        }
+        if selector.pods.is_some() {
+            return Err(DriverError(POD_TARGETS.into()));
         }
         let spec = FaultSpec::try_from(spec).map_err(err)?;
         let engine = self.engine.clone();

@@ -133,6 +133,7 @@ fn selector(s: Option<fleet::Selector>) -> AgentSelector {
         agents: s.agents,
         labels: s.labels.into_iter().collect(),
         max_agents: None,
+        pods: None,
     }
 }
 

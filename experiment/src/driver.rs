@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 /// Which agents a fault action goes to. Empty names and labels mean "the only agent" for a
 /// local driver and "every connected agent" for the fleet, which blast-radius limits bound.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AgentSelector {
     /// Agents by node name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -16,6 +16,88 @@ pub struct AgentSelector {
     /// The blast radius: refuse, before applying anything, when more agents than this match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_agents: Option<u32>,
+    /// Kubernetes pods: the fault goes into each chosen pod (its netns or cgroup) through the
+    /// agent on the pod's node. Only the controller in Kubernetes mode resolves these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodSelector>,
+}
+
+/// Which pods a fault hits: the pods of `namespaces` matching `labels`, on nodes matching
+/// `node-labels`, narrowed by `mode`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PodSelector {
+    pub namespaces: Vec<String>,
+    /// Pod labels, all of which must match (a label selector's matchLabels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Node labels, all of which must match, e.g. kubernetes.io/arch: arm64.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mode: PodMode,
+    /// The N of `fixed`, the percent of `fixed-percent` and `random-max-percent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// kube-system, kube-public, kube-node-lease and the controller's own namespace are
+    /// refused unless this is set.
+    #[serde(default)]
+    pub allow_protected: bool,
+    /// A hostNetwork pod shares its node's network namespace: a network fault on it hits
+    /// the whole node. Refused unless this is set.
+    #[serde(default)]
+    pub allow_host_network: bool,
+}
+
+/// How many of the matching pods a fault hits.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodMode {
+    /// One, chosen at random.
+    One,
+    /// Every matching pod.
+    #[default]
+    All,
+    /// `value` pods chosen at random (refused when fewer match).
+    Fixed,
+    /// `value` percent of them (rounded down, at least one), chosen at random.
+    FixedPercent,
+    /// A random number of them, from one up to `value` percent.
+    RandomMaxPercent,
+}
+
+impl PodSelector {
+    /// The rules the types cannot say; one line naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        if self.namespaces.is_empty() || self.namespaces.iter().any(|n| n.is_empty()) {
+            return Err("pods.namespaces: needs at least one namespace".into());
+        }
+        let v = self.value;
+        match self.mode {
+            PodMode::One | PodMode::All if v.is_some() => Err(
+                "pods.value: only fixed, fixed-percent and random-max-percent take a value".into(),
+            ),
+            PodMode::Fixed if !v.is_some_and(|v| v >= 1.0 && v.fract() == 0.0) => {
+                Err("pods.value: mode fixed needs a whole number of pods >= 1".into())
+            }
+            PodMode::FixedPercent | PodMode::RandomMaxPercent
+                if !v.is_some_and(|v| v > 0.0 && v <= 100.0) =>
+            {
+                Err("pods.value: a percent mode needs a value in (0, 100]".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One fault as applied on one agent.

@@ -226,6 +226,30 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         assert!(e.during.stop_on_violation);
     }
 
+    /// A pod target: the spec carries the placeholder UID the controller fills in per pod.
+    #[test]
+    fn a_pod_target_reads_into_the_selector_and_a_pod_netns() {
+        let text = GOOD.replace(
+            "{agents: [a1], interface: eth0,",
+            "{pods: {namespaces: [shop], labels: {app: cart}, mode: fixed, value: 2}, interface: eth0,",
+        );
+        let e = Experiment::parse(&text, "exp.yaml").unwrap();
+        let f = model::faults(&e.method)[0];
+        let pods = f.selector.pods.as_ref().unwrap();
+        assert_eq!(
+            (pods.mode, pods.value),
+            (crate::driver::PodMode::Fixed, Some(2.0))
+        );
+        assert_eq!(pods.labels["app"], "cart");
+        let ns = f.spec.target.as_ref().unwrap().namespace.clone();
+        assert_eq!(
+            ns,
+            Some(chaos_proto::agent::v1::target::Namespace::PodUid(
+                model::ANY_POD.into()
+            ))
+        );
+    }
+
     #[test]
     fn errors_name_the_line_column_path_and_rule() {
         let cases: &[(&str, &str, &str)] = &[
@@ -288,6 +312,26 @@ blast-radius: {max-faults: 2, max-duration: 1m}
                 "{name: warm,",
                 "{name: lossy,",
                 "exp.yaml:16: method[2].parallel[0].name: `lossy` is used twice",
+            ),
+            (
+                "{agents: [a1], interface: eth0,",
+                "{pods: {namespaces: [shop], mode: fixed}, interface: eth0,",
+                "exp.yaml:9:5: method[0]: fault.target.pods.value: mode fixed needs a whole number of pods >= 1",
+            ),
+            (
+                "{agents: [a1], interface: eth0,",
+                "{agents: [a1], pods: {namespaces: [shop]}, interface: eth0,",
+                "exp.yaml:9:5: method[0]: fault.target.pods: the pods' nodes choose the agents; drop target.agents and target.labels",
+            ),
+            (
+                "{agents: [a1], interface: eth0,",
+                "{pods: {namespaces: [shop], mode: fixed-percent, value: 150}, interface: eth0,",
+                "exp.yaml:9:5: method[0]: fault.target.pods.value: a percent mode needs a value in (0, 100]",
+            ),
+            (
+                "{agents: [a1], interface: eth0,",
+                "{pods: {namespaces: [shop], mode: most}, interface: eth0,",
+                "exp.yaml:12:49: method[0].fault.target.pods.mode: unknown variant `most`, expected one of `one`",
             ),
             (
                 "  - pause: 1s",

@@ -4,7 +4,7 @@
 //! while they are deserialized), so every error comes with the line and column of the value
 //! that broke it and the path to it: `exp.yaml:14:9: method[0].fault: ...`. Unknown fields are
 //! errors everywhere: a typo must never silently drop a stop condition.
-use crate::driver::AgentSelector;
+use crate::driver::{AgentSelector, PodSelector};
 use crate::tolerance::Tolerance;
 use chaos_agent::spec::FaultSpec;
 use chaos_proto::agent::v1 as pb;
@@ -376,7 +376,14 @@ pub struct RawTarget {
     pub direction: String,
     #[serde(default)]
     pub force: bool,
+    /// Kubernetes pods to fault (the controller in Kubernetes mode resolves them to nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodSelector>,
 }
+
+/// Stands for "each chosen pod" in a spec until the controller fills in a real pod's UID,
+/// so the agent's parser validates a pod-targeted spec like any other.
+pub const ANY_POD: &str = "00000000-0000-0000-0000-000000000000";
 
 impl From<Fault> for RawFault {
     fn from(f: Fault) -> RawFault {
@@ -462,12 +469,19 @@ impl Fault {
                 Kind::Cpu(pb::Cpu {
                     workers: c.workers,
                     load_percent: c.load,
-                    cgroup_target: match (&c.cgroup, c.pid) {
-                        (Some(p), None) => Some(pb::cpu::CgroupTarget::Cgroup(p.clone())),
-                        (None, Some(pid)) => Some(pb::cpu::CgroupTarget::Pid(pid)),
-                        (None, None) => return Err("cpu: needs cgroup or pid".into()),
-                        (Some(_), Some(_)) => {
-                            return Err("cpu: cgroup and pid exclude each other".into());
+                    cgroup_target: match (&c.cgroup, c.pid, &r.target.pods) {
+                        (Some(p), None, None) => Some(pb::cpu::CgroupTarget::Cgroup(p.clone())),
+                        (None, Some(pid), None) => Some(pb::cpu::CgroupTarget::Pid(pid)),
+                        (None, None, Some(_)) => {
+                            Some(pb::cpu::CgroupTarget::PodUid(ANY_POD.into()))
+                        }
+                        (None, None, None) => {
+                            return Err("cpu: needs cgroup, pid or target.pods".into());
+                        }
+                        _ => {
+                            return Err(
+                                "cpu: cgroup, pid and target.pods exclude each other".into()
+                            );
                         }
                     },
                 }),
@@ -486,6 +500,18 @@ impl Fault {
         };
         let t = &r.target;
         let network = kind != "cpu";
+        if let Some(p) = &t.pods {
+            p.check().map_err(|e| format!("target.{e}"))?;
+            if !t.agents.is_empty() || !t.labels.is_empty() {
+                return Err(
+                    "target.pods: the pods' nodes choose the agents; drop target.agents and target.labels"
+                        .into(),
+                );
+            }
+            if t.netns.is_some() {
+                return Err("target.netns: a pod target uses each pod's own netns".into());
+            }
+        }
         if network && t.interface.is_empty() {
             return Err("target.interface: is required".into());
         }
@@ -495,7 +521,10 @@ impl Fault {
             kind: Some(k),
             target: network.then(|| pb::Target {
                 interface: t.interface.clone(),
-                namespace: t.netns.clone().map(pb::target::Namespace::Netns),
+                namespace: match &t.pods {
+                    Some(_) => Some(pb::target::Namespace::PodUid(ANY_POD.into())),
+                    None => t.netns.clone().map(pb::target::Namespace::Netns),
+                },
                 dest: t.dest.clone(),
                 source: t.source.clone(),
                 ports: t.ports.clone(),
@@ -531,6 +560,7 @@ impl Fault {
                 agents: t.agents.clone(),
                 labels: t.labels.clone(),
                 max_agents: None,
+                pods: t.pods.clone(),
             },
             duration: r.duration.map(|d| d.0),
             raw: Box::new(r),
