@@ -4,3 +4,7 @@
 //! here is tested against a mocked API (tower-test) with the request and response bodies a real
 //! server sends; the manifests are validated by `scripts/k8s-check.sh`.
 pub mod crd;
+pub mod targets;
+
+#[cfg(test)]
+pub mod fake;
