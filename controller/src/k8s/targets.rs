@@ -110,13 +110,14 @@ pub fn choose(
             describe(sel)
         ));
     }
-    if network && !sel.allow_host_network {
-        if let Some(p) = matched.iter().find(|p| p.host_network) {
-            return Err(format!(
-                "target.pods: {}/{} uses hostNetwork: a network fault on it hits node {} (set allow-host-network: true to allow it)",
-                p.namespace, p.name, p.node
-            ));
-        }
+    if network
+        && !sel.allow_host_network
+        && let Some(p) = matched.iter().find(|p| p.host_network)
+    {
+        return Err(format!(
+            "target.pods: {}/{} uses hostNetwork: a network fault on it hits node {} (set allow-host-network: true to allow it)",
+            p.namespace, p.name, p.node
+        ));
     }
     matched.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let n = matched.len();
