@@ -446,6 +446,7 @@ impl Fleet {
 }
 
 /// The fleet as the experiment runner sees it. Faults are named by the agent that holds them.
+#[derive(Clone)]
 pub struct FleetDriver {
     pub fleet: Arc<Fleet>,
     pub caller: Caller,
@@ -465,6 +466,7 @@ impl FaultDriver for FleetDriver {
         Ok(applied
             .into_iter()
             .map(|(agent, f)| AppliedFault {
+                pod: None,
                 agent,
                 id: f.id,
                 backend: f.backend,

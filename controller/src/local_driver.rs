@@ -48,6 +48,7 @@ impl FaultDriver for LocalDriver {
             .map_err(err)?
             .map_err(err)?;
         Ok(vec![AppliedFault {
+            pod: None,
             agent: LOCAL.into(),
             id: status.id,
             backend: status.backend.into(),

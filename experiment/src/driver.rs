@@ -109,6 +109,9 @@ pub struct AppliedFault {
     pub id: String,
     /// How it is attached, e.g. "ebpf/tcx".
     pub backend: String,
+    /// The pod it went into (namespace/name), for a pod target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// A failure the runner reports in the record; the message is one line for a person.

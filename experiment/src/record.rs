@@ -115,6 +115,9 @@ pub struct FaultRecord {
     pub kind: String,
     pub summary: String,
     pub agent: String,
+    /// The pod (namespace/name) for a pod target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// The agent's fault id; empty when apply failed.
     pub id: String,
     pub applied_ms: u64,

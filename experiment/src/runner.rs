@@ -480,6 +480,7 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
                         kind: f.kind.clone(),
                         summary: summary(f),
                         agent: a.agent.clone(),
+                        pod: a.pod.clone(),
                         id: a.id.clone(),
                         applied_ms: now,
                         reverted_ms: None,
@@ -508,6 +509,7 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
                 kind: f.kind.clone(),
                 summary: summary(f),
                 agent: String::new(),
+                pod: None,
                 id: String::new(),
                 applied_ms: start,
                 reverted_ms: None,
@@ -685,6 +687,7 @@ mod tests {
             self.0.applied.fetch_add(1, Ordering::SeqCst);
             self.0.broken.store(true, Ordering::SeqCst);
             Ok(vec![AppliedFault {
+                pod: None,
                 agent: "a1".into(),
                 id: "f1".into(),
                 backend: "test".into(),

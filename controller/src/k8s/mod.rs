@@ -4,6 +4,8 @@
 //! here is tested against a mocked API (tower-test) with the request and response bodies a real
 //! server sends; the manifests are validated by `scripts/k8s-check.sh`.
 pub mod crd;
+pub mod driver;
+pub mod reconcile;
 pub mod targets;
 
 #[cfg(test)]
