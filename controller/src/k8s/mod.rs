@@ -5,6 +5,7 @@
 //! server sends; the manifests are validated by `scripts/k8s-check.sh`.
 pub mod crd;
 pub mod driver;
+pub mod lease;
 pub mod reconcile;
 pub mod targets;
 
