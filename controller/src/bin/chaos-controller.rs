@@ -46,6 +46,10 @@ struct Args {
     /// Where the history of experiment runs is kept.
     #[arg(long, default_value = "/var/lib/chaos")]
     state_dir: PathBuf,
+    /// Kubernetes mode: reconcile ChaosExperiments (in-cluster config, or the kubeconfig), one
+    /// replica at a time through a Lease in $POD_NAMESPACE; others wait before serving.
+    #[arg(long)]
+    kubernetes: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -98,6 +102,11 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let (addr, tls) = listen_config(&args)?;
+    // Only the leader listens: a Service (and the agents behind it) reach no one else.
+    let kube = match args.kubernetes {
+        true => Some(kubernetes::lead().await?),
+        false => None,
+    };
     let nofile = chaos_controller::limits::raise_nofile();
     let audit = match &args.audit_log {
         Some(p) => Some(Audit::open(p).with_context(|| format!("--audit-log {}", p.display()))?),
@@ -113,6 +122,13 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("--metrics {m}"))?;
         tracing::info!(%local, "metrics");
     }
+    let lost = match kube {
+        Some((client, lock)) => {
+            kubernetes::reconcile(client, fleet.clone(), history.clone(), &args.listen);
+            Some(lock)
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -126,7 +142,17 @@ async fn run(args: Args) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let hold = async {
+            match &lost {
+                Some(lock) => lock.hold().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+            why = hold => tracing::error!("leadership lost: {why}; stopping"),
+        }
     };
     builder
         .add_service(FleetServer::new(FleetService {
@@ -243,4 +269,71 @@ fn render(fleet: Arc<Fleet>) -> metrics::Render {
             t.finish()
         })
     })
+}
+
+/// Kubernetes mode: leadership first, then the ChaosExperiment reconciler beside the fleet.
+mod kubernetes {
+    use super::*;
+    use chaos_controller::fleet::{Caller, FleetDriver};
+    use chaos_controller::k8s::{lease::LeaseLock, reconcile};
+    use kube::runtime::{Controller, watcher};
+
+    fn namespace() -> String {
+        std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "chaos-system".into())
+    }
+
+    /// Connects to the API server and waits until this replica holds the Lease.
+    pub async fn lead() -> Result<(kube::Client, LeaseLock)> {
+        let client = kube::Client::try_default()
+            .await
+            .context("--kubernetes: no in-cluster config and no kubeconfig")?;
+        let me = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("chaos-controller-{}", std::process::id()));
+        let lock = LeaseLock::new(
+            client.clone(),
+            &namespace(),
+            "chaos-controller",
+            &me,
+            std::time::Duration::from_secs(15),
+        );
+        tracing::info!(identity = %me, "waiting for leadership");
+        lock.acquire().await;
+        tracing::info!(identity = %me, "leading");
+        Ok((client, lock))
+    }
+
+    /// Starts the reconciler in the background.
+    pub fn reconcile(
+        client: kube::Client,
+        fleet: Arc<Fleet>,
+        history: Arc<History>,
+        listen: &str,
+    ) {
+        let ctx = reconcile::Ctx::new(
+            client.clone(),
+            FleetDriver {
+                fleet,
+                caller: Caller("kubernetes".into()),
+            },
+            Some(history),
+            namespace(),
+            format!("controller {listen} (kubernetes)"),
+        );
+        let ar = reconcile::resource();
+        let api = kube::Api::<kube::api::DynamicObject>::all_with(client, &ar);
+        tokio::spawn(async move {
+            let results = Controller::new_with(api, watcher::Config::default(), ar).run(
+                reconcile::reconcile,
+                reconcile::error_policy,
+                ctx,
+            );
+            let mut results = std::pin::pin!(results);
+            while let Some(r) = results.next().await {
+                if let Err(e) = r {
+                    tracing::warn!("reconcile: {e}");
+                }
+            }
+        });
+    }
 }
