@@ -102,11 +102,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let (addr, tls) = listen_config(&args)?;
-    // Only the leader listens: a Service (and the agents behind it) reach no one else.
-    let kube = match args.kubernetes {
-        true => Some(kubernetes::lead().await?),
-        false => None,
-    };
+
     let nofile = chaos_controller::limits::raise_nofile();
     let audit = match &args.audit_log {
         Some(p) => Some(Audit::open(p).with_context(|| format!("--audit-log {}", p.display()))?),
@@ -122,6 +118,12 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("--metrics {m}"))?;
         tracing::info!(%local, "metrics");
     }
+    // Only the leader listens: a Service (and the agents behind it) reach no one else. Metrics
+    // (the liveness probe) are served before, so a standby stays alive while it waits.
+    let kube = match args.kubernetes {
+        true => Some(kubernetes::lead().await?),
+        false => None,
+    };
     let lost = match kube {
         Some((client, lock)) => {
             kubernetes::reconcile(client, fleet.clone(), history.clone(), &args.listen);
