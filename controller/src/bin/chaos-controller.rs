@@ -306,12 +306,7 @@ mod kubernetes {
     }
 
     /// Starts the reconciler in the background.
-    pub fn reconcile(
-        client: kube::Client,
-        fleet: Arc<Fleet>,
-        history: Arc<History>,
-        listen: &str,
-    ) {
+    pub fn reconcile(client: kube::Client, fleet: Arc<Fleet>, history: Arc<History>, listen: &str) {
         let ctx = reconcile::Ctx::new(
             client.clone(),
             FleetDriver {

@@ -200,6 +200,21 @@ mod tests {
         assert!(bad.is_empty(), "not structural:\n{}", bad.join("\n"));
     }
 
+    /// The README's first ChaosExperiment reads as the typed resource, with a pod target.
+    #[test]
+    fn the_readme_chaos_experiment_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("apiVersion: chaos.dev/v1alpha1")
+            .expect("README has a ChaosExperiment");
+        let body = &readme[start..];
+        let end = body.find("```").expect("end of the example");
+        let obj: ChaosExperiment = serde_yaml_ng::from_str(&body[..end]).unwrap();
+        let faults = chaos_experiment::model::faults(&obj.spec.experiment.method);
+        let pods = faults[0].selector.pods.as_ref().expect("a pod target");
+        assert_eq!(pods.namespaces, vec!["shop".to_string()]);
+    }
+
     /// The README's experiment file is a valid ChaosExperiment spec as it is.
     #[test]
     fn an_experiment_file_is_a_spec() {
