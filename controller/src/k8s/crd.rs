@@ -200,16 +200,19 @@ mod tests {
         assert!(bad.is_empty(), "not structural:\n{}", bad.join("\n"));
     }
 
+    /// The README's code block that starts with `marker`, up to its closing fence.
+    fn readme_block(marker: &str) -> &'static str {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find(marker).expect("the example is in the README");
+        let body = &readme[start..];
+        &body[..body.find("```").expect("end of the example")]
+    }
+
     /// The README's first ChaosExperiment reads as the typed resource, with a pod target.
     #[test]
     fn the_readme_chaos_experiment_is_valid() {
-        let readme = include_str!("../../../README.md");
-        let start = readme
-            .find("apiVersion: chaos.dev/v1alpha1")
-            .expect("README has a ChaosExperiment");
-        let body = &readme[start..];
-        let end = body.find("```").expect("end of the example");
-        let obj: ChaosExperiment = serde_yaml_ng::from_str(&body[..end]).unwrap();
+        let text = readme_block("apiVersion: chaos.dev/v1alpha1");
+        let obj: ChaosExperiment = serde_yaml_ng::from_str(text).unwrap();
         let faults = chaos_experiment::model::faults(&obj.spec.experiment.method);
         let pods = faults[0].selector.pods.as_ref().expect("a pod target");
         assert_eq!(pods.namespaces, vec!["shop".to_string()]);
@@ -218,14 +221,11 @@ mod tests {
     /// The README's experiment file is a valid ChaosExperiment spec as it is.
     #[test]
     fn an_experiment_file_is_a_spec() {
-        let readme = include_str!("../../../README.md");
-        let start = readme
-            .find("# cart-loss.yaml\n")
-            .expect("README has an experiment");
-        let body = &readme[start..];
-        let end = body.find("```").expect("end of the example");
-        let spec: ChaosExperimentSpec = serde_yaml_ng::from_str(&body[..end]).unwrap();
-        let file = Experiment::parse(&body[..end], "README.md").unwrap();
-        assert_eq!(spec.experiment, file);
+        let text = readme_block("# cart-loss.yaml\n");
+        let spec: ChaosExperimentSpec = serde_yaml_ng::from_str(text).unwrap();
+        assert_eq!(
+            spec.experiment,
+            Experiment::parse(text, "README.md").unwrap()
+        );
     }
 }
