@@ -75,6 +75,11 @@ enum Command {
         /// Only validate the file (exit 0 if it would run, 3 with the error line if not).
         #[arg(long)]
         check: bool,
+        /// Validate, then list what each fault action would hit now (pods, nodes,
+        /// interfaces; pod targets are resolved through the kubeconfig's cluster). Applies
+        /// nothing.
+        #[arg(long, conflicts_with = "check")]
+        dry_run: bool,
         /// With --local: journal directory for crash recovery.
         #[arg(
             long,
@@ -496,10 +501,14 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             local,
             report_dir,
             check,
+            dry_run,
             journal_dir,
         } => {
             if check {
                 return crate::run_cmd::check(&file);
+            }
+            if dry_run {
+                return crate::run_cmd::dry_run(&file).await;
             }
             crate::run_cmd::run(
                 crate::run_cmd::RunArgs {

@@ -47,6 +47,33 @@ pub fn check(file: &Path) -> Result<ExitCode> {
     }
 }
 
+/// `run --dry-run`: validation, then what each fault would hit; nothing applied.
+pub async fn dry_run(file: &Path) -> Result<ExitCode> {
+    let exp = match Experiment::load(file) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let needs_cluster = chaos_experiment::model::faults(&exp.method)
+        .iter()
+        .any(|f| f.selector.pods.is_some());
+    let client = match needs_cluster {
+        true => match kube::Client::try_default().await {
+            Ok(c) => Some(c),
+            Err(e) => return fail(format!("--dry-run: pod targets need a cluster: {e}")),
+        },
+        false => None,
+    };
+    let own = std::env::var("CHAOS_NAMESPACE").unwrap_or_else(|_| "chaos-system".into());
+    let lines = match chaos_controller::k8s::targets::plan(client.as_ref(), &exp, &own).await {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(a: RunArgs<'_>, controller: Option<&ControllerFlags>) -> Result<ExitCode> {
     let text = match std::fs::read_to_string(a.file) {
         Ok(t) => t,

@@ -175,6 +175,52 @@ impl XorShift {
     }
 }
 
+/// The dry run: for each fault action, what it would hit now, one line per pod (or per agent
+/// selector), in method order. Modes that choose at random show one possible choice.
+pub async fn plan(
+    client: Option<&Client>,
+    exp: &chaos_experiment::Experiment,
+    own_namespace: &str,
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for f in chaos_experiment::model::faults(&exp.method) {
+        let place = match &f.spec.target {
+            Some(t) => format!("interface {}", t.interface),
+            None => "its cgroup".to_string(),
+        };
+        let Some(sel) = &f.selector.pods else {
+            let who = if f.selector.agents.is_empty() && f.selector.labels.is_empty() {
+                "every agent".to_string()
+            } else {
+                format!(
+                    "agents [{}] labels [{}]",
+                    f.selector.agents.join(","),
+                    label_selector(&f.selector.labels)
+                )
+            };
+            out.push(format!("{} ({}): {who}, {place}", f.name, f.kind));
+            continue;
+        };
+        let client = client.ok_or_else(|| format!("{}: a pod target needs a cluster", f.name))?;
+        let pods = resolve(
+            client,
+            sel,
+            f.spec.target.is_some(),
+            own_namespace,
+            random_seed(),
+        )
+        .await
+        .map_err(|e| format!("{}: {e}", f.name))?;
+        for p in pods {
+            out.push(format!(
+                "{} ({}): pod {}/{} (uid {}) on node {}, {place}",
+                f.name, f.kind, p.namespace, p.name, p.uid, p.node
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// A seed for production choices.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -352,5 +398,40 @@ mod tests {
             assert!(e.contains(&format!("`{ns}` is protected")), "{e}");
         }
         assert_eq!(api.requests().len(), 2);
+    }
+
+    /// The dry run names each pod, its node and the interface, and asks the API only to read.
+    #[tokio::test]
+    async fn plan_lists_pods_nodes_and_interfaces() {
+        let api = FakeApi::start(|method, uri| {
+            assert_eq!(method, "GET", "a dry run only reads");
+            assert!(uri.starts_with("/api/v1/namespaces/shop/pods?"), "{uri}");
+            (
+                200,
+                json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
+                    pod("cart-a", "pi-1", "Running", false),
+                    pod("cart-b", "pi-2", "Running", false),
+                ]}),
+            )
+        });
+        let exp = chaos_experiment::Experiment::parse(
+            r#"title: t
+steady-state-hypothesis: {title: h, probes: [{name: p, command: {run: [/bin/true]}}]}
+method:
+  - fault: {name: lossy, loss: {percent: 5}, target: {pods: {namespaces: [shop], labels: {app: cart}}, interface: eth0}}
+  - fault: {name: slow, latency: {ms: 50}, target: {labels: {zone: a}, interface: eth1}}
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        let lines = plan(Some(&api.client), &exp, "chaos-system").await.unwrap();
+        assert_eq!(
+            lines,
+            [
+                "lossy (loss): pod shop/cart-a (uid uid-cart-a) on node pi-1, interface eth0",
+                "lossy (loss): pod shop/cart-b (uid uid-cart-b) on node pi-2, interface eth0",
+                "slow (latency): agents [] labels [zone=a], interface eth1",
+            ]
+        );
     }
 }
