@@ -75,6 +75,12 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     None => CgroupRef::from_flags(None, None, None)?,
                 },
             },
+            Some(pb::fault_spec::Kind::PodKill(_)) => {
+                return Err(invalid(
+                    "kind",
+                    "pod-kill is done by chaos-controller through the Kubernetes API, not by an agent",
+                ));
+            }
             None => {
                 return Err(invalid(
                     "kind",
@@ -239,6 +245,7 @@ pub fn counters_pb(c: Counters) -> pb::Counters {
         matched: c.matched,
         affected: c.affected,
         cpu_time_us: c.cpu_time_us,
+        ready_ms: 0,
     }
 }
 
@@ -292,6 +299,7 @@ pub fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
         Duplicate(_) => "duplicate",
         Dns(_) => "dns",
         Cpu(_) => "cpu",
+        PodKill(_) => "pod-kill",
     }
 }
 

@@ -157,6 +157,11 @@ pub fn summarize(spec: &pb::FaultSpec) -> String {
         Some(Kind::Duplicate(d)) => format!("duplicate {}%", d.percent),
         Some(Kind::Dns(d)) => format!("dns {}", d.mode),
         Some(Kind::Cpu(c)) => format!("cpu {}x{}%", c.workers, c.load_percent),
+        Some(Kind::PodKill(k)) => match k.grace_period_seconds {
+            Some(0) => "pod-kill (force)".into(),
+            Some(s) => format!("pod-kill (grace {s}s)"),
+            None => "pod-kill".into(),
+        },
         None => "?".into(),
     };
     match &spec.target {

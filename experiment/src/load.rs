@@ -314,6 +314,11 @@ blast-radius: {max-faults: 2, max-duration: 1m}
                 "exp.yaml:16: method[2].parallel[0].name: `lossy` is used twice",
             ),
             (
+                "      loss: {percent: 10}",
+                "      pod-kill: {grace-period-seconds: 0}",
+                "exp.yaml:9:5: method[0]: fault.target.pods: pod-kill needs a pod target",
+            ),
+            (
                 "{agents: [a1], interface: eth0,",
                 "{pods: {namespaces: [shop], mode: fixed}, interface: eth0,",
                 "exp.yaml:9:5: method[0]: fault.target.pods.value: mode fixed needs a whole number of pods >= 1",

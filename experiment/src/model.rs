@@ -269,6 +269,8 @@ pub struct RawFault {
     pub dns: Option<Dns>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Cpu>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_kill: Option<PodKill>,
     #[serde(default)]
     pub target: RawTarget,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -350,6 +352,16 @@ pub struct Cpu {
     pub cgroup: Option<String>,
     #[serde(default)]
     pub pid: Option<u32>,
+}
+
+/// Deletes the chosen pods through the API (Kubernetes mode); the action's duration is how
+/// long the run waits for them to be replaced and Ready (measured as the fault's `ready_ms`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PodKill {
+    /// Unset: each pod's own terminationGracePeriodSeconds; 0: force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period_seconds: Option<u32>,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -487,9 +499,17 @@ impl Fault {
                 }),
             ));
         }
+        if let Some(p) = &r.pod_kill {
+            kinds.push((
+                "pod-kill",
+                Kind::PodKill(pb::PodKill {
+                    grace_period_seconds: p.grace_period_seconds.map(i64::from),
+                }),
+            ));
+        }
         let (kind, k) = match kinds.len() {
             1 => kinds.remove(0),
-            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns or cpu".into()),
+            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu or pod-kill".into()),
             _ => {
                 return Err(format!(
                     "has {} fault kinds ({}); one action applies one kind",
@@ -499,7 +519,10 @@ impl Fault {
             }
         };
         let t = &r.target;
-        let network = kind != "cpu";
+        let network = !matches!(kind, "cpu" | "pod-kill");
+        if kind == "pod-kill" && t.pods.is_none() {
+            return Err("target.pods: pod-kill needs a pod target".into());
+        }
         if let Some(p) = &t.pods {
             p.check().map_err(|e| format!("target.{e}"))?;
             if !t.agents.is_empty() || !t.labels.is_empty() {
@@ -547,11 +570,14 @@ impl Fault {
                 _ => format!("{kind}.{f}"),
             }
         };
-        let parsed = FaultSpec::try_from(spec.clone())
-            .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
-        parsed
-            .validate(chaos_agent::spec::DEFAULT_MAX_DURATION)
-            .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+        // pod-kill never reaches an agent: the controller does it through the API.
+        if kind != "pod-kill" {
+            let parsed = FaultSpec::try_from(spec.clone())
+                .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+            parsed
+                .validate(chaos_agent::spec::DEFAULT_MAX_DURATION)
+                .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+        }
         Ok(Fault {
             name: r.name.clone(),
             kind: kind.to_string(),

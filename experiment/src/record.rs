@@ -130,6 +130,10 @@ pub struct FaultRecord {
     /// CPU faults: CPU time the workers consumed.
     #[serde(default)]
     pub cpu_time_us: u64,
+    /// pod-kill: from the kill until the selected pods were all Ready again; None when they
+    /// were not by the end of the action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -710,6 +710,7 @@ pub(crate) mod tests {
                     matched: 600,
                     affected: 180,
                     cpu_time_us: 0,
+                    ready_ms: None,
                     error: None,
                 },
                 FaultRecord {
@@ -725,6 +726,7 @@ pub(crate) mod tests {
                     matched: 0,
                     affected: 0,
                     cpu_time_us: 0,
+                    ready_ms: None,
                     error: None,
                 },
             ],

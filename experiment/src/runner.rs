@@ -488,6 +488,7 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
                         matched: 0,
                         affected: 0,
                         cpu_time_us: 0,
+                        ready_ms: None,
                         error: None,
                     });
                     active.push(Active {
@@ -517,6 +518,7 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
                 matched: 0,
                 affected: 0,
                 cpu_time_us: 0,
+                ready_ms: None,
                 error: Some(e.to_string()),
             });
             st.event(format!("{why}: stopping the method"), progress);
@@ -575,6 +577,7 @@ async fn revert_these<D: FaultDriver>(
                 f.matched = c.matched;
                 f.affected = c.affected;
                 f.cpu_time_us = c.cpu_time_us;
+                f.ready_ms = (c.ready_ms > 0).then_some(c.ready_ms);
                 progress(ProgressEvent::Reverted {
                     t_ms: now,
                     action: a.action.clone(),
@@ -698,6 +701,7 @@ mod tests {
                 seen: 10,
                 matched: 5,
                 affected: self.0.affected.load(Ordering::SeqCst),
+                ready_ms: 0,
                 cpu_time_us: 0,
             })
         }

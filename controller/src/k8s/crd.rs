@@ -76,8 +76,14 @@ pub struct FaultStatus {
     pub agent: String,
     /// The agent's fault id.
     pub id: String,
+    /// The pod (namespace/name) for a pod target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub packets_seen: u64,
     pub packets_affected: u64,
+    /// pod-kill: from the kill until the selected pods were all Ready again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

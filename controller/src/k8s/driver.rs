@@ -6,14 +6,40 @@ use crate::fleet::FleetDriver;
 use chaos_experiment::driver::{AgentSelector, AppliedFault, DriverError, FaultDriver};
 use chaos_experiment::model::ANY_POD;
 use chaos_proto::agent::v1 as pb;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use std::collections::BTreeSet;
+use kube::api::{Api, DeleteParams, ListParams};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub struct KubeDriver {
     pub fleet: FleetDriver,
     pub client: Client,
     /// The controller's namespace: protected like kube-system.
     pub namespace: String,
+    /// pod-kill actions by the ids they were given: the recovery each one measures.
+    kills: Mutex<HashMap<String, Arc<Recovery>>>,
+}
+
+/// How long a pod-kill's recovery is watched at most.
+const READY_WATCH: Duration = Duration::from_secs(600);
+
+/// A pod-kill's recovery: from the kill until the selected pods are all Ready again.
+#[derive(Default)]
+struct Recovery {
+    /// Milliseconds; 0 until Ready.
+    ready_ms: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// `spec` aimed at one pod: the placeholder UID replaced by the pod's.
@@ -33,7 +59,123 @@ pub fn for_pod(mut spec: pb::FaultSpec, uid: &str) -> pb::FaultSpec {
     spec
 }
 
+/// Every pod the selector matches (any node, any mode), for recovery checks.
+async fn matching(
+    client: &Client,
+    sel: &chaos_experiment::driver::PodSelector,
+) -> Result<Vec<Pod>, String> {
+    let lp = ListParams::default().labels(
+        &sel.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let mut out = Vec::new();
+    for ns in &sel.namespaces {
+        let list = Api::<Pod>::namespaced(client.clone(), ns)
+            .list(&lp)
+            .await
+            .map_err(|e| format!("list pods in {ns}: {e}"))?;
+        out.extend(list.items);
+    }
+    Ok(out)
+}
+
 impl KubeDriver {
+    pub fn new(fleet: FleetDriver, client: Client, namespace: String) -> Self {
+        KubeDriver {
+            fleet,
+            client,
+            namespace,
+            kills: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn kills(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Recovery>>> {
+        self.kills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// pod-kill: deletes the chosen pods, then watches until the selector has as many Ready
+    /// pods as before and none of the killed ones is left.
+    async fn kill_pods(
+        &self,
+        selector: &AgentSelector,
+        spec: &pb::FaultSpec,
+        grace: Option<i64>,
+    ) -> Result<Vec<AppliedFault>, DriverError> {
+        let Some(sel) = selector.pods.clone() else {
+            return Err(DriverError(
+                "target.pods: pod-kill needs a pod target".into(),
+            ));
+        };
+        let pods = self.pods(selector, spec).await?;
+        let before = matching(&self.client, &sel).await.map_err(DriverError)?;
+        let ready_before = before.iter().filter(|p| is_ready(p)).count();
+        let started = Instant::now();
+        let dp = DeleteParams {
+            grace_period_seconds: grace.map(|g| g.max(0) as u32),
+            ..DeleteParams::default()
+        };
+        let mut applied = Vec::new();
+        for p in &pods {
+            let api = Api::<Pod>::namespaced(self.client.clone(), &p.namespace);
+            match api.delete(&p.name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    return Err(DriverError(format!(
+                        "pod-kill {}/{}: {e} ({} of {} deleted)",
+                        p.namespace,
+                        p.name,
+                        applied.len(),
+                        pods.len()
+                    )));
+                }
+            }
+            applied.push(AppliedFault {
+                agent: p.node.clone(),
+                id: format!("pod-kill-{}", p.uid),
+                backend: "kubernetes/delete".into(),
+                pod: Some(format!("{}/{}", p.namespace, p.name)),
+            });
+        }
+        let recovery = Arc::new(Recovery::default());
+        for a in &applied {
+            self.kills().insert(a.id.clone(), recovery.clone());
+        }
+        let killed: BTreeSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            while started.elapsed() < READY_WATCH && !recovery.stop.load(Ordering::Relaxed) {
+                if let Ok(now) = matching(&client, &sel).await {
+                    let gone = now
+                        .iter()
+                        .all(|p| !p.metadata.uid.as_ref().is_some_and(|u| killed.contains(u)));
+                    if gone && now.iter().filter(|p| is_ready(p)).count() >= ready_before {
+                        let ms = (started.elapsed().as_millis() as u64).max(1);
+                        recovery.ready_ms.store(ms, Ordering::Relaxed);
+                        tracing::info!(ready_ms = ms, "pods Ready again after pod-kill");
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        Ok(applied)
+    }
+
+    fn kill_counters(&self, fault: &AppliedFault) -> Option<pb::Counters> {
+        let r = self.kills().get(&fault.id)?.clone();
+        Some(pb::Counters {
+            seen: 1,
+            matched: 1,
+            affected: 1,
+            cpu_time_us: 0,
+            ready_ms: r.ready_ms.load(Ordering::Relaxed),
+        })
+    }
+
     /// The pods a pod selector picks now (also the dry run's answer).
     pub async fn pods(
         &self,
@@ -72,6 +214,11 @@ impl FaultDriver for KubeDriver {
         selector: &AgentSelector,
         spec: pb::FaultSpec,
     ) -> Result<Vec<AppliedFault>, DriverError> {
+        if let Some(pb::fault_spec::Kind::PodKill(k)) = &spec.kind {
+            return self
+                .kill_pods(selector, &spec, k.grace_period_seconds)
+                .await;
+        }
         if selector.pods.is_none() {
             return self.fleet.apply(selector, spec).await;
         }
@@ -115,10 +262,20 @@ impl FaultDriver for KubeDriver {
     }
 
     async fn counters(&self, fault: &AppliedFault) -> Result<pb::Counters, DriverError> {
+        if let Some(c) = self.kill_counters(fault) {
+            return Ok(c);
+        }
         self.fleet.counters(fault).await
     }
 
+    /// A pod-kill has nothing to undo: its revert ends the recovery watch and reports it.
     async fn revert(&self, fault: &AppliedFault) -> Result<pb::Counters, DriverError> {
+        if let Some(c) = self.kill_counters(fault) {
+            if let Some(r) = self.kills().remove(&fault.id) {
+                r.stop.store(true, Ordering::Relaxed);
+            }
+            return Ok(c);
+        }
         self.fleet.revert(fault).await
     }
 }
@@ -148,5 +305,109 @@ mod tests {
         let mut named = spec;
         named.target.as_mut().unwrap().namespace = Some(Namespace::Netns("x".into()));
         assert_eq!(for_pod(named.clone(), uid), named);
+    }
+
+    fn pod(name: &str, uid: &str, ready: bool) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": "cart"}},
+            "spec": {"nodeName": "pi-1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": if ready { "True" } else { "False" }}
+            ]}
+        })
+    }
+
+    /// pod-kill on a fake API server that behaves like a ReplicaSet: the deleted pod is
+    /// replaced by a new one that becomes Ready a few lists later. The DELETE carries the
+    /// grace period, and the recovery is measured until the replacement is Ready.
+    #[tokio::test]
+    async fn pod_kill_deletes_and_measures_until_the_pods_are_ready_again() {
+        use crate::fleet::{Caller, Fleet};
+        use chaos_experiment::driver::{PodMode, PodSelector};
+        let pods = Arc::new(Mutex::new((vec![pod("cart-a", "uid-a", true)], 0usize)));
+        let state = pods.clone();
+        let api = crate::k8s::fake::FakeApi::start_with_body(move |method, uri, body| {
+            let mut st = state.lock().unwrap();
+            if method == "DELETE" {
+                assert_eq!(uri, "/api/v1/namespaces/shop/pods/cart-a?");
+                assert!(body.contains("\"gracePeriodSeconds\":0"), "{body}");
+                let gone = st.0.remove(0);
+                st.0.push(pod("cart-z", "uid-z", false));
+                return (200, gone);
+            }
+            assert!(
+                uri.starts_with("/api/v1/namespaces/shop/pods?"),
+                "{method} {uri}"
+            );
+            // Lists after the delete: the replacement is Ready from the third one on.
+            if st.0.iter().any(|p| p["metadata"]["name"] == "cart-z") {
+                st.1 += 1;
+            }
+            if st.1 >= 3 {
+                for p in st.0.iter_mut() {
+                    p["status"]["conditions"][0]["status"] = "True".into();
+                }
+            }
+            (
+                200,
+                serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": st.0}),
+            )
+        });
+        let fleet = FleetDriver {
+            fleet: Fleet::new(Duration::from_secs(15), None),
+            caller: Caller("test".into()),
+        };
+        let driver = KubeDriver::new(fleet, api.client.clone(), "chaos-system".into());
+        let selector = AgentSelector {
+            pods: Some(PodSelector {
+                namespaces: vec!["shop".into()],
+                labels: [("app".to_string(), "cart".to_string())].into(),
+                node_labels: Default::default(),
+                mode: PodMode::All,
+                value: None,
+                allow_protected: false,
+                allow_host_network: false,
+            }),
+            ..AgentSelector::default()
+        };
+        let spec = pb::FaultSpec {
+            kind: Some(pb::fault_spec::Kind::PodKill(pb::PodKill {
+                grace_period_seconds: Some(0),
+            })),
+            target: None,
+            duration_ms: 0,
+        };
+        let applied = driver.apply(&selector, spec).await.unwrap();
+        assert_eq!(applied.len(), 1);
+        assert_eq!(
+            (applied[0].pod.as_deref(), applied[0].agent.as_str()),
+            (Some("shop/cart-a"), "pi-1")
+        );
+        assert_eq!(
+            driver.counters(&applied[0]).await.unwrap().ready_ms,
+            0,
+            "Ready at once?"
+        );
+        let mut ready = 0;
+        for _ in 0..100 {
+            ready = driver.counters(&applied[0]).await.unwrap().ready_ms;
+            if ready > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The watcher lists every 250 ms: the third list after the delete is at >= 500 ms.
+        assert!(
+            ready >= 450,
+            "ready after {ready} ms, before the replacement was Ready"
+        );
+        let c = driver.revert(&applied[0]).await.unwrap();
+        assert_eq!((c.affected, c.ready_ms), (1, ready));
+        let deletes = api
+            .requests()
+            .iter()
+            .filter(|(m, _, _)| m == "DELETE")
+            .count();
+        assert_eq!(deletes, 1);
     }
 }

@@ -150,6 +150,7 @@ pub fn final_status(record: &RunRecord) -> serde_json::Value {
             serde_json::json!({
                 "name": f.action, "agent": f.agent, "id": f.id,
                 "pod": f.pod, "packetsSeen": f.seen, "packetsAffected": f.affected,
+                "readyMs": f.ready_ms,
             })
         })
         .collect();
@@ -252,11 +253,7 @@ async fn run(
     cancel: watch::Receiver<bool>,
 ) {
     let name = obj.name_any();
-    let driver = KubeDriver {
-        fleet: ctx.fleet.clone(),
-        client: ctx.client.clone(),
-        namespace: ctx.namespace.clone(),
-    };
+    let driver = KubeDriver::new(ctx.fleet.clone(), ctx.client.clone(), ctx.namespace.clone());
     let record = runner::run(
         &exp,
         &driver,
