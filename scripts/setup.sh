@@ -15,6 +15,10 @@ command -v stress-ng >/dev/null || need+=(stress-ng)
 # Real applications for the experiment tests: the system under test and the metrics probe.
 command -v nginx >/dev/null    || need+=(nginx)
 command -v prometheus >/dev/null || need+=(prometheus)
+# The OCI images: buildah, clang (ring's C for the musl targets), qemu-user (runs arm64 binaries).
+command -v buildah >/dev/null  || need+=(buildah)
+command -v clang >/dev/null    || need+=(clang)
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2

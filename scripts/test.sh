@@ -26,6 +26,9 @@ cargo test -p chaos-tests --locked --tests -- --test-threads=1
 echo "== Kubernetes manifests: every overlay rendered and validated for Kubernetes 1.29+"
 ./scripts/k8s-check.sh --self-test
 
+echo "== OCI images (buildah, linux/amd64 + linux/arm64), unpacked and run"
+./scripts/images.sh
+
 echo "== real Debian kernels (6.1, no TCX: clsact path) under QEMU, x86_64 and arm64"
 cargo xtask vm-test
 

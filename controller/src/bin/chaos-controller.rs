@@ -277,7 +277,7 @@ fn render(fleet: Arc<Fleet>) -> metrics::Render {
 mod kubernetes {
     use super::*;
     use chaos_controller::fleet::{Caller, FleetDriver};
-    use chaos_controller::k8s::{lease::LeaseLock, reconcile};
+    use chaos_controller::k8s::{lease::LeaseLock, reconcile, schedule};
     use kube::runtime::{Controller, watcher};
 
     fn namespace() -> String {
@@ -317,6 +317,22 @@ mod kubernetes {
             namespace(),
             format!("controller {listen} (kubernetes)"),
         );
+        let sar = schedule::resource();
+        let schedules = kube::Api::<kube::api::DynamicObject>::all_with(client.clone(), &sar);
+        let sctx = ctx.clone();
+        tokio::spawn(async move {
+            let results = Controller::new_with(schedules, watcher::Config::default(), sar).run(
+                schedule::reconcile,
+                reconcile::error_policy,
+                sctx,
+            );
+            let mut results = std::pin::pin!(results);
+            while let Some(r) = results.next().await {
+                if let Err(e) = r {
+                    tracing::warn!("schedule: {e}");
+                }
+            }
+        });
         let ar = reconcile::resource();
         let api = kube::Api::<kube::api::DynamicObject>::all_with(client, &ar);
         tokio::spawn(async move {

@@ -117,11 +117,75 @@ pub struct ChaosExperimentStatus {
     pub observed_generation: Option<i64>,
 }
 
+/// Recurring game days: a ChaosExperiment created from `experiment` at each `schedule` time.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "chaos.dev",
+    version = "v1alpha1",
+    kind = "ChaosSchedule",
+    namespaced,
+    status = "ChaosScheduleStatus",
+    shortname = "chaossched",
+    category = "chaos",
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspend","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last","type":"date","jsonPath":".status.lastScheduleTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChaosScheduleSpec {
+    /// Cron, five fields, UTC: "0 14 * * 3" is Wednesdays at 14:00.
+    pub schedule: String,
+    /// Create no new runs (running ones go on).
+    #[serde(default)]
+    pub suspend: bool,
+    /// Finished runs kept whose verdict was held; older ones are deleted.
+    #[serde(default = "three")]
+    pub successful_history_limit: u32,
+    /// Finished runs kept that were not held (violated, aborted, inconclusive, failed).
+    #[serde(default = "one")]
+    pub failed_history_limit: u32,
+    /// Forbid (default): a time is skipped while the previous run still runs. Allow: runs may
+    /// overlap.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+    /// The experiment each run is made from (a ChaosExperiment's spec).
+    pub experiment: Experiment,
+}
+
+fn three() -> u32 {
+    3
+}
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConcurrencyPolicy {
+    #[default]
+    Forbid,
+    Allow,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChaosScheduleStatus {
+    /// The last schedule time a run was created for (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// Runs (ChaosExperiment names) not finished yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active: Vec<String>,
+    /// Why the schedule does nothing (an invalid cron or experiment), when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Every CRD of ours.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![ChaosExperiment::crd()]
+    vec![ChaosExperiment::crd(), ChaosSchedule::crd()]
 }
 
 /// Every CRD of ours, as the YAML stream committed in deploy/base/crds/.

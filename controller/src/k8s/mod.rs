@@ -7,6 +7,7 @@ pub mod crd;
 pub mod driver;
 pub mod lease;
 pub mod reconcile;
+pub mod schedule;
 pub mod targets;
 
 #[cfg(test)]
