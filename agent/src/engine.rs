@@ -124,6 +124,9 @@ enum Installed {
     Net(datapath::Installed),
     /// CPU stress workers in the target's cgroups.
     Cpu(CpuStress),
+    /// A container-kill that has happened: nothing stays in place; its counters say how many
+    /// processes it found and signalled.
+    Killed(Counters),
 }
 
 impl Installed {
@@ -134,6 +137,7 @@ impl Installed {
                 cpu_time_us: c.cpu_time().as_micros() as u64,
                 ..Counters::default()
             }),
+            Installed::Killed(c) => Ok(*c),
         }
     }
 
@@ -142,6 +146,7 @@ impl Installed {
         match self {
             Installed::Net(i) => Ok(i.disarm()?),
             Installed::Cpu(c) => Ok(c.kill()?),
+            Installed::Killed(_) => Ok(()),
         }
     }
 
@@ -150,6 +155,7 @@ impl Installed {
         match self {
             Installed::Net(i) => Ok(netns.run(move || i.uninstall())??),
             Installed::Cpu(c) => Ok(c.stop()?),
+            Installed::Killed(_) => Ok(()),
         }
     }
 
@@ -157,13 +163,14 @@ impl Installed {
         match self {
             Installed::Net(i) => i.records.first().map_or("ebpf", |r| r.mode.name()),
             Installed::Cpu(c) => c.method().name(),
+            Installed::Killed(_) => "signal",
         }
     }
 
     fn records(&self) -> Vec<AttachmentRecord> {
         match self {
             Installed::Net(i) => i.records.clone(),
-            Installed::Cpu(_) => Vec::new(),
+            Installed::Cpu(_) | Installed::Killed(_) => Vec::new(),
         }
     }
 
@@ -171,13 +178,13 @@ impl Installed {
     fn shaped(&self) -> Vec<ShapingSite> {
         match self {
             Installed::Net(i) => i.shaped.clone(),
-            Installed::Cpu(_) => Vec::new(),
+            Installed::Cpu(_) | Installed::Killed(_) => Vec::new(),
         }
     }
 
     fn workers(&self) -> Vec<Owner> {
         match self {
-            Installed::Net(_) => Vec::new(),
+            Installed::Net(_) | Installed::Killed(_) => Vec::new(),
             Installed::Cpu(c) => c.owners(),
         }
     }
@@ -421,7 +428,7 @@ impl Engine {
             let deadline = active.deadline;
             let backend = match active.installed {
                 Installed::Net(_) => self.config.attach.name(),
-                Installed::Cpu(_) => active.installed.backend(),
+                Installed::Cpu(_) | Installed::Killed(_) => active.installed.backend(),
             };
             let journaled = entry(
                 &id,
@@ -487,6 +494,9 @@ impl Engine {
         let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
         let started = std::time::Instant::now();
         let netns = Netns::open(&spec.target.netns)?;
+        if let FaultKind::ContainerKill { .. } = spec.kind {
+            return self.install_kill(st, id, spec, deadline, netns);
+        }
         if !spec.kind.is_network() {
             return self.install_cpu(st, id, spec, deadline, netns);
         }
@@ -707,6 +717,63 @@ impl Engine {
             },
         );
         self.write_journal(st, None)
+    }
+
+    /// Signals the container's processes (found through the pod's cgroup) once. The sandbox
+    /// process is never among them, so the pod and its network namespace stay.
+    fn install_kill(
+        &self,
+        st: &mut State,
+        id: &str,
+        spec: FaultSpec,
+        deadline: SystemTime,
+        netns: Netns,
+    ) -> Result<(), EngineError> {
+        let FaultKind::ContainerKill {
+            ref pod,
+            ref container,
+            signal,
+        } = spec.kind
+        else {
+            return Err(crate::spec::invalid("kind", "is not container-kill").into());
+        };
+        let found = crate::pod::scan_uid(Path::new("/proc"), pod)?;
+        let targets: Vec<u32> = found
+            .containers()
+            .into_iter()
+            .filter(|(cid, _)| container.is_empty() || cid.starts_with(container.as_str()))
+            .flat_map(|(_, pids)| pids)
+            .collect();
+        if targets.is_empty() {
+            return Err(crate::spec::invalid(
+                "--container-id",
+                format!("pod {pod} has no running container {container}"),
+            )
+            .into());
+        }
+        let mut signalled = 0;
+        for pid in &targets {
+            // SAFETY: kill(2) has no memory effects; a pid that just exited fails with ESRCH.
+            if unsafe { libc::kill(*pid as i32, signal.number()) } == 0 {
+                signalled += 1;
+            }
+        }
+        tracing::info!(%id, %pod, container = %container, signal = signal.name(), signalled, "container-kill");
+        st.active.insert(
+            id.to_string(),
+            Active {
+                spec,
+                deadline,
+                netns,
+                installed: Installed::Killed(Counters {
+                    seen: targets.len() as u64,
+                    matched: targets.len() as u64,
+                    affected: signalled,
+                    ..Counters::default()
+                }),
+            },
+        );
+        Ok(())
     }
 
     /// The spare prepared object if there is one, else a new one. Once the engine has applied a

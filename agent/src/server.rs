@@ -75,6 +75,11 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     None => CgroupRef::from_flags(None, None, None)?,
                 },
             },
+            Some(pb::fault_spec::Kind::ContainerKill(k)) => FaultKind::ContainerKill {
+                pod: k.pod_uid,
+                container: k.container_id,
+                signal: k.signal.parse()?,
+            },
             Some(pb::fault_spec::Kind::PodKill(_)) => {
                 return Err(invalid(
                     "kind",
@@ -202,6 +207,22 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     duration_ms: s.duration.as_millis() as u64,
                 };
             }
+            FaultKind::ContainerKill {
+                ref pod,
+                ref container,
+                signal,
+            } => {
+                return pb::FaultSpec {
+                    kind: Some(pb::fault_spec::Kind::ContainerKill(pb::ContainerKill {
+                        pod_uid: pod.clone(),
+                        container_id: container.clone(),
+                        signal: signal.name().into(),
+                        container_name: String::new(),
+                    })),
+                    target: None,
+                    duration_ms: s.duration.as_millis() as u64,
+                };
+            }
         };
         let t = &s.target;
         pb::FaultSpec {
@@ -300,6 +321,7 @@ pub fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
         Dns(_) => "dns",
         Cpu(_) => "cpu",
         PodKill(_) => "pod-kill",
+        ContainerKill(_) => "container-kill",
     }
 }
 

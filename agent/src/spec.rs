@@ -72,6 +72,58 @@ pub enum FaultKind {
         load_percent: f64,
         cgroup: CgroupRef,
     },
+    /// Signal the processes of one container of a pod (every container when `container` is
+    /// empty), once, at apply; the sandbox (pause) process is spared. Nothing to revert.
+    ContainerKill {
+        pod: String,
+        container: String,
+        signal: KillSignal,
+    },
+}
+
+/// The signals container-kill sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KillSignal {
+    Kill,
+    Term,
+    Int,
+    Hup,
+}
+
+impl KillSignal {
+    pub fn number(self) -> i32 {
+        match self {
+            KillSignal::Kill => libc::SIGKILL,
+            KillSignal::Term => libc::SIGTERM,
+            KillSignal::Int => libc::SIGINT,
+            KillSignal::Hup => libc::SIGHUP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KillSignal::Kill => "KILL",
+            KillSignal::Term => "TERM",
+            KillSignal::Int => "INT",
+            KillSignal::Hup => "HUP",
+        }
+    }
+}
+
+impl FromStr for KillSignal {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s.trim_start_matches("SIG").to_ascii_uppercase().as_str() {
+            "" | "KILL" => Ok(KillSignal::Kill),
+            "TERM" => Ok(KillSignal::Term),
+            "INT" => Ok(KillSignal::Int),
+            "HUP" => Ok(KillSignal::Hup),
+            _ => Err(invalid(
+                "--signal",
+                format!("`{s}` must be KILL, TERM, INT or HUP"),
+            )),
+        }
+    }
 }
 
 /// Where CPU stress runs: a cgroup path relative to the hierarchies' roots (`/chaos/pod1`),
@@ -216,12 +268,16 @@ impl FaultKind {
             FaultKind::Duplicate { .. } => "duplicate",
             FaultKind::Dns { .. } => "dns",
             FaultKind::Cpu { .. } => "cpu",
+            FaultKind::ContainerKill { .. } => "container-kill",
         }
     }
 
     /// Network kinds act on an interface (`FaultSpec::target`); the others do not.
     pub fn is_network(&self) -> bool {
-        !matches!(self, FaultKind::Cpu { .. })
+        !matches!(
+            self,
+            FaultKind::Cpu { .. } | FaultKind::ContainerKill { .. }
+        )
     }
 
     /// Shaping kinds need a qdisc tree on the interface; the others act in the classifier.
@@ -631,6 +687,21 @@ impl FaultSpec {
                     ));
                 }
                 cgroup.validate()?;
+            }
+            FaultKind::ContainerKill {
+                ref pod,
+                ref container,
+                ..
+            } => {
+                check_pod_uid("--pod-uid", pod)?;
+                let id_like =
+                    container.len() >= 12 && container.bytes().all(|b| b.is_ascii_hexdigit());
+                if !container.is_empty() && !id_like {
+                    return Err(invalid(
+                        "--container-id",
+                        format!("`{container}` must be a container id (at least 12 hex digits)"),
+                    ));
+                }
             }
         }
         self.validate_duration(max_duration)?;

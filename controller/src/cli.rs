@@ -242,6 +242,21 @@ enum FaultArgs {
         #[command(flatten)]
         run: Run,
     },
+    /// Signal the processes of a pod's container once (found through the pod's cgroup; the
+    /// sandbox is spared, so the pod stays and the container restarts).
+    ContainerKill {
+        /// The pod's UID.
+        #[arg(long)]
+        pod_uid: String,
+        /// The container's id (12 or more hex digits); every container when omitted.
+        #[arg(long, default_value = "")]
+        container_id: String,
+        /// KILL, TERM, INT or HUP.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+        #[command(flatten)]
+        run: Run,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -336,6 +351,24 @@ impl FaultArgs {
             };
             return Ok((spec, run));
         }
+        if let FaultArgs::ContainerKill {
+            pod_uid,
+            container_id,
+            signal,
+            run,
+        } = self
+        {
+            let spec = FaultSpec {
+                kind: FaultKind::ContainerKill {
+                    pod: pod_uid.clone(),
+                    container: container_id.clone(),
+                    signal: signal.parse()?,
+                },
+                target: Target::none(),
+                duration: spec::parse_duration(&run.duration)?,
+            };
+            return Ok((spec, run));
+        }
         let (kind, common) = self.parts()?;
         Ok((spec_from(kind, common)?, &common.run))
     }
@@ -415,7 +448,7 @@ impl FaultArgs {
                 },
                 common,
             ),
-            FaultArgs::Cpu { .. } => {
+            FaultArgs::Cpu { .. } | FaultArgs::ContainerKill { .. } => {
                 return Err(InvalidInput {
                     field: "kind",
                     rule: "cpu has no network target".into(),

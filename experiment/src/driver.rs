@@ -157,6 +157,19 @@ pub fn summarize(spec: &pb::FaultSpec) -> String {
         Some(Kind::Duplicate(d)) => format!("duplicate {}%", d.percent),
         Some(Kind::Dns(d)) => format!("dns {}", d.mode),
         Some(Kind::Cpu(c)) => format!("cpu {}x{}%", c.workers, c.load_percent),
+        Some(Kind::ContainerKill(k)) => format!(
+            "container-kill {} SIG{}",
+            if k.container_name.is_empty() {
+                "(all containers)"
+            } else {
+                &k.container_name
+            },
+            if k.signal.is_empty() {
+                "KILL"
+            } else {
+                &k.signal
+            }
+        ),
         Some(Kind::PodKill(k)) => match k.grace_period_seconds {
             Some(0) => "pod-kill (force)".into(),
             Some(s) => format!("pod-kill (grace {s}s)"),

@@ -271,6 +271,8 @@ pub struct RawFault {
     pub cpu: Option<Cpu>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_kill: Option<PodKill>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_kill: Option<ContainerKill>,
     #[serde(default)]
     pub target: RawTarget,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,6 +364,19 @@ pub struct PodKill {
     /// Unset: each pod's own terminationGracePeriodSeconds; 0: force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_period_seconds: Option<u32>,
+}
+
+/// Signals a container's processes in each chosen pod, through the agent on its node; the
+/// pod stays (its sandbox is spared), so the container restarts under its restartPolicy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ContainerKill {
+    /// The container's name in the pod; every container when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// KILL (default), TERM, INT or HUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -507,9 +522,20 @@ impl Fault {
                 }),
             ));
         }
+        if let Some(c) = &r.container_kill {
+            kinds.push((
+                "container-kill",
+                Kind::ContainerKill(pb::ContainerKill {
+                    pod_uid: ANY_POD.into(),
+                    container_id: String::new(),
+                    signal: c.signal.clone().unwrap_or_default(),
+                    container_name: c.container.clone().unwrap_or_default(),
+                }),
+            ));
+        }
         let (kind, k) = match kinds.len() {
             1 => kinds.remove(0),
-            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu or pod-kill".into()),
+            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu, pod-kill or container-kill".into()),
             _ => {
                 return Err(format!(
                     "has {} fault kinds ({}); one action applies one kind",
@@ -519,9 +545,9 @@ impl Fault {
             }
         };
         let t = &r.target;
-        let network = !matches!(kind, "cpu" | "pod-kill");
-        if kind == "pod-kill" && t.pods.is_none() {
-            return Err("target.pods: pod-kill needs a pod target".into());
+        let network = !matches!(kind, "cpu" | "pod-kill" | "container-kill");
+        if matches!(kind, "pod-kill" | "container-kill") && t.pods.is_none() {
+            return Err(format!("target.pods: {kind} needs a pod target"));
         }
         if let Some(p) = &t.pods {
             p.check().map_err(|e| format!("target.{e}"))?;

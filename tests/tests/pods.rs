@@ -406,3 +406,78 @@ fn pod_uid_targets_the_pods_netns_and_cgroup() {
         }
     }
 }
+
+/// container-kill through the engine: the container's process (found through the pod's
+/// cgroup) gets the signal, the pod's pause process does not; a wrong container id is one
+/// line naming the flag.
+#[test]
+fn container_kill_signals_the_container_and_spares_the_sandbox() {
+    use std::os::unix::process::ExitStatusExt;
+    let _g = serial();
+    require_root();
+    let root = format!("chaos-test-pods-{}-kill", std::process::id());
+    let u = uid(70);
+    let pod_dir = format!("/{root}/kubepods/besteffort/pod{u}");
+    let mut fake = fake_pod(70, &pod_dir, CID, SID, true);
+    let tmp = std::env::temp_dir().join(format!("chaos-pods-{}-kill", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let uid = u.to_string();
+    let bad = chaos_tests::chaosctl(&[
+        "inject",
+        "container-kill",
+        "--pod-uid",
+        &uid,
+        "--container-id",
+        "abcdefabcdef",
+        "--local",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--container-id") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(
+        fake.children[0].try_wait().unwrap().is_none(),
+        "a refused kill killed"
+    );
+
+    let kill = chaos_tests::LocalFault::start(
+        &[
+            "inject",
+            "container-kill",
+            "--pod-uid",
+            &uid,
+            "--container-id",
+            &CID[..12],
+            "--interval",
+            "0",
+        ],
+        &tmp.join("journal"),
+    );
+    let (status, out) = kill.stop();
+    assert!(status.success(), "{status}: {out}");
+    let died = fake.children[0].wait().unwrap();
+    assert_eq!(
+        died.signal(),
+        Some(libc::SIGKILL),
+        "the container's process: {died:?}"
+    );
+    assert!(
+        fake.children[1].try_wait().unwrap().is_none(),
+        "the pause process was signalled"
+    );
+    let reverted = chaos_tests::json_event(&out, "reverted");
+    assert_eq!(reverted["counters"]["affected"], 1, "{reverted}");
+    drop(fake);
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (mount, _) in hierarchies() {
+        for d in [
+            format!("{root}/kubepods/besteffort"),
+            format!("{root}/kubepods"),
+            root.clone(),
+        ] {
+            let _ = std::fs::remove_dir(mount.join(d));
+        }
+    }
+}

@@ -42,8 +42,25 @@ fn is_ready(p: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// `spec` aimed at one pod: the placeholder UID replaced by the pod's.
-pub fn for_pod(mut spec: pb::FaultSpec, uid: &str) -> pb::FaultSpec {
+/// `spec` aimed at one pod: the placeholder UID replaced by the pod's, and a container's name
+/// by its id (as the runtime reports it in the pod's status).
+pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec, String> {
+    let uid = pod.uid.as_str();
+    if let Some(pb::fault_spec::Kind::ContainerKill(k)) = spec.kind.as_mut() {
+        k.pod_uid = uid.to_string();
+        if !k.container_name.is_empty() {
+            k.container_id = pod
+                .containers
+                .get(&k.container_name)
+                .cloned()
+                .ok_or_else(|| {
+                    format!(
+                        "container-kill: pod {}/{} has no running container {}",
+                        pod.namespace, pod.name, k.container_name
+                    )
+                })?;
+        }
+    }
     use pb::cpu::CgroupTarget;
     use pb::target::Namespace;
     if let Some(t) = spec.target.as_mut()
@@ -56,7 +73,7 @@ pub fn for_pod(mut spec: pb::FaultSpec, uid: &str) -> pb::FaultSpec {
     {
         c.cgroup_target = Some(CgroupTarget::PodUid(uid.to_string()));
     }
-    spec
+    Ok(spec)
 }
 
 /// Every pod the selector matches (any node, any mode), for recovery checks.
@@ -228,9 +245,12 @@ impl FaultDriver for KubeDriver {
                 agents: vec![p.node.clone()],
                 ..AgentSelector::default()
             };
-            let spec = for_pod(spec.clone(), &p.uid);
+            let spec = for_pod(spec.clone(), p);
             async move {
-                let r = self.fleet.apply(&one, spec).await;
+                let r = match spec {
+                    Ok(spec) => self.fleet.apply(&one, spec).await,
+                    Err(e) => Err(DriverError(e)),
+                };
                 (p, r)
             }
         });
@@ -297,14 +317,45 @@ mod tests {
             duration_ms: 0,
         };
         let uid = "6f1c2a3b-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
-        let got = for_pod(spec.clone(), uid);
+        let pod = PodTarget {
+            namespace: "shop".into(),
+            name: "cart-a".into(),
+            uid: uid.into(),
+            node: "pi-1".into(),
+            host_network: false,
+            containers: [("cart".to_string(), "0123456789abcdef".to_string())].into(),
+        };
+        let got = for_pod(spec.clone(), &pod).unwrap();
         assert_eq!(
             got.target.unwrap().namespace,
             Some(Namespace::PodUid(uid.into()))
         );
         let mut named = spec;
         named.target.as_mut().unwrap().namespace = Some(Namespace::Netns("x".into()));
-        assert_eq!(for_pod(named.clone(), uid), named);
+        assert_eq!(for_pod(named.clone(), &pod).unwrap(), named);
+        // container-kill: the pod's UID, and the container's name becomes its id.
+        let kill = |name: &str| pb::FaultSpec {
+            kind: Some(pb::fault_spec::Kind::ContainerKill(pb::ContainerKill {
+                pod_uid: ANY_POD.into(),
+                container_name: name.into(),
+                ..Default::default()
+            })),
+            target: None,
+            duration_ms: 0,
+        };
+        let Some(pb::fault_spec::Kind::ContainerKill(k)) =
+            for_pod(kill("cart"), &pod).unwrap().kind
+        else {
+            panic!("not a container-kill")
+        };
+        assert_eq!(
+            (k.pod_uid.as_str(), k.container_id.as_str()),
+            (uid, "0123456789abcdef")
+        );
+        assert_eq!(
+            for_pod(kill("sidecar"), &pod).unwrap_err(),
+            "container-kill: pod shop/cart-a has no running container sidecar"
+        );
     }
 
     fn pod(name: &str, uid: &str, ready: bool) -> serde_json::Value {

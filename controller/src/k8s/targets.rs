@@ -17,6 +17,8 @@ pub struct PodTarget {
     pub uid: String,
     pub node: String,
     pub host_network: bool,
+    /// Running containers: name → id (without the runtime's `containerd://` prefix).
+    pub containers: BTreeMap<String, String>,
 }
 
 impl PodTarget {
@@ -28,6 +30,15 @@ impl PodTarget {
             uid: p.metadata.uid.clone()?,
             node: spec.node_name.clone()?,
             host_network: spec.host_network.unwrap_or(false),
+            containers: p
+                .status
+                .iter()
+                .flat_map(|s| s.container_statuses.iter().flatten())
+                .filter_map(|c| {
+                    let id = c.container_id.as_deref()?;
+                    Some((c.name.clone(), id.rsplit("://").next()?.to_string()))
+                })
+                .collect(),
         })
     }
 }
@@ -260,6 +271,7 @@ mod tests {
                 uid: format!("00000000-0000-0000-0000-{i:012}"),
                 node: format!("node-{}", i % 3),
                 host_network: false,
+                containers: BTreeMap::new(),
             })
             .collect()
     }
