@@ -138,6 +138,21 @@ pub struct FaultRecord {
     pub error: Option<String>,
 }
 
+impl FaultRecord {
+    /// Where it ran, for people: the agent, and the pod when it went into one.
+    pub fn place(&self) -> String {
+        let agent = if self.agent.is_empty() {
+            "?"
+        } else {
+            &self.agent
+        };
+        match &self.pod {
+            Some(p) => format!("{agent} ({p})"),
+            None => agent.to_string(),
+        }
+    }
+}
+
 /// A non-fault step of the method or of the rollbacks: a pause, a command, a probe used as an
 /// action (Chaos Toolkit allows that).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

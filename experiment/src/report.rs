@@ -123,7 +123,7 @@ pub fn junit(r: &RunRecord) -> String {
             r#"    <testcase classname="{}" name="fault {} on {}">"#,
             esc(&r.title),
             esc(&f.action),
-            esc(if f.agent.is_empty() { "?" } else { &f.agent })
+            esc(&f.place())
         );
         if let Some(e) = &f.error {
             errors += 1;
@@ -237,16 +237,18 @@ pub fn markdown(r: &RunRecord) -> String {
     for f in &r.faults {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {}{}{} |",
             f.action,
             f.kind,
             f.summary.replace('|', "\\|"),
-            f.agent,
+            f.place(),
             fmt_ms(Some(f.applied_ms)),
             fmt_ms(f.reverted_ms),
             f.seen,
             f.matched,
             f.affected,
+            f.ready_ms
+                .map_or(String::new(), |ms| format!(" (Ready again after {ms} ms)")),
             f.error
                 .as_ref()
                 .map_or(String::new(), |e| format!(" (error: {e})"))
@@ -386,10 +388,10 @@ pub fn svg(r: &RunRecord) -> String {
 <text x="{:.1}" y="{:.1}" fill="#b35900">{}</text>"##,
             x1 - x0,
             err_top + err_h - top,
-            esc(&format!("{} on {}: {}", f.action, f.agent, f.summary)),
+            esc(&format!("{} on {}: {}", f.action, f.place(), f.summary)),
             x0 + 3.0,
             top + 12.0 + 12.0 * i as f64,
-            esc(&format!("{} @ {}", f.action, f.agent))
+            esc(&format!("{} @ {}", f.action, f.place()))
         );
     }
     // Axes and ticks: a grid line with its label at each value.
@@ -718,7 +720,7 @@ pub(crate) mod tests {
                     kind: "loss".into(),
                     summary: "on eth1".into(),
                     agent: "app-2".into(),
-                    pod: None,
+                    pod: Some("shop/cart-b".into()),
                     id: "f2".into(),
                     applied_ms: 450,
                     reverted_ms: Some(2900),
@@ -814,6 +816,8 @@ pub(crate) mod tests {
             assert!(md.contains(section), "{section}");
         }
         assert!(md.contains("| lossy | loss |"));
+        // A pod target names the pod beside its node.
+        assert!(md.contains("| app-2 (shop/cart-b) |"), "{md}");
         assert!(md.contains("Recovery time: 420 ms"));
         let j: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(j["schema"], SCHEMA);

@@ -8,7 +8,7 @@ use chaos_experiment::model::ANY_POD;
 use chaos_proto::agent::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,29 +76,6 @@ pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec
     Ok(spec)
 }
 
-/// Every pod the selector matches (any node, any mode), for recovery checks.
-async fn matching(
-    client: &Client,
-    sel: &chaos_experiment::driver::PodSelector,
-) -> Result<Vec<Pod>, String> {
-    let lp = ListParams::default().labels(
-        &sel.labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-    let mut out = Vec::new();
-    for ns in &sel.namespaces {
-        let list = Api::<Pod>::namespaced(client.clone(), ns)
-            .list(&lp)
-            .await
-            .map_err(|e| format!("list pods in {ns}: {e}"))?;
-        out.extend(list.items);
-    }
-    Ok(out)
-}
-
 impl KubeDriver {
     pub fn new(fleet: FleetDriver, client: Client, namespace: String) -> Self {
         KubeDriver {
@@ -127,7 +104,9 @@ impl KubeDriver {
             ));
         };
         let pods = self.pods(selector, spec).await?;
-        let before = matching(&self.client, &sel).await.map_err(DriverError)?;
+        let before = targets::list_pods(&self.client, &sel)
+            .await
+            .map_err(DriverError)?;
         let ready_before = before.iter().filter(|p| is_ready(p)).count();
         let started = Instant::now();
         let dp = DeleteParams {
@@ -165,7 +144,7 @@ impl KubeDriver {
         let client = self.client.clone();
         tokio::spawn(async move {
             while started.elapsed() < READY_WATCH && !recovery.stop.load(Ordering::Relaxed) {
-                if let Ok(now) = matching(&client, &sel).await {
+                if let Ok(now) = targets::list_pods(&client, &sel).await {
                     let gone = now
                         .iter()
                         .all(|p| !p.metadata.uid.as_ref().is_some_and(|u| killed.contains(u)));

@@ -154,8 +154,13 @@ pub fn final_status(record: &RunRecord) -> serde_json::Value {
             })
         })
         .collect();
+    let reason = format!("{:?}", record.verdict);
     serde_json::json!({
         "phase": Phase::Completed,
+        "conditions": [{
+            "type": "Completed", "status": "True", "reason": reason,
+            "message": record.reason, "lastTransitionTime": now_rfc3339(),
+        }],
         "verdict": verdict,
         "message": record.reason,
         "recoveryMs": record.recovery_ms,
@@ -458,6 +463,8 @@ mod tests {
         let last = st.last().unwrap();
         assert_eq!(last["phase"], "Completed");
         assert_eq!(last["verdict"], "inconclusive");
+        assert_eq!(last["conditions"][0]["type"], "Completed");
+        assert_eq!(last["conditions"][0]["reason"], "Inconclusive");
         let msg = last["message"].as_str().unwrap();
         assert!(
             msg.contains("pod shop/cart-a") && msg.contains("pi-1"),

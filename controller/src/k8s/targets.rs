@@ -52,6 +52,20 @@ fn label_selector(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+/// Every pod of the selector's namespaces with its labels, whatever its phase or node.
+pub async fn list_pods(client: &Client, sel: &PodSelector) -> Result<Vec<Pod>, String> {
+    let lp = ListParams::default().labels(&label_selector(&sel.labels));
+    let mut out = Vec::new();
+    for ns in &sel.namespaces {
+        let list = Api::<Pod>::namespaced(client.clone(), ns)
+            .list(&lp)
+            .await
+            .map_err(|e| format!("list pods in {ns}: {e}"))?;
+        out.extend(list.items);
+    }
+    Ok(out)
+}
+
 /// Lists the running pods `sel` matches and chooses among them (`network`: the fault is a
 /// network fault, for which hostNetwork pods are refused). `own_namespace` is protected too.
 pub async fn resolve(
@@ -83,26 +97,19 @@ pub async fn resolve(
                 .collect(),
         )
     };
-    let lp = ListParams::default().labels(&label_selector(&sel.labels));
     let mut matched = Vec::new();
-    for ns in &sel.namespaces {
-        let list = Api::<Pod>::namespaced(client.clone(), ns)
-            .list(&lp)
-            .await
-            .map_err(|e| format!("list pods in {ns}: {e}"))?;
-        for p in &list.items {
-            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            if !running || p.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let Some(t) = PodTarget::from_pod(p) else {
-                continue;
-            };
-            if nodes.as_ref().is_some_and(|n| !n.contains(&t.node)) {
-                continue;
-            }
-            matched.push(t);
+    for p in &list_pods(client, sel).await? {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if !running || p.metadata.deletion_timestamp.is_some() {
+            continue;
         }
+        let Some(t) = PodTarget::from_pod(p) else {
+            continue;
+        };
+        if nodes.as_ref().is_some_and(|n| !n.contains(&t.node)) {
+            continue;
+        }
+        matched.push(t);
     }
     choose(matched, sel, network, seed)
 }
