@@ -317,34 +317,40 @@ mod kubernetes {
             namespace(),
             format!("controller {listen} (kubernetes)"),
         );
-        let sar = schedule::resource();
-        let schedules = kube::Api::<kube::api::DynamicObject>::all_with(client.clone(), &sar);
-        let sctx = ctx.clone();
-        tokio::spawn(async move {
-            let results = Controller::new_with(schedules, watcher::Config::default(), sar).run(
-                schedule::reconcile,
-                reconcile::error_policy,
-                sctx,
-            );
-            let mut results = std::pin::pin!(results);
-            while let Some(r) = results.next().await {
-                if let Err(e) = r {
-                    tracing::warn!("schedule: {e}");
-                }
-            }
-        });
-        let ar = reconcile::resource();
-        let api = kube::Api::<kube::api::DynamicObject>::all_with(client, &ar);
+        spawn_controller(
+            &client,
+            schedule::resource(),
+            schedule::reconcile,
+            ctx.clone(),
+        );
+        spawn_controller(&client, reconcile::resource(), reconcile::reconcile, ctx);
+    }
+
+    /// One kube-runtime controller over every object of `ar`, in the background.
+    fn spawn_controller<F, Fut>(
+        client: &kube::Client,
+        ar: kube::api::ApiResource,
+        reconcile_fn: F,
+        ctx: Arc<reconcile::Ctx>,
+    ) where
+        F: FnMut(Arc<kube::api::DynamicObject>, Arc<reconcile::Ctx>) -> Fut + Send + 'static,
+        Fut: std::future::Future<
+                Output = Result<kube::runtime::controller::Action, reconcile::Error>,
+            > + Send
+            + 'static,
+    {
+        let kind = ar.kind.clone();
+        let api = kube::Api::<kube::api::DynamicObject>::all_with(client.clone(), &ar);
         tokio::spawn(async move {
             let results = Controller::new_with(api, watcher::Config::default(), ar).run(
-                reconcile::reconcile,
+                reconcile_fn,
                 reconcile::error_policy,
                 ctx,
             );
             let mut results = std::pin::pin!(results);
             while let Some(r) = results.next().await {
                 if let Err(e) = r {
-                    tracing::warn!("reconcile: {e}");
+                    tracing::warn!(%kind, "reconcile: {e}");
                 }
             }
         });
