@@ -36,7 +36,7 @@ pub fn check(file: &Path) -> Result<ExitCode> {
             println!(
                 "{}: ok: {} hypothesis probes, {} fault actions, {} stop conditions, method at least {:?}",
                 file.display(),
-                e.steady_state_hypothesis.probes.len(),
+                e.hypothesis_probes().len(),
                 chaos_experiment::model::faults(&e.method).len(),
                 e.stop_conditions.len(),
                 chaos_experiment::model::min_duration(&e.method)

@@ -372,7 +372,7 @@ mod tests {
     #[test]
     fn a_real_chaos_toolkit_file_maps_onto_the_model() {
         let e = Experiment::parse(FIXTURE, "ctk-http.json").unwrap();
-        let p = &e.steady_state_hypothesis.probes;
+        let p = e.hypothesis_probes();
         assert_eq!(p.len(), 2);
         match &p[0].kind {
             ProbeKind::Http(h) => {

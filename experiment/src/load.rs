@@ -74,7 +74,11 @@ fn check(exp: &Experiment, text: &str, source: &str) -> Result<(), LoadError> {
     if exp.title.trim().is_empty() {
         return Err(at(source, None, "title", "must not be empty"));
     }
-    if exp.steady_state_hypothesis.probes.is_empty() {
+    if exp
+        .steady_state_hypothesis
+        .as_ref()
+        .is_some_and(|h| h.probes.is_empty())
+    {
         return Err(at(
             source,
             None,
@@ -86,11 +90,7 @@ fn check(exp: &Experiment, text: &str, source: &str) -> Result<(), LoadError> {
         return Err(at(source, None, "method", "needs at least one step"));
     }
     let mut names = BTreeSet::new();
-    let probes = exp
-        .steady_state_hypothesis
-        .probes
-        .iter()
-        .chain(&exp.stop_conditions);
+    let probes = exp.hypothesis_probes().iter().chain(&exp.stop_conditions);
     for p in probes {
         if !names.insert(p.name.clone()) {
             return Err(at(
@@ -227,6 +227,25 @@ blast-radius: {max-faults: 2, max-duration: 1m}
     }
 
     /// A pod target: the spec carries the placeholder UID the controller fills in per pod.
+    #[test]
+    fn a_hypothesis_may_be_left_out_but_not_left_empty() {
+        let start = GOOD.find("steady-state-hypothesis:").unwrap();
+        let end = GOOD.find("method:").unwrap();
+        let without = format!("{}{}", &GOOD[..start], &GOOD[end..]);
+        let e = Experiment::parse(&without, "exp.yaml").unwrap();
+        assert!(e.steady_state_hypothesis.is_none());
+        assert!(e.hypothesis_probes().is_empty());
+        let empty = format!(
+            "{}steady-state-hypothesis: {{title: t, probes: []}}\n{}",
+            &GOOD[..start],
+            &GOOD[end..]
+        );
+        assert_eq!(
+            err(&empty),
+            "exp.yaml: steady-state-hypothesis.probes: needs at least one probe: without one, nothing can be held or violated"
+        );
+    }
+
     #[test]
     fn a_pod_target_reads_into_the_selector_and_a_pod_netns() {
         let text = GOOD.replace(

@@ -43,7 +43,10 @@ pub struct Experiment {
     pub description: String,
     #[serde(default)]
     pub tags: Vec<String>,
-    pub steady_state_hypothesis: Hypothesis,
+    /// Left out only for a fault-only run (`chaosctl inject` on a cluster): its verdict is then
+    /// at best `completed`. A hypothesis given must have a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady_state_hypothesis: Option<Hypothesis>,
     #[serde(default)]
     pub during: During,
     #[serde(default)]
@@ -55,6 +58,15 @@ pub struct Experiment {
     pub stop_conditions: Vec<Probe>,
     #[serde(default)]
     pub blast_radius: BlastRadius,
+}
+
+impl Experiment {
+    /// The hypothesis's probes; none without a hypothesis.
+    pub fn hypothesis_probes(&self) -> &[Probe] {
+        self.steady_state_hypothesis
+            .as_ref()
+            .map_or(&[], |h| h.probes.as_slice())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub enum Verdict {
     /// The hypothesis held before, during and after the method. Exit 0.
     Held,
+    /// No hypothesis was given (`chaosctl inject` on a cluster): every fault was applied,
+    /// affected something and was reverted. Says nothing about the system's health. Exit 0.
+    Completed,
     /// A probe left its tolerance. Exit 1.
     Violated,
     /// A stop condition fired, or the user interrupted. Exit 2.
@@ -20,7 +23,7 @@ pub enum Verdict {
 impl Verdict {
     pub fn exit_code(self) -> u8 {
         match self {
-            Verdict::Held => 0,
+            Verdict::Held | Verdict::Completed => 0,
             Verdict::Violated => 1,
             Verdict::Aborted => 2,
             Verdict::Inconclusive => 3,

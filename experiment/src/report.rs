@@ -37,6 +37,7 @@ fn phase_name(p: Phase) -> &'static str {
 fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Held => "held",
+        Verdict::Completed => "completed",
         Verdict::Violated => "violated",
         Verdict::Aborted => "aborted",
         Verdict::Inconclusive => "inconclusive",
@@ -152,7 +153,7 @@ pub fn junit(r: &RunRecord) -> String {
         esc(&r.title)
     );
     match r.verdict {
-        Verdict::Held => {}
+        Verdict::Held | Verdict::Completed => {}
         Verdict::Violated => {
             failures += 1;
             let _ = write!(cases, "\n      <failure message=\"{}\"/>", esc(&r.reason));
@@ -581,7 +582,7 @@ pub fn html(r: &RunRecord) -> String {
         body.push_str("</ul>\n");
     }
     let color = match r.verdict {
-        Verdict::Held => "#2e7d32",
+        Verdict::Held | Verdict::Completed => "#2e7d32",
         Verdict::Violated => "#c62828",
         Verdict::Aborted => "#ef6c00",
         Verdict::Inconclusive => "#616161",

@@ -129,14 +129,17 @@ pub async fn run<D: FaultDriver>(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let hyp = &exp.steady_state_hypothesis;
     let record = RunRecord {
         id: opts.id.clone(),
         title: exp.title.clone(),
         description: exp.description.clone(),
         tags: exp.tags.clone(),
-        hypothesis: hyp.title.clone(),
-        hypothesis_probes: hyp.probes.iter().map(describe).collect(),
+        hypothesis: exp
+            .steady_state_hypothesis
+            .as_ref()
+            .map(|h| h.title.clone())
+            .unwrap_or_default(),
+        hypothesis_probes: exp.hypothesis_probes().iter().map(describe).collect(),
         runner: opts.runner.clone(),
         started_unix_ms,
         duration_ms: 0,
@@ -217,7 +220,7 @@ async fn drive<D: FaultDriver>(
     mut cancel: watch::Receiver<bool>,
     progress: Progress<'_>,
 ) -> (Verdict, String) {
-    let hyp = &exp.steady_state_hypothesis.probes;
+    let hyp = exp.hypothesis_probes();
     phase(st, "before", progress);
     let before = probe_all(st, hyp, Phase::Before, progress).await;
     if let Some(bad) = before.iter().find(|s| !s.ok) {
@@ -320,7 +323,8 @@ async fn drive<D: FaultDriver>(
 
     let halt = st.halt.borrow().clone();
     let interrupted = matches!(&halt, Some((Verdict::Aborted, r)) if r.starts_with("interrupted"));
-    if applied_any && !interrupted {
+    // Recovery is the hypothesis holding again: without one there is nothing to measure.
+    if applied_any && !interrupted && !hyp.is_empty() {
         phase(st, "recovery", progress);
         let from = st
             .last_revert_ms
@@ -403,6 +407,12 @@ async fn drive<D: FaultDriver>(
     // judged on the hypothesis alone; a method with fault actions must have applied one.
     if rec.faults.is_empty() && !model::faults(&exp.method).is_empty() {
         return (Verdict::Inconclusive, "the method applied no fault".into());
+    }
+    if exp.steady_state_hypothesis.is_none() {
+        return (
+            Verdict::Completed,
+            "no hypothesis: every fault was applied, affected traffic or processes, and was reverted; nothing was measured of the system's health".into(),
+        );
     }
     (
         Verdict::Held,
@@ -829,6 +839,25 @@ method:
             rec.reason
         );
         assert_eq!(sw.reverted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn without_a_hypothesis_the_run_can_only_complete() {
+        let sw = Arc::new(Switch::default());
+        sw.affected.store(4, Ordering::SeqCst);
+        let addr = server(sw.clone()).await;
+        let mut exp = experiment(addr, "", "<= 0.01");
+        exp.steady_state_hypothesis = None;
+        let rec = go(&exp, &sw, never()).await;
+        // The server answered 500 throughout the fault: with no hypothesis nobody asked.
+        assert_eq!(rec.verdict, Verdict::Completed, "{}", rec.reason);
+        assert!(rec.probes.is_empty());
+        assert_eq!(rec.recovery_ms, None);
+        assert_eq!(sw.reverted.load(Ordering::SeqCst), 1);
+
+        sw.affected.store(0, Ordering::SeqCst);
+        let rec = go(&exp, &sw, never()).await;
+        assert_eq!(rec.verdict, Verdict::Inconclusive, "{}", rec.reason);
     }
 
     #[tokio::test]

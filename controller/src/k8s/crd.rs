@@ -91,7 +91,8 @@ pub struct FaultStatus {
 pub struct ChaosExperimentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// held, violated, aborted or inconclusive (the exit code of `chaosctl run`: 0, 1, 2, 3).
+    /// held, violated, aborted or inconclusive (the exit code of `chaosctl run`: 0, 1, 2, 3);
+    /// completed (0) when the spec has no hypothesis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
     /// One line: why the run ended as it did, or why it could not start.

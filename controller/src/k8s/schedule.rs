@@ -108,7 +108,7 @@ fn child_of(o: &DynamicObject) -> Child {
             status
                 .and_then(|s| s.get("verdict"))
                 .and_then(|v| v.as_str())
-                == Some("held"),
+                .is_some_and(|v| v == "held" || v == "completed"),
         ),
         _ => None,
     };
