@@ -227,9 +227,11 @@ fn show(e: &ProgressEvent, json: bool) {
             action,
             agent,
             id,
-        } => {
-            println!("{} applied {action} on {agent} ({id})", t(t_ms))
-        }
+            pod,
+        } => match pod {
+            Some(pod) => println!("{} applied {action} on pod {pod} ({agent}, {id})", t(t_ms)),
+            None => println!("{} applied {action} on {agent} ({id})", t(t_ms)),
+        },
         ProgressEvent::Counters {
             t_ms,
             action,

@@ -27,6 +27,9 @@ pub enum ProgressEvent {
         action: String,
         agent: String,
         id: String,
+        /// namespace/name, for a pod target.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
     },
     Counters {
         t_ms: u64,
@@ -484,6 +487,7 @@ async fn fault<D: FaultDriver>(f: &model::Fault, driver: &D, st: &State, progres
                         action: f.name.clone(),
                         agent: a.agent.clone(),
                         id: a.id.clone(),
+                        pod: a.pod.clone(),
                     });
                     rec.faults.push(FaultRecord {
                         action: f.name.clone(),

@@ -11,7 +11,7 @@ use crate::fleet::FleetDriver;
 use chaos_experiment::Experiment;
 use chaos_experiment::history::History;
 use chaos_experiment::record::RunRecord;
-use chaos_experiment::runner::{self, RunOptions};
+use chaos_experiment::runner::{self, ProgressEvent, RunOptions};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -258,7 +258,25 @@ async fn run(
     cancel: watch::Receiver<bool>,
 ) {
     let name = obj.name_any();
+    let api = api_for(&ctx, &obj);
     let driver = KubeDriver::new(ctx.fleet.clone(), ctx.client.clone(), ctx.namespace.clone());
+    // Each fault goes into the status as it is applied, so `kubectl get -o yaml` (and
+    // chaosctl following its inject) shows which pods are hit while the run goes.
+    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel();
+    let live = {
+        let (api, name) = (api.clone(), name.clone());
+        tokio::spawn(async move {
+            let mut faults = Vec::new();
+            while let Some(f) = applied_rx.recv().await {
+                faults.push(f);
+                if let Err(e) =
+                    patch_status(&api, &name, serde_json::json!({"faults": faults})).await
+                {
+                    tracing::warn!("{e}");
+                }
+            }
+        })
+    };
     let record = runner::run(
         &exp,
         &driver,
@@ -267,15 +285,30 @@ async fn run(
             runner: ctx.runner.clone(),
             cancel,
         },
-        &|_| {},
+        &move |e| {
+            if let ProgressEvent::Applied {
+                action,
+                agent,
+                id,
+                pod,
+                ..
+            } = e
+            {
+                let _ = applied_tx.send(serde_json::json!({
+                    "name": action, "agent": agent, "id": id, "pod": pod,
+                    "packetsSeen": 0, "packetsAffected": 0,
+                }));
+            }
+        },
     )
     .await;
+    // The live patches end before the final status, which must not be overwritten.
+    let _ = live.await;
     if let Some(h) = &ctx.history
         && let Err(e) = h.put(&record)
     {
         tracing::error!(%id, "history: {e}");
     }
-    let api = api_for(&ctx, &obj);
     if let Err(e) = patch_status(&api, &name, final_status(&record)).await {
         tracing::warn!(%id, "{e}");
     }
