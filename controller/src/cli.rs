@@ -9,6 +9,9 @@ use chaos_agent::spec::{
     self, CgroupRef, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
 };
 use chaos_agent::{EngineError, caps};
+use chaos_experiment::Experiment;
+use chaos_experiment::driver::{PodMode, PodSelector};
+use chaos_experiment::model::{self as m, RawFault, RawTarget};
 use chaos_proto::agent::v1 as pb;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -75,6 +78,11 @@ enum Command {
         /// Only validate the file (exit 0 if it would run, 3 with the error line if not).
         #[arg(long)]
         check: bool,
+        /// Run it on a Kubernetes cluster (the kubeconfig's): it becomes a ChaosExperiment in
+        /// this namespace, which chaos-controller runs; chaosctl follows it to its verdict, and
+        /// Ctrl-C deletes it (reverting its faults).
+        #[arg(long, conflicts_with_all = ["local", "controller", "check", "report_dir"])]
+        namespace: Option<String>,
         /// Validate, then list what each fault action would hit now (pods, nodes,
         /// interfaces; pod targets are resolved through the kubeconfig's cluster). Applies
         /// nothing.
@@ -245,15 +253,29 @@ enum FaultArgs {
     /// Signal the processes of a pod's container once (found through the pod's cgroup; the
     /// sandbox is spared, so the pod stays and the container restarts).
     ContainerKill {
-        /// The pod's UID.
-        #[arg(long)]
-        pod_uid: String,
+        /// The pod's UID (on a node; with --namespace the pods are chosen by --selector).
+        #[arg(long, conflicts_with = "namespace")]
+        pod_uid: Option<String>,
         /// The container's id (12 or more hex digits); every container when omitted.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", conflicts_with = "namespace")]
         container_id: String,
+        /// With --namespace: the container's name in each chosen pod; every container when
+        /// omitted.
+        #[arg(long)]
+        container: Option<String>,
         /// KILL, TERM, INT or HUP.
         #[arg(long, default_value = "KILL")]
         signal: String,
+        #[command(flatten)]
+        run: Run,
+    },
+    /// Delete pods through the cluster's API (needs --namespace); the run then waits for them
+    /// to be replaced and measures the time until the selected pods are all Ready again.
+    PodKill {
+        /// Seconds of grace (0: force); each pod's own terminationGracePeriodSeconds when
+        /// omitted.
+        #[arg(long)]
+        grace_period: Option<u32>,
         #[command(flatten)]
         run: Run,
     },
@@ -261,9 +283,9 @@ enum FaultArgs {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Interface inside the target network namespace.
+    /// Interface inside the target network namespace (with --namespace: eth0 unless given).
     #[arg(long)]
-    interface: String,
+    interface: Option<String>,
     /// Target netns by name (/run/netns/NAME) or path.
     #[arg(long, conflicts_with_all = ["pid", "pod_uid"])]
     netns: Option<String>,
@@ -309,9 +331,22 @@ struct Run {
     /// With --controller: the agents (node names) to apply on. Repeatable.
     #[arg(long = "on")]
     on: Vec<String>,
-    /// With --controller: agents whose labels include k=v. Repeatable.
+    /// With --controller: agents whose labels include k=v. With --namespace: pods whose
+    /// labels include k=v. Repeatable.
     #[arg(long = "selector", value_parser = spec::parse_label)]
     selector: Vec<(String, String)>,
+    /// Fault pods in this Kubernetes namespace through the cluster (the kubeconfig's): the
+    /// fault becomes a ChaosExperiment there, which chaos-controller runs; chaosctl follows it
+    /// and exits with its verdict. Ctrl-C deletes it, reverting the fault.
+    #[arg(long, conflicts_with_all = ["local", "on"])]
+    namespace: Option<String>,
+    /// With --namespace: how many matching pods: all, one, fixed=N, fixed-percent=P or
+    /// random-max-percent=P.
+    #[arg(long, default_value = "all")]
+    pods: String,
+    /// With --namespace: only pods on nodes whose labels include k=v. Repeatable.
+    #[arg(long = "node-selector", value_parser = spec::parse_label)]
+    node_selector: Vec<(String, String)>,
     /// With --local: how to attach (auto, tcx, clsact).
     #[arg(long, default_value = "auto", hide = true, env = "CHAOS_ATTACH")]
     attach: String,
@@ -356,8 +391,15 @@ impl FaultArgs {
             container_id,
             signal,
             run,
+            ..
         } = self
         {
+            let Some(pod_uid) = pod_uid else {
+                return Err(spec::invalid(
+                    "--pod-uid",
+                    "is required on a node (or --namespace, to choose pods in a cluster)",
+                ));
+            };
             let spec = FaultSpec {
                 kind: FaultKind::ContainerKill {
                     pod: pod_uid.clone(),
@@ -368,6 +410,12 @@ impl FaultArgs {
                 duration: spec::parse_duration(&run.duration)?,
             };
             return Ok((spec, run));
+        }
+        if let FaultArgs::PodKill { .. } = self {
+            return Err(spec::invalid(
+                "--namespace",
+                "pod-kill deletes pods through the cluster's API: give the pods' namespace",
+            ));
         }
         let (kind, common) = self.parts()?;
         Ok((spec_from(kind, common)?, &common.run))
@@ -448,7 +496,7 @@ impl FaultArgs {
                 },
                 common,
             ),
-            FaultArgs::Cpu { .. } | FaultArgs::ContainerKill { .. } => {
+            FaultArgs::Cpu { .. } | FaultArgs::ContainerKill { .. } | FaultArgs::PodKill { .. } => {
                 return Err(InvalidInput {
                     field: "kind",
                     rule: "cpu has no network target".into(),
@@ -472,7 +520,10 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
         kind,
         target: Target {
             netns,
-            interface: c.interface.clone(),
+            interface: c
+                .interface
+                .clone()
+                .ok_or_else(|| spec::invalid("--interface", "is required"))?,
             remote: spec::parse_cidrs("--dest", &c.dest)?,
             local: spec::parse_cidrs("--source", &c.source)?,
             ports: spec::parse_ports(&c.port)?,
@@ -482,6 +533,262 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
         },
         duration: spec::parse_duration(&c.run.duration)?,
     })
+}
+
+impl FaultArgs {
+    /// The fault as an action of the experiment model, for a cluster: its pods are chosen by
+    /// the controller from `target.pods`, so node-level targets (--netns, --pid, --pod-uid,
+    /// --cgroup) have no place here.
+    fn model_fault(&self) -> Result<(RawFault, &Run), InvalidInput> {
+        let mut f = RawFault {
+            name: self.kind_name().into(),
+            loss: None,
+            corrupt: None,
+            partition: None,
+            latency: None,
+            bandwidth: None,
+            reorder: None,
+            duplicate: None,
+            dns: None,
+            cpu: None,
+            pod_kill: None,
+            container_kill: None,
+            target: RawTarget::default(),
+            duration: None,
+        };
+        let run = match self {
+            FaultArgs::Cpu {
+                workers,
+                load,
+                cgroup,
+                pid,
+                pod_uid,
+                run,
+            } => {
+                if cgroup.is_some() || pid.is_some() || pod_uid.is_some() {
+                    return Err(spec::invalid(
+                        "--namespace",
+                        "stresses each chosen pod's own cgroup; drop --cgroup, --pid and --pod-uid",
+                    ));
+                }
+                f.cpu = Some(m::Cpu {
+                    workers: *workers,
+                    load: *load,
+                    cgroup: None,
+                    pid: None,
+                });
+                run
+            }
+            FaultArgs::ContainerKill {
+                container,
+                signal,
+                run,
+                ..
+            } => {
+                f.container_kill = Some(m::ContainerKill {
+                    container: container.clone(),
+                    signal: Some(signal.clone()),
+                });
+                run
+            }
+            FaultArgs::PodKill { grace_period, run } => {
+                f.pod_kill = Some(m::PodKill {
+                    grace_period_seconds: *grace_period,
+                });
+                run
+            }
+            network => {
+                let Some(c) = network.common() else {
+                    return Err(spec::invalid("kind", "has no network target"));
+                };
+                if c.netns.is_some() || c.pid.is_some() || c.pod_uid.is_some() {
+                    return Err(spec::invalid(
+                        "--namespace",
+                        "faults each chosen pod's own network namespace; drop --netns, --pid and --pod-uid",
+                    ));
+                }
+                match network {
+                    FaultArgs::Loss {
+                        percent,
+                        correlation,
+                        ..
+                    } => {
+                        f.loss = Some(m::Loss {
+                            percent: *percent,
+                            correlation: *correlation,
+                        })
+                    }
+                    FaultArgs::Corrupt { percent, .. } => {
+                        f.corrupt = Some(m::Percent { percent: *percent })
+                    }
+                    FaultArgs::Partition { .. } => f.partition = Some(m::Empty {}),
+                    FaultArgs::Latency {
+                        ms,
+                        jitter_ms,
+                        correlation,
+                        distribution,
+                        backend,
+                        dest_ms,
+                        ..
+                    } => {
+                        if !dest_ms.is_empty() {
+                            return Err(spec::invalid(
+                                "--dest-ms",
+                                "is for a node; on a cluster give one --ms with --dest",
+                            ));
+                        }
+                        f.latency = Some(m::Latency {
+                            ms: *ms,
+                            jitter_ms: *jitter_ms,
+                            correlation: *correlation,
+                            distribution: distribution.clone().unwrap_or_default(),
+                            backend: backend.clone(),
+                        })
+                    }
+                    FaultArgs::Reorder {
+                        percent,
+                        ms,
+                        correlation,
+                        ..
+                    } => {
+                        f.reorder = Some(m::Reorder {
+                            percent: *percent,
+                            ms: *ms,
+                            correlation: *correlation,
+                        })
+                    }
+                    FaultArgs::Duplicate { percent, .. } => {
+                        f.duplicate = Some(m::Percent { percent: *percent })
+                    }
+                    FaultArgs::Bandwidth { rate, .. } => {
+                        f.bandwidth = Some(m::Bandwidth { rate: rate.clone() })
+                    }
+                    FaultArgs::Dns { mode, domains, .. } => {
+                        f.dns = Some(m::Dns {
+                            mode: mode.clone(),
+                            domains: domains.clone(),
+                        })
+                    }
+                    _ => {}
+                }
+                f.target = RawTarget {
+                    interface: c.interface.clone().unwrap_or_else(|| "eth0".into()),
+                    dest: c.dest.clone(),
+                    source: c.source.clone(),
+                    ports: c.port.clone(),
+                    protocol: c.protocol.clone(),
+                    direction: c.direction.clone(),
+                    force: c.force,
+                    ..RawTarget::default()
+                };
+                &c.run
+            }
+        };
+        let namespace = run.namespace.clone().unwrap_or_default();
+        let (mode, value) = match run.pods.split_once('=') {
+            Some((m, v)) => (
+                m,
+                Some(v.parse::<f64>().map_err(|_| {
+                    spec::invalid("--pods", format!("`{v}` in `{}` is not a number", run.pods))
+                })?),
+            ),
+            None => (run.pods.as_str(), None),
+        };
+        let mode: PodMode = serde_json::from_value(json!(mode)).map_err(|_| {
+            spec::invalid(
+                "--pods",
+                format!(
+                    "`{}` must be all, one, fixed=N, fixed-percent=P or random-max-percent=P",
+                    run.pods
+                ),
+            )
+        })?;
+        f.target.pods = Some(PodSelector {
+            namespaces: vec![namespace],
+            labels: run.selector.iter().cloned().collect(),
+            node_labels: run.node_selector.iter().cloned().collect(),
+            mode,
+            value,
+            allow_protected: false,
+            allow_host_network: false,
+        });
+        f.duration = Some(m::Dur(spec::parse_duration(&run.duration)?));
+        Ok((f, run))
+    }
+
+    /// The subcommand's name, as the model names the fault kind.
+    fn kind_name(&self) -> &'static str {
+        match self {
+            FaultArgs::Loss { .. } => "loss",
+            FaultArgs::Corrupt { .. } => "corrupt",
+            FaultArgs::Partition { .. } => "partition",
+            FaultArgs::Latency { .. } => "latency",
+            FaultArgs::Reorder { .. } => "reorder",
+            FaultArgs::Duplicate { .. } => "duplicate",
+            FaultArgs::Bandwidth { .. } => "bandwidth",
+            FaultArgs::Dns { .. } => "dns",
+            FaultArgs::Cpu { .. } => "cpu",
+            FaultArgs::ContainerKill { .. } => "container-kill",
+            FaultArgs::PodKill { .. } => "pod-kill",
+        }
+    }
+
+    /// How the fault runs, and where (--namespace).
+    fn run(&self) -> &Run {
+        match self {
+            FaultArgs::Cpu { run, .. }
+            | FaultArgs::ContainerKill { run, .. }
+            | FaultArgs::PodKill { run, .. } => run,
+            FaultArgs::Loss { common, .. }
+            | FaultArgs::Corrupt { common, .. }
+            | FaultArgs::Partition { common }
+            | FaultArgs::Latency { common, .. }
+            | FaultArgs::Reorder { common, .. }
+            | FaultArgs::Duplicate { common, .. }
+            | FaultArgs::Bandwidth { common, .. }
+            | FaultArgs::Dns { common, .. } => &common.run,
+        }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.run().namespace.as_deref()
+    }
+
+    /// The network target flags, for a network fault.
+    fn common(&self) -> Option<&Common> {
+        match self {
+            FaultArgs::Loss { common, .. }
+            | FaultArgs::Corrupt { common, .. }
+            | FaultArgs::Partition { common }
+            | FaultArgs::Latency { common, .. }
+            | FaultArgs::Reorder { common, .. }
+            | FaultArgs::Duplicate { common, .. }
+            | FaultArgs::Bandwidth { common, .. }
+            | FaultArgs::Dns { common, .. } => Some(common),
+            FaultArgs::Cpu { .. } | FaultArgs::ContainerKill { .. } | FaultArgs::PodKill { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// A one-action experiment without a hypothesis: what `inject` runs on a cluster. Validated
+/// by the loader the controller uses, so a bad flag fails here with the same line.
+fn inject_experiment(fault: RawFault, run: &Run) -> Result<Experiment, String> {
+    let mut title = format!(
+        "chaosctl inject {} in {}",
+        fault.name,
+        run.namespace.as_deref().unwrap_or_default()
+    );
+    for (k, v) in &run.selector {
+        title.push_str(&format!(" {k}={v}"));
+    }
+    let text = serde_json::to_string(&json!({
+        "title": title,
+        "method": [{"fault": fault}],
+    }))
+    .map_err(|e| e.to_string())?;
+    Experiment::parse(&text, "chaosctl inject").map_err(|e| e.0)
 }
 
 pub fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
@@ -504,6 +811,28 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| agent_client::DEFAULT_AGENT.to_string());
     match cli.command {
+        Command::Inject { fault } if fault.namespace().is_some() => {
+            if controller.is_some() {
+                return refuse(
+                    "--namespace: goes through the cluster's controller; drop --controller",
+                );
+            }
+            let exp = fault
+                .model_fault()
+                .map_err(|e| e.to_string())
+                .and_then(|(f, run)| inject_experiment(f, run));
+            match exp {
+                Ok(exp) => {
+                    let ns = fault.namespace().unwrap_or_default().to_string();
+                    let how = crate::cluster_cmd::Submit {
+                        prefix: fault.kind_name(),
+                        refused: crate::EXIT_INVALID,
+                    };
+                    crate::cluster_cmd::submit(exp, &ns, how, cli.json).await
+                }
+                Err(e) => refuse(e),
+            }
+        }
         Command::Inject { fault } => {
             let (spec, run) = match fault.spec() {
                 Ok(s) => s,
@@ -536,9 +865,22 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             check,
             dry_run,
             journal_dir,
+            namespace,
         } => {
             if check {
                 return crate::run_cmd::check(&file);
+            }
+            if let (Some(ns), false) = (namespace, dry_run) {
+                return match Experiment::load(&file) {
+                    Ok(exp) => {
+                        let how = crate::cluster_cmd::Submit {
+                            prefix: "run",
+                            refused: crate::run_cmd::EXIT_ERROR,
+                        };
+                        crate::cluster_cmd::submit(exp, &ns, how, cli.json).await
+                    }
+                    Err(e) => crate::run_cmd::fail(e),
+                };
             }
             if dry_run {
                 return crate::run_cmd::dry_run(&file).await;

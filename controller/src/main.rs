@@ -2,6 +2,7 @@
 mod agent_client;
 mod certs_cmd;
 mod cli;
+mod cluster_cmd;
 mod controller_client;
 mod fleet_cmd;
 mod local_engine;

@@ -24,7 +24,7 @@ pub struct RunArgs<'a> {
     pub json: bool,
 }
 
-fn fail(line: impl std::fmt::Display) -> Result<ExitCode> {
+pub fn fail(line: impl std::fmt::Display) -> Result<ExitCode> {
     eprintln!("chaosctl: {line}");
     Ok(ExitCode::from(EXIT_ERROR))
 }

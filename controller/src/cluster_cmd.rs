@@ -1,0 +1,215 @@
+//! chaosctl on a Kubernetes cluster: an inject (or an experiment file) becomes a
+//! ChaosExperiment, which the elected chaos-controller runs; chaosctl follows its status and
+//! exits with its verdict. Nothing here talks to an agent: the cluster's controller does.
+use crate::output::event;
+use anyhow::Result;
+use chaos_controller::k8s::crd::{ChaosExperiment, ChaosExperimentSpec, Phase};
+use chaos_experiment::Experiment;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How often the status is read: a run's phases last seconds, not milliseconds.
+const POLL: Duration = Duration::from_millis(500);
+/// A ChaosExperiment nobody picked up in this time means no controller is running.
+const PICKUP: Duration = Duration::from_secs(30);
+/// How long a deleted experiment may take to go: the controller reverts first (≤ 60 s).
+const DELETE_WAIT: Duration = Duration::from_secs(90);
+/// Past the method's own length: the controller's verdict is late, not coming.
+const SLACK: Duration = Duration::from_secs(300);
+
+/// What the command submitting is called, and how it exits when refused.
+pub struct Submit {
+    /// The object's generateName is `chaosctl-PREFIX-`.
+    pub prefix: &'static str,
+    /// The exit code when the cluster refuses the experiment (or the controller fails it).
+    pub refused: u8,
+}
+
+/// Creates the experiment in `namespace` and follows it to its verdict. SIGINT or SIGTERM
+/// deletes it, which reverts its faults (the finalizer), and waits until it is gone.
+pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -> Result<ExitCode> {
+    let refuse = |line: String| {
+        eprintln!("chaosctl: {line}");
+        Ok(ExitCode::from(how.refused))
+    };
+    let client = match Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(format!(
+                "--namespace: needs a cluster, and no kubeconfig works ({e}); set KUBECONFIG"
+            ));
+        }
+    };
+    let api: Api<ChaosExperiment> = Api::namespaced(client, namespace);
+    let longest = chaos_experiment::model::min_duration(&exp.method) + exp.recovery.timeout.0;
+    let obj = ChaosExperiment {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("chaosctl-{}-", how.prefix)),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/created-by".to_string(),
+                "chaosctl".to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: ChaosExperimentSpec { experiment: exp },
+        status: None,
+    };
+    // Listening before it exists: an interrupt right after "created" must delete it.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let created = match api.create(&PostParams::default(), &obj).await {
+        Ok(o) => o,
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            return refuse(format!(
+                "the cluster has no ChaosExperiment resource in {namespace}: install deploy/ first ({})",
+                s.message
+            ));
+        }
+        Err(kube::Error::Api(s)) => return refuse(format!("{namespace}: {}", s.message)),
+        Err(e) => return Err(anyhow::anyhow!("create a ChaosExperiment: {e}")),
+    };
+    let name = created.name_any();
+    let what = format!("{namespace}/{name}");
+    event(
+        json,
+        "created",
+        &what,
+        None,
+        json!({"kind": "ChaosExperiment"}),
+    );
+
+    let started = tokio::time::Instant::now();
+    let mut seen_phase = None;
+    let mut shown = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return delete(&api, &name, &what, "sigterm", json).await,
+            _ = int.recv() => return delete(&api, &name, &what, "sigint", json).await,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        let Some(o) = api.get_opt(&name).await? else {
+            return refuse(format!(
+                "{what}: deleted by someone else before it finished"
+            ));
+        };
+        let status = o.status.unwrap_or_default();
+        for f in &status.faults {
+            if shown.insert(f.id.clone()) {
+                let place = f
+                    .pod
+                    .as_deref()
+                    .map_or(String::new(), |p| format!("pod {p} on "));
+                event(
+                    json,
+                    "applied",
+                    &f.id,
+                    None,
+                    json!({"action": f.name, "pod": f.pod, "node": f.agent, "on": format!("{place}{}", f.agent)}),
+                );
+            }
+        }
+        if status.phase != seen_phase {
+            seen_phase = status.phase;
+            if let Some(p) = status.phase {
+                event(
+                    json,
+                    &format!("{p:?}").to_lowercase(),
+                    &what,
+                    None,
+                    json!({"run": status.run_id}),
+                );
+            }
+        }
+        match status.phase {
+            Some(Phase::Completed) => {
+                for f in &status.faults {
+                    let c = chaos_agent::datapath::Counters {
+                        seen: f.packets_seen,
+                        affected: f.packets_affected,
+                        ..Default::default()
+                    };
+                    event(
+                        json,
+                        "reverted",
+                        &f.id,
+                        Some(&c),
+                        json!({"ready_ms": f.ready_ms}),
+                    );
+                }
+                let verdict = status.verdict.unwrap_or_default();
+                let message = status.message.unwrap_or_default();
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "verdict", "id": what, "verdict": verdict, "message": message})
+                    );
+                } else {
+                    println!("verdict: {verdict}: {message}");
+                }
+                return Ok(ExitCode::from(exit_code(&verdict)));
+            }
+            Some(Phase::Failed) => {
+                return refuse(format!(
+                    "{what} failed: {}",
+                    status.message.unwrap_or_default()
+                ));
+            }
+            None if started.elapsed() > PICKUP => {
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                return Err(anyhow::anyhow!(
+                    "{what}: no chaos-controller picked it up in {PICKUP:?} (is one running with --kubernetes?); deleted it"
+                ));
+            }
+            _ if started.elapsed() > longest + SLACK => {
+                return Err(anyhow::anyhow!(
+                    "{what}: no verdict {:?} after it was created; `kubectl describe chaosexp -n {namespace} {name}`",
+                    longest + SLACK
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The exit code of `chaosctl run` for a verdict's name.
+fn exit_code(verdict: &str) -> u8 {
+    match verdict {
+        "held" | "completed" => 0,
+        "violated" => 1,
+        "aborted" => 2,
+        _ => 3,
+    }
+}
+
+/// Deletes the experiment and waits until it is gone, that is until the controller reverted
+/// its faults and let the finalizer go.
+async fn delete(
+    api: &Api<ChaosExperiment>,
+    name: &str,
+    what: &str,
+    reason: &str,
+    json: bool,
+) -> Result<ExitCode> {
+    if let Err(e) = api.delete(name, &DeleteParams::default()).await {
+        return Err(anyhow::anyhow!(
+            "{what}: delete it by hand (`kubectl delete chaosexp`), it was not deleted: {e}"
+        ));
+    }
+    let until = tokio::time::Instant::now() + DELETE_WAIT;
+    while tokio::time::Instant::now() < until {
+        if api.get_opt(name).await?.is_none() {
+            event(json, "reverted", what, None, json!({"reason": reason}));
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Err(anyhow::anyhow!(
+        "{what}: still there {DELETE_WAIT:?} after its delete; its agents' leases revert its faults"
+    ))
+}
