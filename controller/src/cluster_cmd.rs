@@ -76,12 +76,10 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
     };
     let name = created.name_any();
     let what = format!("{namespace}/{name}");
-    event(
+    say(
         json,
-        "created",
-        &what,
-        None,
-        json!({"kind": "ChaosExperiment"}),
+        json!({"event": "created", "id": what, "kind": "ChaosExperiment"}),
+        || format!("created ChaosExperiment {what}"),
     );
 
     let started = tokio::time::Instant::now();
@@ -99,36 +97,36 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
             ));
         };
         let status = o.status.unwrap_or_default();
-        for f in &status.faults {
+        // A fault that could not be applied has no id; the verdict says why.
+        let applied = || status.faults.iter().filter(|f| !f.id.is_empty());
+        for f in applied() {
             if shown.insert(f.id.clone()) {
-                let place = f
-                    .pod
-                    .as_deref()
-                    .map_or(String::new(), |p| format!("pod {p} on "));
-                event(
+                let on = match &f.pod {
+                    Some(p) => format!("pod {p} on {}", f.agent),
+                    None => f.agent.clone(),
+                };
+                say(
                     json,
-                    "applied",
-                    &f.id,
-                    None,
-                    json!({"action": f.name, "pod": f.pod, "node": f.agent, "on": format!("{place}{}", f.agent)}),
+                    json!({"event": "applied", "id": f.id, "action": f.name, "pod": f.pod, "node": f.agent}),
+                    || format!("fault {} applied: {} on {on}", f.id, f.name),
                 );
             }
         }
         if status.phase != seen_phase {
             seen_phase = status.phase;
             if let Some(p) = status.phase {
-                event(
+                let phase = format!("{p:?}").to_lowercase();
+                let run = status.run_id.clone().unwrap_or_default();
+                say(
                     json,
-                    &format!("{p:?}").to_lowercase(),
-                    &what,
-                    None,
-                    json!({"run": status.run_id}),
+                    json!({"event": phase, "id": what, "run": run}),
+                    || format!("{what} {phase} ({run})"),
                 );
             }
         }
         match status.phase {
             Some(Phase::Completed) => {
-                for f in &status.faults {
+                for f in applied() {
                     let c = chaos_agent::datapath::Counters {
                         seen: f.packets_seen,
                         affected: f.packets_affected,
@@ -142,16 +140,13 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
                         json!({"ready_ms": f.ready_ms}),
                     );
                 }
-                let verdict = status.verdict.unwrap_or_default();
-                let message = status.message.unwrap_or_default();
-                if json {
-                    println!(
-                        "{}",
-                        json!({"event": "verdict", "id": what, "verdict": verdict, "message": message})
-                    );
-                } else {
-                    println!("verdict: {verdict}: {message}");
-                }
+                let verdict = status.verdict.clone().unwrap_or_default();
+                let message = status.message.clone().unwrap_or_default();
+                say(
+                    json,
+                    json!({"event": "verdict", "id": what, "verdict": verdict, "message": message}),
+                    || format!("verdict: {verdict}: {message}"),
+                );
                 return Ok(ExitCode::from(exit_code(&verdict)));
             }
             Some(Phase::Failed) => {
@@ -174,6 +169,15 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
             }
             _ => {}
         }
+    }
+}
+
+/// One line: the JSON object, or the text for people.
+fn say(json: bool, v: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", text());
     }
 }
 
@@ -204,7 +208,11 @@ async fn delete(
     let until = tokio::time::Instant::now() + DELETE_WAIT;
     while tokio::time::Instant::now() < until {
         if api.get_opt(name).await?.is_none() {
-            event(json, "reverted", what, None, json!({"reason": reason}));
+            say(
+                json,
+                json!({"event": "reverted", "id": what, "reason": reason}),
+                || format!("{what} deleted ({reason}): its faults are reverted"),
+            );
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(POLL).await;

@@ -91,6 +91,29 @@ impl Proc {
         }
     }
 
+    /// On the host (the root namespaces), with extra environment; for processes that talk
+    /// only over loopback and unix sockets.
+    pub fn spawn_host(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> Self {
+        let log_file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -8,6 +8,8 @@
 //! rather than skip: a skipped kernel test must never look like a pass.
 pub mod apps;
 pub mod cgroups;
+pub mod kube_api;
+pub mod pods;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
