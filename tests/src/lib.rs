@@ -520,7 +520,27 @@ impl LocalFault {
 
     /// [`LocalFault::start`] with extra environment variables for chaosctl.
     pub fn start_env(args: &[&str], journal: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(bin("chaosctl"))
+        Self::start_wrapped(&[], args, journal, env)
+    }
+
+    /// [`LocalFault::start_env`] through a wrapper command (`wrapper... chaosctl args...`)
+    /// that ends by exec'ing chaosctl, so the child's pid is chaosctl's.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        args: &[&str],
+        journal: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let chaosctl = bin("chaosctl");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&chaosctl);
+                c
+            }
+            None => Command::new(&chaosctl),
+        };
+        let mut child = cmd
             .args(args)
             .arg("--local")
             .arg("--json")
