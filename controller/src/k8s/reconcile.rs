@@ -5,7 +5,7 @@
 //! deserialized into the typed CRD: a spec the API server accepted but our rules refuse (a
 //! tolerance, a fault parameter) must become a Failed status with the rule, not an object the
 //! watcher cannot read and silently skips.
-use super::crd::{ChaosExperiment, Phase};
+use super::crd::{ChaosExperiment, ChaosExperimentStatus, Condition, FaultStatus, Phase};
 use super::driver::KubeDriver;
 use crate::fleet::FleetDriver;
 use chaos_experiment::Experiment;
@@ -100,10 +100,11 @@ fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
+/// Writes the fields of `status` that are set (a merge patch: the others keep their values).
 async fn patch_status(
     api: &Api<DynamicObject>,
     name: &str,
-    status: serde_json::Value,
+    status: ChaosExperimentStatus,
 ) -> Result<(), Error> {
     api.patch_status(
         name,
@@ -141,32 +142,49 @@ fn phase_of(obj: &DynamicObject) -> Option<Phase> {
 }
 
 /// The status a finished run leaves.
-pub fn final_status(record: &RunRecord) -> serde_json::Value {
-    let verdict = serde_json::to_value(record.verdict).unwrap_or_default();
-    let faults: Vec<serde_json::Value> = record
+pub fn final_status(record: &RunRecord) -> ChaosExperimentStatus {
+    let verdict = serde_json::to_value(record.verdict)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string));
+    let faults = record
         .faults
         .iter()
-        .map(|f| {
-            serde_json::json!({
-                "name": f.action, "agent": f.agent, "id": f.id,
-                "pod": f.pod, "packetsSeen": f.seen, "packetsAffected": f.affected,
-                "readyMs": f.ready_ms,
-            })
+        .map(|f| FaultStatus {
+            name: f.action.clone(),
+            agent: f.agent.clone(),
+            id: f.id.clone(),
+            pod: f.pod.clone(),
+            packets_seen: f.seen,
+            packets_affected: f.affected,
+            ready_ms: f.ready_ms,
         })
         .collect();
-    let reason = format!("{:?}", record.verdict);
-    serde_json::json!({
-        "phase": Phase::Completed,
-        "conditions": [{
-            "type": "Completed", "status": "True", "reason": reason,
-            "message": record.reason, "lastTransitionTime": now_rfc3339(),
+    ChaosExperimentStatus {
+        phase: Some(Phase::Completed),
+        conditions: vec![Condition {
+            type_: "Completed".into(),
+            status: "True".into(),
+            reason: format!("{:?}", record.verdict),
+            message: record.reason.clone(),
+            last_transition_time: now_rfc3339(),
         }],
-        "verdict": verdict,
-        "message": record.reason,
-        "recoveryMs": record.recovery_ms,
-        "faults": faults,
-        "finishedAt": now_rfc3339(),
-    })
+        verdict,
+        message: Some(record.reason.clone()),
+        recovery_ms: record.recovery_ms,
+        faults,
+        finished_at: Some(now_rfc3339()),
+        ..Default::default()
+    }
+}
+
+/// A status that ends the run without a verdict.
+fn failed(message: &str) -> ChaosExperimentStatus {
+    ChaosExperimentStatus {
+        phase: Some(Phase::Failed),
+        message: Some(message.into()),
+        finished_at: Some(now_rfc3339()),
+        ..Default::default()
+    }
 }
 
 pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -199,12 +217,7 @@ async fn start(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             // Started by a controller that is gone: its agents reverted the faults when their
             // leases ran out. A run is never resumed half way.
             let message = "the controller that ran this stopped during the run; agents reverted its faults when their leases ran out";
-            patch_status(
-                &api,
-                &name,
-                serde_json::json!({"phase": Phase::Failed, "message": message, "finishedAt": now_rfc3339()}),
-            )
-            .await?;
+            patch_status(&api, &name, failed(message)).await?;
             event(&ctx, &obj, true, "Interrupted", message.into()).await;
             return Ok(Action::await_change());
         }
@@ -216,12 +229,7 @@ async fn start(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     let exp = match Experiment::parse(&text, &source) {
         Ok(e) => e,
         Err(e) => {
-            patch_status(
-                &api,
-                &name,
-                serde_json::json!({"phase": Phase::Failed, "message": e.0, "finishedAt": now_rfc3339()}),
-            )
-            .await?;
+            patch_status(&api, &name, failed(&e.0)).await?;
             event(&ctx, &obj, true, "Invalid", e.0).await;
             return Ok(Action::await_change());
         }
@@ -230,10 +238,13 @@ async fn start(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     patch_status(
         &api,
         &name,
-        serde_json::json!({
-            "phase": Phase::Running, "runId": id, "startedAt": now_rfc3339(),
-            "observedGeneration": obj.metadata.generation,
-        }),
+        ChaosExperimentStatus {
+            phase: Some(Phase::Running),
+            run_id: Some(id.clone()),
+            started_at: Some(now_rfc3339()),
+            observed_generation: obj.metadata.generation,
+            ..Default::default()
+        },
     )
     .await?;
     event(
@@ -266,12 +277,10 @@ async fn run(
     let live = {
         let (api, name) = (api.clone(), name.clone());
         tokio::spawn(async move {
-            let mut faults = Vec::new();
+            let mut live = ChaosExperimentStatus::default();
             while let Some(f) = applied_rx.recv().await {
-                faults.push(f);
-                if let Err(e) =
-                    patch_status(&api, &name, serde_json::json!({"faults": faults})).await
-                {
+                live.faults.push(f);
+                if let Err(e) = patch_status(&api, &name, live.clone()).await {
                     tracing::warn!("{e}");
                 }
             }
@@ -294,10 +303,15 @@ async fn run(
                 ..
             } = e
             {
-                let _ = applied_tx.send(serde_json::json!({
-                    "name": action, "agent": agent, "id": id, "pod": pod,
-                    "packetsSeen": 0, "packetsAffected": 0,
-                }));
+                let _ = applied_tx.send(FaultStatus {
+                    name: action,
+                    agent,
+                    id,
+                    pod,
+                    packets_seen: 0,
+                    packets_affected: 0,
+                    ready_ms: None,
+                });
             }
         },
     )
@@ -334,7 +348,10 @@ async fn stop(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let _ = patch_status(
         &api,
         &obj.name_any(),
-        serde_json::json!({"phase": Phase::Reverting}),
+        ChaosExperimentStatus {
+            phase: Some(Phase::Reverting),
+            ..Default::default()
+        },
     )
     .await;
     let _ = run.cancel.send(true);
