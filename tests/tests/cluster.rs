@@ -364,6 +364,54 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
         "{events:?}"
     );
 
+    // 4. pod-kill: the controller deletes the pod through the API; a stand-in ReplicaSet
+    // replaces it 300 ms later, and the time until the selected pods are Ready again is the
+    // fault's ready_ms.
+    let replicaset = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while api.get(&pods(), "shop", "cart-1").is_some() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "cart-1 was never deleted"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            api.put(&pods(), "shop", pod("cart-2", "cart", &uid(72).to_string()));
+        })
+    };
+    let c = chaosctl_bg(
+        &kubeconfig,
+        &[
+            "inject",
+            "pod-kill",
+            "--namespace",
+            "shop",
+            "--selector",
+            "app=cart",
+            "--grace-period",
+            "0",
+            "--duration",
+            "3s",
+            "--json",
+        ],
+    );
+    let (code, events, err) = finish(c, Duration::from_secs(40));
+    replicaset.join().expect("the stand-in ReplicaSet");
+    assert_eq!(code, 0, "{err}\n{}", logs());
+    assert_eq!(event(&events, "applied")["pod"], "shop/cart-1");
+    let ready_ms = event(&events, "reverted")["ready_ms"].as_u64().unwrap_or(0);
+    eprintln!("pod-kill: Ready again after {ready_ms} ms");
+    assert!((300..3000).contains(&ready_ms), "ready_ms {ready_ms}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("DELETE /api/v1/namespaces/shop/pods/cart-1")),
+        "no DELETE of the pod"
+    );
+
     drop(agent);
     drop(controller);
     drop(fake);
