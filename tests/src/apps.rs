@@ -76,19 +76,9 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn_in(ns: &str, name: &str, program: &Path, args: &[String], log: &Path) -> Self {
-        let log_file = std::fs::File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Proc {
-            child,
-            name: name.to_string(),
-        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program).args(args);
+        Self::spawn(cmd, name, log)
     }
 
     /// On the host (the root namespaces), with extra environment; for processes that talk
@@ -100,10 +90,14 @@ impl Proc {
         env: &[(&str, String)],
         log: &Path,
     ) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        Self::spawn(cmd, name, log)
+    }
+
+    fn spawn(mut cmd: Command, name: &str, log: &Path) -> Self {
         let log_file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(program)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -49,6 +49,26 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `chaosctl inject partition` of the cart pod's loopback, through the cluster.
+fn partition(kubeconfig: &Path, duration: &str) -> Child {
+    chaosctl_bg(
+        kubeconfig,
+        &[
+            "inject",
+            "partition",
+            "--namespace",
+            "shop",
+            "--selector",
+            "app=cart",
+            "--interface",
+            "lo",
+            "--duration",
+            duration,
+            "--json",
+        ],
+    )
+}
+
 /// chaosctl against the cluster, started in the background with its stdout piped.
 fn chaosctl_bg(kubeconfig: &Path, args: &[&str]) -> Child {
     Command::new(bin("chaosctl"))
@@ -217,22 +237,7 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
     assert_eq!(probe(), 50, "the pod's loopback works before the fault");
 
     // 1. A fault that runs its course: the verdict, the counters, the status.
-    let c = chaosctl_bg(
-        &kubeconfig,
-        &[
-            "inject",
-            "partition",
-            "--namespace",
-            "shop",
-            "--selector",
-            "app=cart",
-            "--interface",
-            "lo",
-            "--duration",
-            "4s",
-            "--json",
-        ],
-    );
+    let c = partition(&kubeconfig, "4s");
     wait_for("the fault is applied", Duration::from_secs(20), || {
         api.list(&experiments())
             .iter()
@@ -277,22 +282,7 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
 
     // 2. Ctrl-C while the fault is on: the object is deleted, the controller reverts the
     // fault before letting the finalizer go, and chaosctl returns once it is gone.
-    let c = chaosctl_bg(
-        &kubeconfig,
-        &[
-            "inject",
-            "partition",
-            "--namespace",
-            "shop",
-            "--selector",
-            "app=cart",
-            "--interface",
-            "lo",
-            "--duration",
-            "5m",
-            "--json",
-        ],
-    );
+    let c = partition(&kubeconfig, "5m");
     wait_for(
         "the second fault is applied",
         Duration::from_secs(20),

@@ -151,93 +151,6 @@ fn without_a_pause_process_the_oldest_one_anchors_the_netns() {
     }
 }
 
-/// An agent in a container usually has its own cgroup namespace (containerd's default on
-/// cgroup v2): /proc/PID/cgroup then shows other processes' cgroups as `/../..`-relative paths.
-/// mountinfo shows the mounts' roots relative to the same namespace (`/..`), and the engine
-/// maps a path through its mount's root, so the pod's cgroup is still found and CPU stress
-/// still lands in it.
-#[test]
-fn in_a_private_cgroup_namespace_the_pods_cgroup_is_still_found() {
-    let _g = serial();
-    require_root();
-    let pid = std::process::id();
-    let root = format!("chaos-test-pods-{pid}-cgns");
-    let u = uid(80);
-    let pod_dir = format!("/{root}/kubepods/burstable/pod{u}");
-    let fake = fake_pod(80, &pod_dir, CID, SID, true);
-    // The "container" the agent runs in: a cgroup of its own in each hierarchy, made its
-    // namespace's root.
-    let agent_cgs: Vec<std::path::PathBuf> = hierarchies()
-        .iter()
-        .map(|(mount, _)| mount.join(format!("chaos-test-agent-{pid}")))
-        .collect();
-    let mut join = String::new();
-    for cg in &agent_cgs {
-        std::fs::create_dir(cg).expect("the agent's cgroup");
-        join.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.display()));
-    }
-    let shown = chaos_tests::sh(&format!(
-        "sh -c '{join}exec unshare --cgroup cat /proc/{}/cgroup'",
-        fake.children[1].id()
-    ));
-    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
-    assert!(
-        shown.contains("/../"),
-        "a private cgroup namespace shows the pod relative to it: {shown}"
-    );
-
-    let tmp = std::env::temp_dir().join(format!("chaos-pods-{pid}-cgns"));
-    let uid = u.to_string();
-    let wrapper = format!("{join}exec unshare --cgroup \"$@\"");
-    let cpu = chaos_tests::LocalFault::start_wrapped(
-        &["sh", "-c", &wrapper, "sh"],
-        &[
-            "inject",
-            "cpu",
-            "--workers",
-            "1",
-            "--load",
-            "20",
-            "--pod-uid",
-            &uid,
-            "--interval",
-            "0",
-        ],
-        &tmp.join("journal"),
-        &[],
-    );
-    let (mount, _) = &hierarchies()[0];
-    let in_pod = std::fs::read_to_string(
-        mount
-            .join(pod_dir.trim_start_matches('/'))
-            .join("cgroup.procs"),
-    )
-    .unwrap_or_default();
-    let mine: Vec<String> = fake.children.iter().map(|c| c.id().to_string()).collect();
-    let workers: Vec<&str> = in_pod
-        .lines()
-        .filter(|p| !mine.iter().any(|m| m == p))
-        .collect();
-    let (status, out) = cpu.stop();
-    assert!(status.success(), "{status}: {out}");
-    assert_eq!(workers.len(), 1, "one worker in the pod's cgroup: {in_pod}");
-    drop(fake);
-    let _ = std::fs::remove_dir_all(&tmp);
-    for (mount, _) in hierarchies() {
-        for d in [
-            format!("{root}/kubepods/burstable"),
-            format!("{root}/kubepods"),
-            root.clone(),
-        ] {
-            let _ = std::fs::remove_dir(mount.join(d));
-        }
-    }
-    for cg in agent_cgs {
-        let _ = std::fs::remove_dir(&cg);
-        assert!(!cg.exists(), "left {}", cg.display());
-    }
-}
-
 #[test]
 fn unknown_and_malformed_uids_are_refused_in_one_line() {
     let u = uid(99);
@@ -303,32 +216,64 @@ fn pod_uid_targets_the_pods_netns_and_cgroup() {
             .filter(|p| !mine.contains(p))
             .collect()
     };
-    assert!(pod_procs(&fake).is_empty());
-    let cpu = chaos_tests::LocalFault::start(
-        &[
-            "inject",
-            "cpu",
-            "--workers",
-            "1",
-            "--load",
-            "20",
-            "--pod-uid",
-            &uid,
-            "--interval",
-            "0",
-        ],
-        &tmp.join("journal"),
+    // CPU stress lands in the pod's cgroup from the host's cgroup namespace, and from a
+    // private one: an agent in a container usually has its own (containerd's default on
+    // cgroup v2), where /proc/PID/cgroup shows the pod as `/../...`; mountinfo shows the mounts'
+    // roots relative to the same namespace, and paths map through them.
+    let pid = std::process::id();
+    let agent_cgs: Vec<std::path::PathBuf> = hierarchies()
+        .iter()
+        .map(|(mount, _)| mount.join(format!("chaos-test-agent-{pid}")))
+        .collect();
+    let mut join = String::new();
+    for cg in &agent_cgs {
+        std::fs::create_dir(cg).expect("the agent's cgroup");
+        join.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.display()));
+    }
+    let shown = chaos_tests::sh(&format!(
+        "sh -c '{join}exec unshare --cgroup cat /proc/{}/cgroup'",
+        fake.children[1].id()
+    ));
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        shown.contains("/../"),
+        "not a private cgroup namespace: {shown}"
     );
-    let workers = pod_procs(&fake);
-    let (status, out) = cpu.stop();
-    assert_eq!(
-        workers.len(),
-        1,
-        "one worker in the pod's own cgroup: {workers:?}"
-    );
-    assert!(status.success(), "{status}: {out}");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(pod_procs(&fake).is_empty(), "the worker outlived the fault");
+    let private = format!("{join}exec unshare --cgroup \"$@\"");
+    for wrapper in [vec![], vec!["sh", "-c", private.as_str(), "sh"]] {
+        assert!(pod_procs(&fake).is_empty());
+        let cpu = chaos_tests::LocalFault::start_wrapped(
+            &wrapper,
+            &[
+                "inject",
+                "cpu",
+                "--workers",
+                "1",
+                "--load",
+                "20",
+                "--pod-uid",
+                &uid,
+                "--interval",
+                "0",
+            ],
+            &tmp.join("journal"),
+            &[],
+        );
+        let workers = pod_procs(&fake);
+        let (status, out) = cpu.stop();
+        assert_eq!(
+            workers.len(),
+            1,
+            "{wrapper:?}: one worker in the pod's own cgroup: {workers:?}"
+        );
+        assert!(status.success(), "{status}: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(pod_procs(&fake).is_empty(), "the worker outlived the fault");
+    }
+    for cg in &agent_cgs {
+        let _ = std::fs::remove_dir(cg);
+        assert!(!cg.exists(), "left {}", cg.display());
+    }
 
     let bad = chaos_tests::chaosctl(&[
         "inject",
