@@ -19,6 +19,9 @@ const POLL: Duration = Duration::from_millis(500);
 const PICKUP: Duration = Duration::from_secs(30);
 /// How long a deleted experiment may take to go: the controller reverts first (≤ 60 s).
 const DELETE_WAIT: Duration = Duration::from_secs(90);
+/// How long the API server may fail to answer before chaosctl gives up following (the
+/// experiment goes on without it).
+const API_PATIENCE: Duration = Duration::from_secs(30);
 /// Past the method's own length: the controller's verdict is late, not coming.
 const SLACK: Duration = Duration::from_secs(300);
 
@@ -85,13 +88,30 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
     let started = tokio::time::Instant::now();
     let mut seen_phase = None;
     let mut shown = BTreeSet::new();
+    let mut failing_since = None;
     loop {
         tokio::select! {
             _ = term.recv() => return delete(&api, &name, &what, "sigterm", json).await,
             _ = int.recv() => return delete(&api, &name, &what, "sigint", json).await,
             _ = tokio::time::sleep(POLL) => {}
         }
-        let Some(o) = api.get_opt(&name).await? else {
+        let read = match api.get_opt(&name).await {
+            Ok(o) => {
+                failing_since = None;
+                o
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > API_PATIENCE {
+                    return Err(anyhow::anyhow!(
+                        "{what}: no answer from the API server for {API_PATIENCE:?} ({e}); the experiment goes on: `kubectl get chaosexp -n {namespace} {name}`"
+                    ));
+                }
+                tracing::warn!("{what}: reading its status: {e}; retrying");
+                continue;
+            }
+        };
+        let Some(o) = read else {
             return refuse(format!(
                 "{what}: deleted by someone else before it finished"
             ));
