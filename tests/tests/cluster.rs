@@ -129,6 +129,16 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// A child process killed on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Dir(PathBuf);
 
 impl Drop for Dir {
@@ -322,7 +332,85 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
         "the agent still holds a fault"
     );
 
-    // 3. Nothing matches: nothing is applied, and the verdict says why (exit 3, as `run`).
+    // 3. An experiment file with a hypothesis, run by the cluster's controller: a TCP
+    // service on the pod's loopback must answer; the partition breaks it (violated, exit 1),
+    // and the status records how long after the revert it answered again.
+    let service = Command::new("ip")
+        .args(["netns", "exec", &fake.netns, "python3", "-c"])
+        .arg(
+            "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('127.0.0.1', 5303))\ns.listen(64)\nwhile True:\n    s.accept()[0].close()\n",
+        )
+        .spawn()
+        .expect("a TCP service in the pod");
+    let service = ChildGuard(service);
+    let file = t.join("cart-answers.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"title: the cart pod keeps answering on its loopback
+steady-state-hypothesis:
+  title: cart answers
+  probes:
+    - name: cart
+      command:
+        run: [ip, netns, exec, {ns}, python3, -c, "import socket; socket.create_connection(('127.0.0.1', 5303), timeout=0.5)"]
+        timeout: 3s
+      tolerance: {{exit-code: "== 0"}}
+during: {{interval: 300ms}}
+recovery: {{timeout: 20s, interval: 200ms}}
+method:
+  - fault:
+      name: cut
+      partition: {{}}
+      target: {{pods: {{namespaces: [shop], labels: {{app: cart}}}}, interface: lo}}
+      duration: 5s
+"#,
+            ns = fake.netns
+        ),
+    )
+    .unwrap();
+    wait_for(
+        "the service in the pod listens",
+        Duration::from_secs(10),
+        || {
+            chaos_tests::sh(&format!(
+            "ip netns exec {} python3 -c \"import socket; socket.create_connection(('127.0.0.1', 5303), timeout=0.5)\"",
+            fake.netns
+        ))
+        .status
+        .success()
+        },
+    );
+    let c = chaosctl_bg(
+        &kubeconfig,
+        &[
+            "run",
+            &file.display().to_string(),
+            "--namespace",
+            "shop",
+            "--json",
+        ],
+    );
+    let (code, events, err) = finish(c, Duration::from_secs(60));
+    assert_eq!(code, 1, "{err}\n{}", logs());
+    let verdict = event(&events, "verdict");
+    assert_eq!(verdict["verdict"], "violated", "{verdict}");
+    let name = verdict["id"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("shop/"))
+        .unwrap_or_default();
+    assert!(name.starts_with("chaosctl-run-"), "{name}");
+    let obj = api
+        .get(&experiments(), "shop", name)
+        .expect("the run's object");
+    let recovery = obj["status"]["recoveryMs"].as_u64();
+    eprintln!("run --namespace: violated, recovered {recovery:?} ms after the revert");
+    assert!(recovery.is_some(), "{}", obj["status"]);
+    assert_eq!(probe(), 50, "traffic blocked after the violated run");
+    drop(service);
+
+    // 4. Nothing matches: nothing is applied, and the verdict says why (exit 3, as `run`).
     let c = chaosctl_bg(
         &kubeconfig,
         &[
@@ -354,7 +442,7 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
         "{events:?}"
     );
 
-    // 4. pod-kill: the controller deletes the pod through the API; a stand-in ReplicaSet
+    // 5. pod-kill: the controller deletes the pod through the API; a stand-in ReplicaSet
     // replaces it 300 ms later, and the time until the selected pods are Ready again is the
     // fault's ready_ms.
     let replicaset = {
