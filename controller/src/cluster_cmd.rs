@@ -5,6 +5,7 @@ use crate::output::event;
 use anyhow::Result;
 use chaos_controller::k8s::crd::{ChaosExperiment, ChaosExperimentSpec, Phase};
 use chaos_experiment::Experiment;
+use chaos_experiment::record::Verdict;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -201,14 +202,9 @@ fn say(json: bool, v: serde_json::Value, text: impl FnOnce() -> String) {
     }
 }
 
-/// The exit code of `chaosctl run` for a verdict's name.
+/// The exit code of `chaosctl run` for a verdict's name (3 for one this chaosctl does not know).
 fn exit_code(verdict: &str) -> u8 {
-    match verdict {
-        "held" | "completed" => 0,
-        "violated" => 1,
-        "aborted" => 2,
-        _ => 3,
-    }
+    serde_json::from_value::<Verdict>(json!(verdict)).map_or(3, Verdict::exit_code)
 }
 
 /// Deletes the experiment and waits until it is gone, that is until the controller reverted

@@ -5,6 +5,7 @@
 use super::crd::{ChaosExperiment, ChaosSchedule, ConcurrencyPolicy, Phase};
 use super::reconcile::{Ctx, Error};
 use chaos_experiment::Experiment;
+use chaos_experiment::record::Verdict;
 use k8s_openapi::jiff::{Timestamp, tz::TimeZone};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -107,8 +108,8 @@ fn child_of(o: &DynamicObject) -> Child {
         Some(p) if p.is_terminal() => Some(
             status
                 .and_then(|s| s.get("verdict"))
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| v == "held" || v == "completed"),
+                .and_then(|v| serde_json::from_value::<Verdict>(v.clone()).ok())
+                .is_some_and(|v| v.exit_code() == 0),
         ),
         _ => None,
     };
