@@ -90,6 +90,7 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
     let mut seen_phase = None;
     let mut shown = BTreeSet::new();
     let mut failing_since = None;
+    let mut last_totals = (0, 0);
     loop {
         tokio::select! {
             _ = term.recv() => return delete(&api, &name, &what, "sigterm", json).await,
@@ -132,6 +133,25 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
                     || format!("fault {} applied: {} on {on}", f.id, f.name),
                 );
             }
+        }
+        // Live counters, summed over the pods (a line per change, as the controller writes
+        // them every few seconds).
+        let totals = applied().fold((0, 0), |(s, a), f| {
+            (s + f.packets_seen, a + f.packets_affected)
+        });
+        if status.phase == Some(Phase::Running) && totals != (0, 0) && totals != last_totals {
+            last_totals = totals;
+            let faults = applied().count();
+            say(
+                json,
+                json!({"event": "counters", "id": what, "faults": faults, "seen": totals.0, "affected": totals.1}),
+                || {
+                    format!(
+                        "{what}: {faults} faults, seen={} affected={}",
+                        totals.0, totals.1
+                    )
+                },
+            );
         }
         if status.phase != seen_phase {
             seen_phase = status.phase;

@@ -239,6 +239,7 @@ fn show(e: &ProgressEvent, json: bool) {
             seen,
             matched,
             affected,
+            ..
         } => println!(
             "{} {action}@{agent}: seen {seen} matched {matched} affected {affected}",
             t(t_ms)

@@ -35,6 +35,9 @@ pub enum ProgressEvent {
         t_ms: u64,
         action: String,
         agent: String,
+        /// The agent's fault id.
+        #[serde(default)]
+        id: String,
         seen: u64,
         matched: u64,
         affected: u64,
@@ -635,6 +638,7 @@ async fn counters<D: FaultDriver>(driver: &D, st: &State, progress: Progress<'_>
             progress(ProgressEvent::Counters {
                 t_ms: st.ms(),
                 action,
+                id: f.id,
                 agent: f.agent,
                 seen: c.seen,
                 matched: c.matched,

@@ -247,7 +247,7 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
     assert_eq!(probe(), 50, "the pod's loopback works before the fault");
 
     // 1. A fault that runs its course: the verdict, the counters, the status.
-    let c = partition(&kubeconfig, "4s");
+    let c = partition(&kubeconfig, "6s");
     wait_for("the fault is applied", Duration::from_secs(20), || {
         api.list(&experiments())
             .iter()
@@ -261,6 +261,9 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
     let applied = event(&events, "applied");
     assert_eq!(applied["pod"], "shop/cart-1");
     assert_eq!(applied["node"], NODE);
+    // Live counters while it ran (the controller writes them every 2 s).
+    let live = event(&events, "counters");
+    assert!(live["affected"].as_u64().unwrap_or(0) >= 50, "{live}");
     let reverted = event(&events, "reverted");
     assert!(
         reverted["counters"]["affected"].as_u64().unwrap_or(0) >= 50,

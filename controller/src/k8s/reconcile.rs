@@ -271,21 +271,12 @@ async fn run(
     let name = obj.name_any();
     let api = api_for(&ctx, &obj);
     let driver = KubeDriver::new(ctx.fleet.clone(), ctx.client.clone(), ctx.namespace.clone());
-    // Each fault goes into the status as it is applied, so `kubectl get -o yaml` (and
-    // chaosctl following its inject) shows which pods are hit while the run goes.
-    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel();
-    let live = {
-        let (api, name) = (api.clone(), name.clone());
-        tokio::spawn(async move {
-            let mut live = ChaosExperimentStatus::default();
-            while let Some(f) = applied_rx.recv().await {
-                live.faults.push(f);
-                if let Err(e) = patch_status(&api, &name, live.clone()).await {
-                    tracing::warn!("{e}");
-                }
-            }
-        })
-    };
+    // Each fault goes into the status as it is applied, and its counters follow while it is
+    // active, so `kubectl get -o yaml` (and chaosctl following an inject) shows which pods are
+    // hit and how. Counters are written at most every LIVE_COUNTERS: a thousand pods must not
+    // mean a thousand patches a second.
+    let (progress_tx, progress_rx) = tokio::sync::mpsc::unbounded_channel();
+    let live = tokio::spawn(live_status(api.clone(), name.clone(), progress_rx));
     let record = runner::run(
         &exp,
         &driver,
@@ -295,23 +286,11 @@ async fn run(
             cancel,
         },
         &move |e| {
-            if let ProgressEvent::Applied {
-                action,
-                agent,
-                id,
-                pod,
-                ..
-            } = e
-            {
-                let _ = applied_tx.send(FaultStatus {
-                    name: action,
-                    agent,
-                    id,
-                    pod,
-                    packets_seen: 0,
-                    packets_affected: 0,
-                    ready_ms: None,
-                });
+            if matches!(
+                e,
+                ProgressEvent::Applied { .. } | ProgressEvent::Counters { .. }
+            ) {
+                let _ = progress_tx.send(e);
             }
         },
     )
@@ -337,6 +316,55 @@ async fn run(
     .await;
     tracing::info!(%id, %name, verdict = ?record.verdict, "experiment ended");
     ctx.runs().remove(&obj.uid().unwrap_or_default());
+}
+
+/// How often a running experiment's status gets its faults' counters.
+const LIVE_COUNTERS: Duration = Duration::from_secs(2);
+
+/// Writes the faults of a running experiment into its status: at once when one is applied,
+/// counters at most every LIVE_COUNTERS. Ends when the run drops its sender.
+async fn live_status(
+    api: Api<DynamicObject>,
+    name: String,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ProgressEvent>,
+) {
+    let mut live = ChaosExperimentStatus::default();
+    let mut dirty = false;
+    let mut tick = tokio::time::interval(LIVE_COUNTERS);
+    loop {
+        let write_now = tokio::select! {
+            e = events.recv() => match e {
+                Some(ProgressEvent::Applied { action, agent, id, pod, .. }) => {
+                    live.faults.push(FaultStatus {
+                        name: action,
+                        agent,
+                        id,
+                        pod,
+                        packets_seen: 0,
+                        packets_affected: 0,
+                        ready_ms: None,
+                    });
+                    true
+                }
+                Some(ProgressEvent::Counters { id, seen, affected, .. }) => {
+                    if let Some(f) = live.faults.iter_mut().find(|f| f.id == id) {
+                        dirty |= (f.packets_seen, f.packets_affected) != (seen, affected);
+                        (f.packets_seen, f.packets_affected) = (seen, affected);
+                    }
+                    false
+                }
+                Some(_) => false,
+                None => return,
+            },
+            _ = tick.tick() => dirty,
+        };
+        if write_now {
+            dirty = false;
+            if let Err(e) = patch_status(&api, &name, live.clone()).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
 }
 
 async fn stop(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> {
