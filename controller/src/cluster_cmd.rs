@@ -1,7 +1,6 @@
 //! chaosctl on a Kubernetes cluster: an inject (or an experiment file) becomes a
 //! ChaosExperiment, which the elected chaos-controller runs; chaosctl follows its status and
 //! exits with its verdict. Nothing here talks to an agent: the cluster's controller does.
-use crate::output::event;
 use anyhow::Result;
 use chaos_controller::k8s::crd::{ChaosExperiment, ChaosExperimentSpec, Phase};
 use chaos_experiment::Experiment;
@@ -168,17 +167,19 @@ pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -
         match status.phase {
             Some(Phase::Completed) => {
                 for f in applied() {
-                    let c = chaos_agent::datapath::Counters {
-                        seen: f.packets_seen,
-                        affected: f.packets_affected,
-                        ..Default::default()
-                    };
-                    event(
+                    let ready = f
+                        .ready_ms
+                        .map_or(String::new(), |ms| format!(", Ready again after {ms} ms"));
+                    say(
                         json,
-                        "reverted",
-                        &f.id,
-                        Some(&c),
-                        json!({"ready_ms": f.ready_ms}),
+                        json!({"event": "reverted", "id": f.id, "ready_ms": f.ready_ms,
+                            "counters": {"seen": f.packets_seen, "affected": f.packets_affected}}),
+                        || {
+                            format!(
+                                "fault {} reverted: seen={} affected={}{ready}",
+                                f.id, f.packets_seen, f.packets_affected
+                            )
+                        },
                     );
                 }
                 let verdict = status.verdict.clone().unwrap_or_default();

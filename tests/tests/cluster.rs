@@ -81,7 +81,7 @@ fn chaosctl_bg(kubeconfig: &Path, args: &[&str]) -> Child {
 }
 
 /// Its exit code, stdout lines (JSON events) and stderr, within `limit`.
-fn finish(mut c: Child, limit: Duration) -> (i32, Vec<Value>, String) {
+fn finish(mut c: Child, limit: Duration) -> (i32, Vec<String>, String) {
     let out = c.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
         BufReader::new(out)
@@ -107,11 +107,15 @@ fn finish(mut c: Child, limit: Duration) -> (i32, Vec<Value>, String) {
     }
     let lines = reader.join().expect("reader");
     eprintln!("chaosctl exit {code}\n{}\n{err}", lines.join("\n"));
-    let events = lines
+    (code, lines, err)
+}
+
+/// The JSON events of `--json` output.
+fn json_events(lines: &[String]) -> Vec<Value> {
+    lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-        .collect();
-    (code, events, err)
+        .collect()
 }
 
 fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
@@ -254,7 +258,8 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
             .any(|o| o["status"]["faults"][0]["id"].is_string())
     });
     let during = probe();
-    let (code, events, err) = finish(c, Duration::from_secs(40));
+    let (code, lines, err) = finish(c, Duration::from_secs(40));
+    let events = json_events(&lines);
     assert_eq!(code, 0, "{err}\n{}", logs());
     assert_eq!(during, 0, "the partition did not reach the pod");
     assert_eq!(probe(), 50, "traffic still blocked after the run");
@@ -309,7 +314,8 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
     let t0 = Instant::now();
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-    let (code, events, err) = finish(c, Duration::from_secs(60));
+    let (code, lines, err) = finish(c, Duration::from_secs(60));
+    let events = json_events(&lines);
     let took = t0.elapsed();
     eprintln!("interrupt to gone: {took:?}");
     assert_eq!(code, 0, "{err}\n{}", logs());
@@ -395,7 +401,8 @@ method:
             "--json",
         ],
     );
-    let (code, events, err) = finish(c, Duration::from_secs(60));
+    let (code, lines, err) = finish(c, Duration::from_secs(60));
+    let events = json_events(&lines);
     assert_eq!(code, 1, "{err}\n{}", logs());
     let verdict = event(&events, "verdict");
     assert_eq!(verdict["verdict"], "violated", "{verdict}");
@@ -427,22 +434,24 @@ method:
             "app=nothing",
             "--duration",
             "5s",
-            "--json",
         ],
     );
-    let (code, events, err) = finish(c, Duration::from_secs(30));
+    let (code, lines, err) = finish(c, Duration::from_secs(30));
+    // Without --json: lines for people.
     assert_eq!(code, 3, "{err}");
-    let verdict = event(&events, "verdict");
-    assert_eq!(verdict["verdict"], "inconclusive");
     assert!(
-        verdict["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("no running pod in shop matches app=nothing")),
+        lines[0].starts_with("created ChaosExperiment shop/chaosctl-loss-"),
+        "{lines:?}"
+    );
+    let verdict = lines.last().map(String::as_str).unwrap_or_default();
+    assert!(
+        verdict.starts_with("verdict: inconclusive: ")
+            && verdict.contains("no running pod in shop matches app=nothing"),
         "{verdict}"
     );
     assert!(
-        !events.iter().any(|e| e["event"] == "applied"),
-        "{events:?}"
+        !lines.iter().any(|l| l.starts_with("fault ")),
+        "nothing was applied: {lines:?}"
     );
 
     // 5. pod-kill: the controller deletes the pod through the API; a stand-in ReplicaSet
@@ -479,7 +488,8 @@ method:
             "--json",
         ],
     );
-    let (code, events, err) = finish(c, Duration::from_secs(40));
+    let (code, lines, err) = finish(c, Duration::from_secs(40));
+    let events = json_events(&lines);
     replicaset.join().expect("the stand-in ReplicaSet");
     assert_eq!(code, 0, "{err}\n{}", logs());
     assert_eq!(event(&events, "applied")["pod"], "shop/cart-1");
