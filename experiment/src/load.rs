@@ -226,7 +226,6 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         assert!(e.during.stop_on_violation);
     }
 
-    /// A pod target: the spec carries the placeholder UID the controller fills in per pod.
     #[test]
     fn a_hypothesis_may_be_left_out_but_not_left_empty() {
         let start = GOOD.find("steady-state-hypothesis:").unwrap();
@@ -246,6 +245,7 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         );
     }
 
+    /// A pod target: the spec carries the placeholder UID the controller fills in per pod.
     #[test]
     fn a_pod_target_reads_into_the_selector_and_a_pod_netns() {
         let text = GOOD.replace(
