@@ -542,19 +542,7 @@ impl FaultArgs {
     fn model_fault(&self) -> Result<(RawFault, &Run), InvalidInput> {
         let mut f = RawFault {
             name: self.kind_name().into(),
-            loss: None,
-            corrupt: None,
-            partition: None,
-            latency: None,
-            bandwidth: None,
-            reorder: None,
-            duplicate: None,
-            dns: None,
-            cpu: None,
-            pod_kill: None,
-            container_kill: None,
-            target: RawTarget::default(),
-            duration: None,
+            ..RawFault::default()
         };
         let run = match self {
             FaultArgs::Cpu {
