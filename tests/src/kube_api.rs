@@ -56,6 +56,13 @@ struct Shared {
     changes: broadcast::Sender<Change>,
 }
 
+impl Shared {
+    /// The store; a panicked holder leaves it usable (a test's panic must not hide others).
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The running server; it stops with the test's runtime.
 #[derive(Clone)]
 pub struct KubeApi {
@@ -97,7 +104,7 @@ impl KubeApi {
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
-        self.shared.store.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.store()
     }
 
     /// Stores an object as a client's create would.
@@ -196,9 +203,8 @@ fn selects(selector: &str, object: &Value) -> bool {
 }
 
 fn now() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string())
+    let t = jiff::Timestamp::now();
+    t.round(jiff::Unit::Second).unwrap_or(t).to_string()
 }
 
 fn record(
@@ -297,7 +303,7 @@ async fn handle(
 ) -> Response {
     let q = query(&uri);
     {
-        let mut st = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = shared.store();
         st.requests.push(format!("{method} {uri}"));
     }
     let Some(t) = parse_path(uri.path()) else {
@@ -321,7 +327,7 @@ async fn handle(
         }
     };
     let tx = &shared.changes;
-    let mut st = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = shared.store();
     match (method, t.name) {
         (Method::GET, None) => {
             let selector = q.get("labelSelector").cloned().unwrap_or_default();
@@ -462,9 +468,7 @@ fn watch(shared: &Shared, t: Target, q: BTreeMap<String, String>) -> Response {
     // Subscribed before the log is read: nothing falls between the two.
     let mut live = shared.changes.subscribe();
     let past: Vec<Change> = shared
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .store()
         .log
         .iter()
         .filter(|c| c.rv > from)
