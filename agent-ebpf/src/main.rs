@@ -17,8 +17,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_LOCAL,
-    MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP, PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState, Endpoint, FAMILY_V4, FAMILY_V6,
+    HEARTBEAT_BOUND_NS, HEARTBEAT_SLOTS, MATCH_LOCAL, MATCH_PORTS, MATCH_REMOTE, MAX_CIDRS, MAX_EXCLUDED, PROTO_ALL, PROTO_ICMP,
+    PortBitmap, Rule,
 };
 
 #[map]
@@ -37,6 +38,9 @@ static LOCAL_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0
 static EXCLUDED: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_EXCLUDED, 0);
 #[map]
 static STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+/// CLOCK_MONOTONIC ns of each owner's last heartbeat (see `Rule::heartbeat_slot`).
+#[map]
+static HEARTBEAT: Array<u64> = Array::with_max_entries(HEARTBEAT_SLOTS, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -145,7 +149,15 @@ fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
     };
     // SAFETY: per-CPU array slot 0 exists (max_entries 1) and this CPU owns it.
     let state = unsafe { &mut *state };
-    state.seen += 1;
+    // A GSO super-packet is several packets on the wire: count what a receiver counts.
+    // SAFETY: `gso_segs` and `len` are readable fields of __sk_buff.
+    let (segments, bytes) = unsafe {
+        let skb = ctx.skb.skb;
+        let segs = (*skb).gso_segs as u64;
+        (if segs == 0 { 1 } else { segs }, (*skb).len as u64)
+    };
+    state.seen += segments;
+    state.seen_bytes += bytes;
     let Some(rule) = RULE.get(0) else {
         return Verdict::Pass;
     };
@@ -156,7 +168,13 @@ fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
     let Some(remote_value) = matches(rule, &pkt, direction) else {
         return Verdict::Pass;
     };
-    state.matched += 1;
+    // Only a matched packet pays for the clock: unmatched ones pass above.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !live(rule, now) {
+        return Verdict::Pass;
+    }
+    state.matched += segments;
+    state.matched_bytes += bytes;
     if rule.action == ACTION_NONE {
         return Verdict::Pass;
     }
@@ -173,13 +191,13 @@ fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
     }
     match rule.action {
         ACTION_DROP => {
-            state.affected += 1;
+            affect(state, segments, bytes);
             Verdict::Drop
         }
         ACTION_STEER => {
             // SAFETY: `priority` is a field of __sk_buff that tc programs may write.
             unsafe { (*ctx.skb.skb).priority = rule.classid };
-            state.affected += 1;
+            affect(state, segments, bytes);
             if direction == Direction::Ingress && rule.redirect_ifindex != 0 {
                 return Verdict::Redirect(rule.redirect_ifindex);
             }
@@ -189,7 +207,7 @@ fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
             let delay = if remote_value != 0 { remote_value as u64 * 1000 } else { rule.delay_ns };
             // Earliest departure time for fq: never earlier than a time the stack already set
             // (TCP pacing), so we only ever add delay.
-            let at = unsafe { bpf_ktime_get_ns() } + delay;
+            let at = now + delay;
             // SAFETY: `tstamp` is a field of __sk_buff that tc programs may write.
             unsafe {
                 let skb = ctx.skb.skb;
@@ -197,27 +215,47 @@ fn classify<const DNS: bool>(ctx: &TcContext, direction: Direction) -> Verdict {
                     (*skb).tstamp = at;
                 }
             }
-            state.affected += 1;
+            affect(state, segments, bytes);
             Verdict::Pass
         }
         ACTION_DNS if DNS => match dns::act(ctx, rule, &pkt) {
             dns::Action::Pass => Verdict::Pass,
             dns::Action::Drop => {
-                state.affected += 1;
+                affect(state, segments, bytes);
                 Verdict::Drop
             }
             dns::Action::Answer => {
-                state.affected += 1;
+                affect(state, segments, bytes);
                 Verdict::Answer
             }
         },
         ACTION_CORRUPT => {
             if corrupt(ctx, &pkt) {
-                state.affected += 1;
+                affect(state, segments, bytes);
             }
             Verdict::Pass
         }
         _ => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+fn affect(state: &mut CpuState, segments: u64, bytes: u64) {
+    state.affected += segments;
+    state.affected_bytes += bytes;
+}
+
+/// Whether the rule still acts at `now`: before its deadline, and while its owner's heartbeat
+/// is fresh. The kernel ends a fault by itself, so a killed or frozen owner cannot keep it on.
+#[inline(always)]
+fn live(rule: &Rule, now: u64) -> bool {
+    if now >= rule.deadline_ns {
+        return false;
+    }
+    match HEARTBEAT.get(rule.heartbeat_slot) {
+        // A beat stamped a moment "after" now on another CPU is fresh.
+        Some(beat) => now.saturating_sub(*beat) < HEARTBEAT_BOUND_NS,
+        None => false,
     }
 }
 

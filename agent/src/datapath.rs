@@ -122,6 +122,56 @@ pub fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// The names of the programs attached to `interface`'s TCX `hook`, whoever attached them, found
+/// with BPF_PROG_QUERY (`tc filter show` does not list TCX links, nor does Debian 12's bpftool).
+/// Empty on kernels without TCX. Must run inside the interface's namespace.
+pub fn tcx_programs(interface: &str, hook: Hook) -> Result<Vec<String>, DatapathError> {
+    if !has_tcx() {
+        return Ok(Vec::new());
+    }
+    let (_, programs) = ctx!(
+        SchedClassifier::query_tcx(interface, hook.attach_type()),
+        "query tcx {} programs of {interface}",
+        hook.program()
+    )?;
+    Ok(programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+        .collect())
+}
+
+/// The ids and names of every loaded BPF program of ours (`chaos_*`; the kernel keeps 15
+/// characters of a name, so `chaos_ingress_mirred` reads `chaos_ingress_m`), machine-wide.
+pub fn loaded_chaos_programs() -> Result<Vec<(u32, String)>, DatapathError> {
+    let mut found = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = ctx!(info, "list loaded BPF programs")?;
+        if let Some(name) = info.name_as_str()
+            && name.starts_with("chaos_")
+        {
+            found.push((info.id(), name.to_string()));
+        }
+    }
+    Ok(found)
+}
+
+/// BPF links (TCX or any other kind), machine-wide, whose program is one of ours.
+pub fn chaos_links() -> Result<usize, DatapathError> {
+    let ours: Vec<u32> = loaded_chaos_programs()?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let mut n = 0;
+    for info in aya::programs::loaded_links() {
+        // A link released between listing and opening it is gone: not ours to count.
+        let Ok(info) = info else { continue };
+        if ours.contains(&info.program_id()) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Enough to find and remove one attachment without the process that made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentRecord {
@@ -303,6 +353,8 @@ pub fn shape_for(kind: &FaultKind) -> Result<Option<Shape>, DatapathError> {
     })
 }
 
+/// A fault's counters. Packets are counted as segments (a GSO/TSO super-packet of n segments
+/// counts n, as the wire and the receiver see it); bytes as the hook sees them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub seen: u64,
@@ -311,14 +363,22 @@ pub struct Counters {
     /// CPU faults: CPU time (user + system) the workers have consumed, in microseconds.
     #[serde(default)]
     pub cpu_time_us: u64,
+    #[serde(default)]
+    pub seen_bytes: u64,
+    #[serde(default)]
+    pub matched_bytes: u64,
+    #[serde(default)]
+    pub affected_bytes: u64,
 }
 
-/// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it.
+/// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it and
+/// its deadline on the kernel's clock (CLOCK_MONOTONIC ns).
 pub fn rule_for(
     spec: &FaultSpec,
     l3_offset: u32,
     shape: Option<&Shape>,
     steering: Steering,
+    deadline_ns: u64,
 ) -> Rule {
     let t = &spec.target;
     let mut match_flags = 0;
@@ -399,7 +459,8 @@ pub fn rule_for(
             0
         },
         dns_rcode,
-        _pad: 0,
+        heartbeat_slot: 0,
+        deadline_ns,
     }
 }
 
@@ -507,6 +568,12 @@ fn fill_cidrs(ebpf: &mut Ebpf, prefix: &str, cidrs: &[(Cidr, u32)]) -> Result<()
     Ok(())
 }
 
+/// Stamps `now` (CLOCK_MONOTONIC ns) as the owner's last heartbeat.
+fn beat(map: &mut aya::maps::Map, now: u64) -> Result<(), DatapathError> {
+    let mut beats: Array<&mut MapData, u64> = ctx!(Array::try_from(map), "HEARTBEAT")?;
+    ctx!(beats.set(0, now, 0), "beat HEARTBEAT")
+}
+
 pub fn endpoint(addr: SocketAddr) -> Endpoint {
     let mut e = Endpoint {
         port: addr.port(),
@@ -549,9 +616,12 @@ impl Prepared {
         steering: Steering,
         l3_offset: u32,
         excluded: &[SocketAddr],
+        deadline_ns: u64,
     ) -> Result<(), DatapathError> {
         let ebpf = &mut self.ebpf;
-        let rule = rule_for(spec, l3_offset, shape, steering);
+        // A first beat before anything is attached: a rule whose owner never beat is inert.
+        beat(map(ebpf, "HEARTBEAT")?, crate::heartbeat::monotonic_ns())?;
+        let rule = rule_for(spec, l3_offset, shape, steering, deadline_ns);
         let mut rules: Array<&mut MapData, Rule> =
             ctx!(Array::try_from(map(ebpf, "RULE")?), "RULE")?;
         ctx!(rules.set(0, rule, 0), "set RULE")?;
@@ -594,6 +664,12 @@ impl Prepared {
             ctx!(ex.insert(endpoint(*addr), 1, 0), "exclude {addr}")?;
         }
         Ok(())
+    }
+
+    /// Stamps the owner's heartbeat as beaten at `now_ns` (CLOCK_MONOTONIC): for tests and
+    /// benchmarks that drive a prepared object by hand, where no engine beats for it.
+    pub fn beat_at(&mut self, now_ns: u64) -> Result<(), DatapathError> {
+        beat(map(&mut self.ebpf, "HEARTBEAT")?, now_ns)
     }
 
     /// Runs the `hook` classifier over `packet` `repeat` times in the kernel
@@ -700,6 +776,7 @@ pub fn install(
     slot: u16,
     excluded: &[SocketAddr],
     sites: &[(ShapingSite, RootPlan)],
+    deadline_ns: u64,
 ) -> Result<Installed, DatapathError> {
     let interface = spec.target.interface.as_str();
     let l3 = l3_offset(interface)?;
@@ -725,7 +802,7 @@ pub fn install(
             }
         }
     }
-    if let Err(e) = prepared.configure(spec, shape.as_ref(), steering, l3, excluded) {
+    if let Err(e) = prepared.configure(spec, shape.as_ref(), steering, l3, excluded, deadline_ns) {
         undo_sites(&done, slot);
         return Err(e);
     }
@@ -929,11 +1006,35 @@ impl Installed {
         let state: PerCpuArray<&MapData, CpuState> = ctx!(PerCpuArray::try_from(map), "STATE")?;
         let values = ctx!(state.get(&0, 0), "read STATE")?;
         Ok(values.iter().fold(Counters::default(), |acc, v| Counters {
-            seen: acc.seen + v.seen,
-            matched: acc.matched + v.matched,
-            affected: acc.affected + v.affected,
+            seen: acc.seen.saturating_add(v.seen),
+            matched: acc.matched.saturating_add(v.matched),
+            affected: acc.affected.saturating_add(v.affected),
             cpu_time_us: 0,
+            seen_bytes: acc.seen_bytes.saturating_add(v.seen_bytes),
+            matched_bytes: acc.matched_bytes.saturating_add(v.matched_bytes),
+            affected_bytes: acc.affected_bytes.saturating_add(v.affected_bytes),
         }))
+    }
+
+    /// A handle on this fault's heartbeat map that needs no access to the fault itself (a dup
+    /// of the map's descriptor), for the engine's heartbeat thread.
+    pub fn heartbeat(&self) -> Result<crate::heartbeat::Beat, DatapathError> {
+        use std::os::fd::AsFd;
+        let data: &MapData = match self.ebpf.map("HEARTBEAT") {
+            Some(aya::maps::Map::Array(data)) => data,
+            _ => {
+                return Err(DatapathError::Kernel {
+                    context: "chaos.bpf.o".into(),
+                    message: "has no array HEARTBEAT".into(),
+                });
+            }
+        };
+        let fd = ctx!(data.fd().as_fd().try_clone_to_owned(), "dup HEARTBEAT")?;
+        let data = ctx!(MapData::from_fd(fd), "HEARTBEAT")?;
+        Ok(crate::heartbeat::Beat::new(ctx!(
+            Array::try_from(aya::maps::Map::Array(data)),
+            "HEARTBEAT"
+        )?))
     }
 
     /// Makes the classifiers pass every packet, at once: a map write, no RCU grace period. Revert
@@ -1096,6 +1197,7 @@ mod tests {
             14,
             None,
             Steering::default(),
+            u64::MAX,
         );
         assert_eq!(r.action, ACTION_DROP);
         assert_eq!(r.probability_after_hit, r.probability_after_miss);
@@ -1114,6 +1216,7 @@ mod tests {
             14,
             None,
             Steering::default(),
+            u64::MAX,
         );
         let (hit, miss) = (p(r.probability_after_hit), p(r.probability_after_miss));
         assert!((hit - 0.8).abs() < 1e-9, "P(l|l) = p + c(1-p)");
@@ -1124,7 +1227,13 @@ mod tests {
 
     #[test]
     fn edges() {
-        let all = rule_for(&spec(FaultKind::Partition), 0, None, Steering::default());
+        let all = rule_for(
+            &spec(FaultKind::Partition),
+            0,
+            None,
+            Steering::default(),
+            u64::MAX,
+        );
         assert_eq!(
             (all.probability_after_hit, all.probability_after_miss),
             (PROBABILITY_ONE, PROBABILITY_ONE)
@@ -1137,6 +1246,7 @@ mod tests {
             0,
             None,
             Steering::default(),
+            u64::MAX,
         );
         assert_eq!(full.probability_after_hit, PROBABILITY_ONE);
         let none = rule_for(
@@ -1144,6 +1254,7 @@ mod tests {
             0,
             None,
             Steering::default(),
+            u64::MAX,
         );
         assert_eq!(
             (none.action, none.probability_after_miss),
@@ -1188,7 +1299,7 @@ mod tests {
             kind: lat(LatencyBackend::Edt, 0.0, dest),
             ..spec(FaultKind::Partition)
         };
-        let r = rule_for(&spec, 14, Some(&Shape::Fq), Steering::default());
+        let r = rule_for(&spec, 14, Some(&Shape::Fq), Steering::default(), u64::MAX);
         assert_eq!((r.action, r.delay_ns), (ACTION_DELAY, 100_000_000));
         assert_ne!(
             r.match_flags & MATCH_REMOTE,

@@ -8,6 +8,7 @@ use crate::cgroup;
 use crate::datapath::{
     self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, RootPlan, ShapingSite,
 };
+use crate::heartbeat::{self, Heartbeats};
 use crate::journal::{Entry, Journal, Owner, SiteEntry};
 use crate::netns::{Netns, NetnsError, NetnsId};
 use crate::qdisc::ShapeError;
@@ -217,6 +218,8 @@ pub struct Engine {
     state: Mutex<State>,
     /// A loaded and verified datapath object, ready for the next apply.
     spare: Mutex<Option<datapath::Prepared>>,
+    /// Keeps every network fault's rules alive in the kernel while this engine runs.
+    heartbeats: Arc<Heartbeats>,
 }
 
 const ENDED_HISTORY: usize = 1024;
@@ -248,6 +251,7 @@ impl Engine {
             journal,
             state: Mutex::new(State::default()),
             spare: Mutex::new(None),
+            heartbeats: Heartbeats::start(),
         });
         let reclaimed = engine.reclaim_orphans()?;
         Ok((engine, reclaimed))
@@ -422,6 +426,7 @@ impl Engine {
             if let Err(e) = active.installed.disarm() {
                 tracing::error!(%id, "disarm: {e}");
             }
+            self.heartbeats.remove(&id);
             let disarmed = started.elapsed();
             let counters = active.installed.counters().unwrap_or_default();
             let spec = active.spec.clone();
@@ -516,12 +521,34 @@ impl Engine {
         let (mode, excluded) = (self.config.attach, self.config.excluded.clone());
         let spec_in = spec.clone();
         let sites_in = sites.clone();
+        let deadline_ns = heartbeat::deadline_ns(deadline);
         let installed = netns
-            .run(move || datapath::install(prepared, &spec_in, mode, slot, &excluded, &sites_in))
+            .run(move || {
+                let installed = datapath::install(
+                    prepared,
+                    &spec_in,
+                    mode,
+                    slot,
+                    &excluded,
+                    &sites_in,
+                    deadline_ns,
+                )?;
+                // A fault nobody beats for goes inert within the bound: never leave one so.
+                match installed.heartbeat() {
+                    Ok(beat) => Ok((installed, beat)),
+                    Err(e) => {
+                        let _ = installed.uninstall();
+                        Err(e)
+                    }
+                }
+            })
             .map_err(EngineError::from)
             .and_then(|r| r.map_err(EngineError::from));
         let installed = match installed {
-            Ok(i) => i,
+            Ok((installed, beat)) => {
+                self.heartbeats.add(id, beat);
+                installed
+            }
             Err(e) => {
                 // install took away what it put in place; forget the sites it would have used.
                 self.forget_sites(st, id, &netns, &sites);

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod dns;
 pub mod engine;
 pub mod fleet_client;
+pub mod heartbeat;
 pub mod journal;
 pub mod metrics;
 pub mod netem_dist;

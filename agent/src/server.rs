@@ -256,6 +256,9 @@ impl From<pb::Counters> for Counters {
             matched: c.matched,
             affected: c.affected,
             cpu_time_us: c.cpu_time_us,
+            seen_bytes: c.seen_bytes,
+            matched_bytes: c.matched_bytes,
+            affected_bytes: c.affected_bytes,
         }
     }
 }
@@ -267,6 +270,9 @@ pub fn counters_pb(c: Counters) -> pb::Counters {
         affected: c.affected,
         cpu_time_us: c.cpu_time_us,
         ready_ms: 0,
+        seen_bytes: c.seen_bytes,
+        matched_bytes: c.matched_bytes,
+        affected_bytes: c.affected_bytes,
     }
 }
 

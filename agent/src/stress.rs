@@ -249,13 +249,34 @@ fn supervisor() -> Result<&'static mpsc::Sender<Request>, StressError> {
     SUPERVISOR
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Request>();
+            // Before the first worker exists, so every worker shares the page.
+            let beat = match Heartbeat::map() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cpu stress heartbeat page: {e}");
+                    return None;
+                }
+            };
             let spawned = std::thread::Builder::new()
                 .name("chaos-stress".into())
                 .spawn(move || {
-                    for req in rx {
-                        let result = spawn_all(&req.placement, req.count, req.load_ppm, req.method);
-                        // A caller that went away drops the workers (and so stops them).
-                        let _ = req.reply.send(result);
+                    loop {
+                        beat.stamp();
+                        match rx.recv_timeout(crate::heartbeat::INTERVAL) {
+                            Ok(req) => {
+                                let result = spawn_all(
+                                    &req.placement,
+                                    req.count,
+                                    req.load_ppm,
+                                    req.method,
+                                    beat,
+                                );
+                                // A caller that went away drops the workers (and so stops them).
+                                let _ = req.reply.send(result);
+                            }
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
                     }
                 });
             match spawned {
@@ -270,11 +291,56 @@ fn supervisor() -> Result<&'static mpsc::Sender<Request>, StressError> {
         .ok_or(StressError::Supervisor)
 }
 
+/// The engine process's heartbeat, as its CPU workers see it: one shared anonymous page (mapped
+/// before any worker is cloned, so all of them share it) holding the CLOCK_MONOTONIC ns of the
+/// supervisor's last beat. A worker whose engine is frozen (SIGSTOP, a debugger, a frozen VM
+/// or cgroup) stops burning once the beat is older than the bound, as the datapath's rules go
+/// inert; a dead engine's workers get their death signal.
+#[derive(Clone, Copy)]
+struct Heartbeat(&'static std::sync::atomic::AtomicI64);
+
+impl Heartbeat {
+    fn map() -> io::Result<Self> {
+        // SAFETY: a fresh anonymous shared mapping of one page, never unmapped (it lives as
+        // long as the process, like the supervisor); an AtomicI64 is valid for any bits.
+        unsafe {
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if page == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let beat = Heartbeat(&*(page as *const std::sync::atomic::AtomicI64));
+            beat.stamp();
+            Ok(beat)
+        }
+    }
+
+    fn stamp(self) {
+        self.0.store(
+            clock_ns(libc::CLOCK_MONOTONIC),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the engine has not beaten for longer than the bound at `now`. Async-signal-safe.
+    fn stale(self, now: i64) -> bool {
+        let bound = chaos_abi::HEARTBEAT_BOUND_NS as i64;
+        now.saturating_sub(self.0.load(std::sync::atomic::Ordering::Relaxed)) > bound
+    }
+}
+
 fn spawn_all(
     placement: &Placement,
     count: u32,
     load_ppm: i64,
     mut method: Method,
+    beat: Heartbeat,
 ) -> Result<(Vec<Worker>, Method), StressError> {
     let cgroup_fd = match &placement.v2 {
         Some(dir) => Some(open_dir(dir).map_err(|source| StressError::OpenCgroup {
@@ -285,7 +351,7 @@ fn spawn_all(
     };
     let mut workers = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        match spawn_one(placement, cgroup_fd.as_ref(), load_ppm, &mut method) {
+        match spawn_one(placement, cgroup_fd.as_ref(), load_ppm, &mut method, beat) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 // All or nothing: the ones already started go (dropping them stops them).
@@ -346,6 +412,7 @@ fn spawn_one(
     cgroup_fd: Option<&OwnedFd>,
     load_ppm: i64,
     method: &mut Method,
+    beat: Heartbeat,
 ) -> Result<Worker, StressError> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: pipe2 writes two descriptors into our array.
@@ -383,7 +450,7 @@ fn spawn_one(
         };
         if ret == 0 {
             // SAFETY: we are the new process.
-            unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm) }
+            unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm, beat) }
         }
         if ret > 0 {
             // SAFETY: CLONE_PIDFD stored a fresh descriptor we own.
@@ -409,7 +476,7 @@ fn spawn_one(
             let pid = unsafe { libc::fork() };
             if pid == 0 {
                 // SAFETY: we are the new process.
-                unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm) }
+                unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm, beat) }
             }
             if pid < 0 {
                 return Err(StressError::Spawn(io::Error::last_os_error()));
@@ -481,7 +548,7 @@ fn spawn_one(
 ///
 /// # Safety
 /// Call only in a freshly cloned child; never returns.
-unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64) -> ! {
+unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64, beat: Heartbeat) -> ! {
     // SAFETY: plain system calls on our own process.
     unsafe {
         libc::prctl(
@@ -529,7 +596,7 @@ unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64) -> ! {
             libc::_exit(0);
         }
         libc::close(go);
-        duty_cycle(load_ppm)
+        duty_cycle(load_ppm, beat)
     }
 }
 
@@ -584,7 +651,7 @@ const WINDOW_NS: i64 = 100_000_000;
 /// clock and the thread's own CPU clock. Time spent preempted while burning is wall time
 /// without CPU time, so it raises the credit and the worker burns longer: preemption and timer
 /// slack do not bias the achieved load, only delay it.
-fn duty_cycle(load_ppm: i64) -> ! {
+fn duty_cycle(load_ppm: i64, beat: Heartbeat) -> ! {
     let load_ppm = load_ppm.clamp(1, 1_000_000);
     let mut wall = clock_ns(libc::CLOCK_MONOTONIC);
     let mut cpu = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
@@ -595,6 +662,22 @@ fn duty_cycle(load_ppm: i64) -> ! {
             clock_ns(libc::CLOCK_MONOTONIC),
             clock_ns(libc::CLOCK_THREAD_CPUTIME_ID),
         );
+        if beat.stale(w) {
+            // The engine is frozen: hold no load until it beats again, and owe nothing for
+            // the pause (no burst when it thaws).
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            // SAFETY: nanosleep reads our timespec.
+            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+            (wall, cpu, credit) = (
+                clock_ns(libc::CLOCK_MONOTONIC),
+                clock_ns(libc::CLOCK_THREAD_CPUTIME_ID),
+                0,
+            );
+            continue;
+        }
         let earned = w.saturating_sub(wall).saturating_mul(load_ppm) / 1_000_000;
         credit = credit
             .saturating_add(earned)

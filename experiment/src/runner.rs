@@ -719,8 +719,7 @@ mod tests {
                 seen: 10,
                 matched: 5,
                 affected: self.0.affected.load(Ordering::SeqCst),
-                ready_ms: 0,
-                cpu_time_us: 0,
+                ..pb::Counters::default()
             })
         }
         async fn revert(&self, f: &AppliedFault) -> Result<pb::Counters, DriverError> {

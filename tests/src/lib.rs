@@ -11,6 +11,7 @@ pub mod cgroups;
 pub mod kube_api;
 pub mod pods;
 
+use chaos_agent::datapath::{self, Hook};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -155,8 +156,16 @@ impl TestNet {
         if !pinned.is_empty() {
             found.push(format!("pinned: {pinned}"));
         }
-        // Debian's bpftool predates TCX and does not list TCX links per device, so count links
-        // to our programs machine-wide (kernel tests run one at a time).
+        // TCX links: neither `tc filter show` nor Debian's bpftool lists them; BPF_PROG_QUERY
+        // on the device does (anyone's program: the test's namespaces have no other).
+        for hook in [Hook::Egress, Hook::Ingress] {
+            let programs = in_ns(a, move || datapath::tcx_programs("va", hook))
+                .unwrap_or_else(|e| panic!("query tcx: {e}"));
+            if !programs.is_empty() {
+                found.push(format!("tcx {hook:?}: {programs:?}"));
+            }
+        }
+        // And links to our programs anywhere else (kernel tests run one at a time).
         let links = chaos_links();
         if links > 0 {
             found.push(format!("{links} BPF links to chaos_* programs"));
@@ -172,32 +181,17 @@ impl Drop for TestNet {
 }
 
 /// BPF programs of ours loaded anywhere on the machine (tests run serially, so any is residue).
+/// Listed through the kernel (every `chaos_*` program: the DNS and mirred ones too); a failure
+/// to list fails the test rather than reading as "none".
 pub fn chaos_programs_loaded() -> usize {
-    let out = sh("bpftool -j prog show");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.matches("\"name\":\"chaos_egress\"").count()
-        + text.matches("\"name\":\"chaos_ingress\"").count()
+    datapath::loaded_chaos_programs()
+        .unwrap_or_else(|e| panic!("list BPF programs: {e}"))
+        .len()
 }
 
 /// BPF links (TCX and others) whose program is one of ours.
 pub fn chaos_links() -> usize {
-    let progs = sh("bpftool -j prog show");
-    let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).unwrap_or_default();
-    let ours: Vec<u64> = progs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("chaos_")))
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
-    let links = sh("bpftool -j link show");
-    let links: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap_or_default();
-    links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ours.contains(&id)))
-        .count()
+    datapath::chaos_links().unwrap_or_else(|e| panic!("list BPF links: {e}"))
 }
 
 /// Runs `f` on a thread inside namespace `ns`.
@@ -578,6 +572,12 @@ impl LocalFault {
         }
     }
 
+    /// Sends `signal` to chaosctl (SIGKILL, SIGSTOP, SIGCONT...).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// SIGINT, as a user pressing Ctrl-C; returns the exit status and everything printed.
     pub fn stop(mut self) -> (std::process::ExitStatus, String) {
         // SAFETY: signalling our own child.
@@ -871,4 +871,79 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Ethernet + IPv4 or IPv6 + UDP to port 53 around `payload`.
+pub fn udp_frame(payload: &[u8], v6: bool) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+    let udp_len = (8 + payload.len()) as u16;
+    let mut udp = vec![0xC0, 0x01, 0, 53];
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    if v6 {
+        f.extend_from_slice(&[0x86, 0xDD, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[17, 64]);
+        f.extend_from_slice(&[0xFD, 0, 2, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0xFD, 0, 2, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    } else {
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&(20 + udp_len).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0, 10, 213, 0, 1, 10, 213, 0, 2]);
+    }
+    f.extend_from_slice(&udp);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// How long after `since` UDP from `from` reaches `to` in `to_ns` again: one datagram every
+/// 5 ms until one arrives, or `None` after `timeout`. For "traffic is whole again" timings.
+pub fn first_through(
+    from: &str,
+    to_ns: &str,
+    to: SocketAddr,
+    since: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns = to_ns.to_string();
+    let receiver = std::thread::spawn(move || {
+        let file = std::fs::File::open(PathBuf::from("/run/netns").join(&ns)).expect("netns");
+        nix_setns(&file);
+        let sock = UdpSocket::bind(to).expect("bind receiver");
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        tx.send(()).expect("ready");
+        let mut buf = [0u8; 64];
+        let end = since + timeout;
+        while Instant::now() < end {
+            if sock.recv(&mut buf).is_ok() {
+                return Some(since.elapsed());
+            }
+        }
+        None
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("receiver ready");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = done.clone();
+    let from = from.to_string();
+    let sender = std::thread::spawn(move || {
+        in_ns(&from, move || {
+            let bind: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().expect("addr")
+            } else {
+                "[::]:0".parse().expect("addr")
+            };
+            let sock = UdpSocket::bind(bind).expect("bind sender");
+            while !sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = sock.send_to(b"whole?", to);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    });
+    let got = receiver.join().expect("receiver");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().expect("sender");
+    got
 }

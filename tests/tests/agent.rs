@@ -429,3 +429,106 @@ fn clsact_is_shared_by_faults_and_removed_by_the_last() {
     assert_eq!(received(B4_OTHER, 6105), 50);
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
+
+/// Nothing is restarted and nobody detaches anything: the kernel ends a fault whose owner is
+/// dead (kill -9) or frozen (SIGSTOP), on TCX and on clsact (whose filter outlives its process).
+/// - kill -9: traffic whole again within the heartbeat bound (2 s) + 100 ms of the kill, and
+///   not before 1.5 s on clsact (the filter really stayed, and really stayed in force).
+/// - SIGSTOP of a 60 s fault: whole within the bound; SIGCONT: the live owner's fault is back.
+/// - SIGSTOP of a 1 s fault: whole at its deadline, before the bound.
+#[test]
+fn a_dead_or_frozen_owner_cannot_keep_a_fault() {
+    let _g = serial();
+    let net = TestNet::new("owner");
+    let journal = net.tmp.join("journal");
+    let partition = |mode: &str, duration: &str| {
+        LocalFault::start(
+            &[
+                "inject",
+                "partition",
+                "--interface",
+                "va",
+                "--netns",
+                &net.a,
+                "--direction",
+                "both",
+                "--duration",
+                duration,
+                "--attach",
+                mode,
+                "--interval",
+                "0",
+            ],
+            &journal,
+        )
+    };
+    let cut = || udp_probe(&net.a, &net.b, addr(B4, 5130), 20).1 == 0;
+    let bound = Duration::from_millis(2_000);
+    let mut timings = Vec::new();
+    for mode in ["tcx", "clsact"] {
+        // kill -9.
+        let f = partition(mode, "60s");
+        assert!(cut(), "{mode}: the partition is not in force");
+        let killed = Instant::now();
+        f.signal(libc::SIGKILL);
+        let whole = first_through(&net.a, &net.b, addr(B4, 5131), killed, bound * 3)
+            .unwrap_or_else(|| panic!("{mode}: traffic still cut 6 s after kill -9"));
+        let _ = f.wait(Duration::from_secs(5));
+        assert!(
+            whole <= bound + Duration::from_millis(100),
+            "{mode}: whole {whole:?} after kill -9"
+        );
+        if mode == "clsact" {
+            assert!(
+                whole >= Duration::from_millis(1_500),
+                "clsact: whole after {whole:?}, before the bound: was the fault in force?"
+            );
+            assert!(
+                !net.residue().is_empty(),
+                "clsact: the dead owner's filter is expected to stay (inert) until a sweep"
+            );
+            // The next engine to start removes it.
+            drop(Agent::start_at(&net.tmp.join("a.sock"), &journal, &[]));
+        }
+        assert!(net.residue().is_empty(), "{mode}: {:?}", net.residue());
+        timings.push(format!("{mode} kill -9: whole after {whole:?}"));
+
+        // SIGSTOP of a long fault, then SIGCONT.
+        let f = partition(mode, "60s");
+        assert!(cut(), "{mode}: the partition is not in force");
+        let stopped = Instant::now();
+        f.signal(libc::SIGSTOP);
+        let whole = first_through(&net.a, &net.b, addr(B4, 5132), stopped, bound * 3)
+            .unwrap_or_else(|| panic!("{mode}: traffic still cut 6 s after SIGSTOP"));
+        assert!(
+            whole <= bound + Duration::from_millis(100),
+            "{mode}: whole {whole:?} after SIGSTOP"
+        );
+        f.signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(cut(), "{mode}: the thawed owner's fault did not resume");
+        let (status, _) = f.stop();
+        assert!(status.success(), "{mode}: chaosctl after SIGCONT: {status}");
+        assert!(net.residue().is_empty(), "{mode}: {:?}", net.residue());
+        timings.push(format!(
+            "{mode} SIGSTOP (60 s fault): whole after {whole:?}"
+        ));
+
+        // SIGSTOP of a 1 s fault: its deadline, not the bound, ends it.
+        let f = partition(mode, "1s");
+        let stopped = Instant::now();
+        f.signal(libc::SIGSTOP);
+        let whole = first_through(&net.a, &net.b, addr(B4, 5133), stopped, bound * 3)
+            .unwrap_or_else(|| panic!("{mode}: traffic still cut 6 s after SIGSTOP"));
+        assert!(
+            whole <= Duration::from_millis(1_100),
+            "{mode}: a frozen owner's 1 s fault ended {whole:?} after the stop"
+        );
+        f.signal(libc::SIGCONT);
+        let (status, _) = f.wait(Duration::from_secs(10));
+        assert!(status.success(), "{mode}: chaosctl after SIGCONT: {status}");
+        assert!(net.residue().is_empty(), "{mode}: {:?}", net.residue());
+        timings.push(format!("{mode} SIGSTOP (1 s fault): whole after {whole:?}"));
+    }
+    println!("{}", timings.join("; "));
+}

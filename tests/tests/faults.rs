@@ -469,3 +469,49 @@ fn corrupt_damages_the_requested_share() {
         "receiver saw {hit}, counter says {affected}"
     );
 }
+
+/// The classifier itself ends a fault: a partition's rule drops a packet while its deadline is
+/// ahead and its owner's heartbeat is fresh, and passes it once the deadline is past or the
+/// beat is older than the bound (2 s), with no process doing anything (BPF_PROG_TEST_RUN).
+#[test]
+fn the_kernel_ends_a_rule_at_its_deadline_or_when_its_owner_stops_beating() {
+    use chaos_agent::datapath::{self, Hook};
+    use chaos_agent::heartbeat::monotonic_ns;
+    use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
+    let _g = serial();
+    require_root();
+    // Egress drop is a redirect to an ifindex that cannot exist: TC_ACT_REDIRECT.
+    const DROP: i32 = 7;
+    const PASS: i32 = -1;
+    let spec = FaultSpec {
+        kind: FaultKind::Partition,
+        target: Target {
+            netns: NetnsRef::Current,
+            interface: "lo".into(),
+            remote: vec![],
+            local: vec![],
+            ports: vec![],
+            protocol: Protocol::All,
+            direction: Direction::Egress,
+            force: false,
+        },
+        duration: Duration::from_secs(60),
+    };
+    let verdict = |deadline: u64, beat_age: u64| {
+        let mut p = datapath::prepare().expect("prepare");
+        p.configure(&spec, None, Default::default(), 14, &[], deadline)
+            .expect("configure");
+        p.beat_at(monotonic_ns().saturating_sub(beat_age))
+            .expect("beat");
+        let (_, v) = p
+            .test_run(Hook::Egress.program(), &udp_frame(b"x", false), 1)
+            .expect("test_run");
+        v
+    };
+    let s = 1_000_000_000;
+    let ahead = monotonic_ns() + 60 * s;
+    assert_eq!(verdict(ahead, 0), DROP, "a live rule drops");
+    assert_eq!(verdict(ahead, s), DROP, "a beat 1 s old is fresh");
+    assert_eq!(verdict(monotonic_ns() - 1, 0), PASS, "past its deadline");
+    assert_eq!(verdict(ahead, 3 * s), PASS, "owner silent for 3 s");
+}

@@ -129,10 +129,26 @@ pub struct Rule {
     /// For `ACTION_DNS`: the RCODE of the synthesized answer (2 SERVFAIL, 3 NXDOMAIN, 5
     /// REFUSED), or 0 to drop the query.
     pub dns_rcode: u32,
-    pub _pad: u32,
+    /// The owner's slot in `HEARTBEAT`. The rule passes every packet untouched once that
+    /// heartbeat is older than [`HEARTBEAT_BOUND_NS`]: a dead or frozen owner's fault ends by
+    /// itself, with nobody left to detach it (a clsact filter outlives its process).
+    pub heartbeat_slot: u32,
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) nanoseconds from which the rule passes every packet
+    /// untouched: the kernel ends the fault at its deadline whether or not its owner runs.
+    pub deadline_ns: u64,
 }
 
+/// How old the owner's heartbeat may be before its rules go inert. The owner refreshes it every
+/// [`HEARTBEAT_INTERVAL_NS`]; eight missed beats is a dead or frozen owner, not a busy one.
+pub const HEARTBEAT_BOUND_NS: u64 = 2_000_000_000;
+pub const HEARTBEAT_INTERVAL_NS: u64 = 250_000_000;
+/// Entries of the `HEARTBEAT` array (CLOCK_MONOTONIC ns of the owner's last beat).
+pub const HEARTBEAT_SLOTS: u32 = 1;
+
 /// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.
+///
+/// Packets count as segments: a GSO/TSO super-packet of n segments (one skb at the hook)
+/// counts n, as the wire and a receiver see it. Bytes are the skb's length at the hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuState {
@@ -141,6 +157,9 @@ pub struct CpuState {
     pub affected: u64,
     /// 1 if the last matched packet on this CPU was affected.
     pub last_affected: u64,
+    pub seen_bytes: u64,
+    pub matched_bytes: u64,
+    pub affected_bytes: u64,
 }
 
 /// Ports as a bitmap so a lookup costs the same for one port or a range of 65,536.

@@ -167,8 +167,8 @@ impl KubeDriver {
             seen: 1,
             matched: 1,
             affected: 1,
-            cpu_time_us: 0,
             ready_ms: r.ready_ms.load(Ordering::Relaxed),
+            ..pb::Counters::default()
         })
     }
 

@@ -141,7 +141,7 @@ fn classifier_cost(net: &TestNet) -> serde_json::Value {
         }
         let mut prepared = datapath::prepare().expect("prepare");
         prepared
-            .configure(&s, None, Default::default(), 14, &[])
+            .configure(&s, None, Default::default(), 14, &[], u64::MAX)
             .expect("configure");
         let mut row = json!({ "case": label, "entries": n });
         for (family, v6) in [("ipv4", false), ("ipv6", true)] {
