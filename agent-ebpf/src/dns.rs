@@ -1,5 +1,6 @@
-//! DNS failure in the datapath: find the QNAME of a query leaving the interface, match it
-//! against the fault's patterns, and drop the query or turn it into the answer in place.
+//! DNS failure in the datapath: find the QNAME of a query leaving the interface, gather the
+//! rules whose patterns match it, and (once the rules have decided) turn it into the answer in
+//! place.
 //!
 //! Only well-formed standard queries are touched (QR 0, opcode QUERY, one question, no answer
 //! or authority records, an uncompressed QNAME that ends inside the packet, followed by its type
@@ -13,14 +14,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_abi::{
-    DNS_EXACT, DNS_NAME_MAX, DNS_WILDCARD, DnsKey, DnsScratch, FAMILY_V4, FNV_OFFSET,
-    MATCH_DNS_NAMES, MAX_DNS_PATTERNS, Rule, dns_hash_step,
+    DNS_EXACT, DNS_NAME_MAX, DNS_WILDCARD, DnsKey, DnsScratch, FAMILY_V4, FNV_OFFSET, MAX_DNS_PATTERNS, RULE_WORDS, RuleSet,
+    dns_hash_step,
 };
 
 use crate::{IPPROTO_TCP, IPPROTO_UDP, Packet};
 
 #[map]
-static DNS_NAMES: HashMap<DnsKey, u8> = HashMap::with_max_entries(MAX_DNS_PATTERNS, 0);
+static DNS_NAMES: HashMap<DnsKey, RuleSet> = HashMap::with_max_entries(MAX_DNS_PATTERNS, 0);
 #[map]
 static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -31,37 +32,21 @@ const MAX_LABELS: usize = 128;
 const CSUM_2_BYTES: u64 = 2;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-pub enum Action {
-    Pass,
-    Drop,
-    /// The packet is now the answer: send it to this interface's ingress.
-    Answer,
+/// Whether the packet is a standard query. If so, [`names_contain`] then answers for each rule
+/// whether its patterns match the QNAME (exact, or `*.suffix` for any of its suffixes).
+#[inline(always)]
+pub fn query(ctx: &TcContext, pkt: &Packet) -> bool {
+    query_names(ctx, pkt).is_some()
+}
+
+/// Whether rule `slot`'s patterns matched the name of the query [`query`] last accepted.
+#[inline(always)]
+pub fn names_contain(slot: u32) -> bool {
+    scratch().is_some_and(|s| s.names.contains(slot))
 }
 
 #[inline(always)]
-pub fn act(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Action {
-    match query_matches(ctx, rule, pkt) {
-        Some(true) => {}
-        _ => return Action::Pass,
-    }
-    // TCP: queries are dropped in every mode (answering would mean forging a TCP stream).
-    if rule.dns_rcode == 0 || pkt.protocol == IPPROTO_TCP {
-        return Action::Drop;
-    }
-    // Answering needs an Ethernet header to turn around; L3 devices pass.
-    if rule.l3_offset != 14 {
-        return Action::Pass;
-    }
-    if answer(ctx, rule, pkt).is_some() {
-        Action::Answer
-    } else {
-        Action::Pass
-    }
-}
-
-/// `Some(true)` if the packet is a standard query whose QNAME matches the rule.
-#[inline(always)]
-fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
+fn query_names(ctx: &TcContext, pkt: &Packet) -> Option<()> {
     let mut off = pkt.payload_offset as usize;
     match pkt.protocol {
         IPPROTO_UDP => {}
@@ -126,9 +111,6 @@ fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
     if qlen + 4 > avail {
         return None;
     }
-    if rule.match_flags & MATCH_DNS_NAMES == 0 {
-        return Some(true);
-    }
     // The hash of every suffix, in one pass from the root byte backwards.
     scratch.pos = qlen as u64;
     scratch.hash = FNV_OFFSET;
@@ -138,14 +120,18 @@ fn query_matches(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<bool> {
     scratch.pos = 0;
     scratch.limit = qlen as u64;
     scratch.status = WALKING;
+    let mut i = 0;
+    while i < RULE_WORDS {
+        scratch.names.words[i] = 0;
+        i += 1;
+    }
     run(MAX_LABELS, find_suffix);
-    Some(self::scratch()?.status == MATCHED)
+    Some(())
 }
 
 const WALKING: u64 = 0;
 const ROOT_FOUND: u64 = 1;
 const MALFORMED: u64 = 2;
-const MATCHED: u64 = 3;
 
 type Step = extern "C" fn(u32, *mut c_void) -> i64;
 
@@ -203,7 +189,8 @@ extern "C" fn hash_byte(_index: u32, _ctx: *mut c_void) -> i64 {
 }
 
 /// One suffix lookup (`pos`: where it starts, `limit`: the name's length): the whole name as
-/// an exact pattern, each shorter suffix as a wildcard.
+/// an exact pattern, each shorter suffix as a wildcard; the rules of every pattern found are
+/// gathered in `names`.
 #[inline(never)]
 extern "C" fn find_suffix(_index: u32, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else {
@@ -215,10 +202,13 @@ extern "C" fn find_suffix(_index: u32, _ctx: *mut c_void) -> i64 {
         len: s.limit.wrapping_sub(s.pos) as u32,
         kind: if s.pos == 0 { DNS_EXACT } else { DNS_WILDCARD },
     };
-    // SAFETY: a lookup; the value is not kept.
-    if unsafe { DNS_NAMES.get(&key) }.is_some() {
-        s.status = MATCHED;
-        return 1;
+    // SAFETY: a lookup; the value is copied out at once.
+    if let Some(rules) = unsafe { DNS_NAMES.get(&key) } {
+        let mut i = 0;
+        while i < RULE_WORDS {
+            s.names.words[i] |= rules.words[i];
+            i += 1;
+        }
     }
     let len = s.name[at] as u64;
     if len == 0 {
@@ -236,12 +226,12 @@ extern "C" fn find_suffix(_index: u32, _ctx: *mut c_void) -> i64 {
 /// ports and MACs are swapped. Swapping leaves both checksums as they were (one's complement
 /// sums commute); only the flags word needs a checksum update.
 #[inline(always)]
-fn answer(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<()> {
+pub fn answer(ctx: &TcContext, l3_offset: u32, rcode: u32, pkt: &Packet) -> Option<()> {
     let l4 = pkt.payload_offset as usize - 8;
     let flags_at = pkt.payload_offset as usize + 2;
     let old: [u8; 2] = ctx.load(flags_at).ok()?;
     let old_flags = u16::from_be_bytes(old);
-    let new_flags = 0x8000 | (old_flags & 0x7910) | 0x0080 | (rule.dns_rcode as u16 & 0xF);
+    let new_flags = 0x8000 | (old_flags & 0x7910) | 0x0080 | (rcode as u16 & 0xF);
     let new = new_flags.to_be_bytes();
     ctx.store(flags_at, &new, 0).ok()?;
     ctx.l4_csum_replace(
@@ -253,7 +243,7 @@ fn answer(ctx: &TcContext, rule: &Rule, pkt: &Packet) -> Option<()> {
     .ok()?;
     let ports: [u8; 4] = ctx.load(l4).ok()?;
     ctx.store(l4, &[ports[2], ports[3], ports[0], ports[1]], 0).ok()?;
-    let l3 = rule.l3_offset as usize;
+    let l3 = l3_offset as usize;
     if pkt.family == FAMILY_V4 {
         let addrs: [u8; 8] = ctx.load(l3 + 12).ok()?;
         let mut swapped = [0u8; 8];

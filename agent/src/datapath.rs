@@ -4,16 +4,14 @@
 //! Everything here that names an interface runs inside the target namespace (the caller puts
 //! it on a [`crate::netns::Netns`] thread); map reads and TCX link fds work from any thread.
 use crate::qdisc::{self, Netem, Shape, ShapeError, Snapshot};
-use crate::spec::{Cidr, FaultKind, FaultSpec, InvalidInput, LatencyBackend, Protocol, invalid};
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use crate::spec::{FaultKind, FaultSpec, InvalidInput, LatencyBackend, invalid};
 use aya::programs::links::Link as _;
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::tc::{SchedClassifierLink, TcHandle};
+use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 use chaos_abi::{
-    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, CpuState,
-    DnsKey, Endpoint, FAMILY_V4, FAMILY_V6, MATCH_DNS_NAMES, MATCH_LOCAL, MATCH_PORTS,
-    MATCH_REMOTE, PROBABILITY_ONE, PROTO_ALL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortBitmap, Rule,
+    ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, Endpoint,
+    FAMILY_V4, FAMILY_V6, MATCH_DNS_NAMES, MATCH_PORTS, PROBABILITY_ONE, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -36,9 +34,13 @@ pub enum DatapathError {
     Shape(#[from] ShapeError),
     #[error("{context}: {message}")]
     Kernel { context: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-fn kernel(context: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error>) -> DatapathError {
+pub(crate) fn kernel(
+    context: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error>) -> DatapathError {
     let context = context.into();
     move |e| {
         // aya's errors nest the useful part (the verifier log, errno) in their sources.
@@ -77,7 +79,7 @@ impl Hook {
         .filter_map(|(on, hook)| on.then_some(hook))
     }
 
-    fn attach_type(self) -> TcAttachType {
+    pub(crate) fn attach_type(self) -> TcAttachType {
         match self {
             Hook::Egress => TcAttachType::Egress,
             Hook::Ingress => TcAttachType::Ingress,
@@ -183,19 +185,6 @@ pub struct AttachmentRecord {
     pub handle: u32,
     /// clsact only: we added the clsact qdisc, so we remove it again.
     pub created_clsact: bool,
-}
-
-/// A fault live in the kernel. Dropping it detaches TCX links (their fds close); clsact filters
-/// are removed only by [`Installed::uninstall`], inside the target namespace.
-pub struct Installed {
-    ebpf: Ebpf,
-    tcx_links: Vec<SchedClassifierLink>,
-    pub records: Vec<AttachmentRecord>,
-    /// Shaping faults: the devices where this fault has its class.
-    pub shaped: Vec<ShapingSite>,
-    slot: u16,
-    /// `chaos_egress`, or `chaos_dns` for DNS faults.
-    egress_program: &'static str,
 }
 
 /// A device carrying our root qdisc: the target interface (egress), or the IFB device its
@@ -375,19 +364,11 @@ pub struct Counters {
 /// its deadline on the kernel's clock (CLOCK_MONOTONIC ns).
 pub fn rule_for(
     spec: &FaultSpec,
-    l3_offset: u32,
     shape: Option<&Shape>,
     steering: Steering,
     deadline_ns: u64,
 ) -> Rule {
-    let t = &spec.target;
     let mut match_flags = 0;
-    if !t.remote.is_empty() {
-        match_flags |= MATCH_REMOTE;
-    }
-    if !t.local.is_empty() {
-        match_flags |= MATCH_LOCAL;
-    }
     if !ports_of(spec).is_empty() {
         match_flags |= MATCH_PORTS;
     }
@@ -428,23 +409,9 @@ pub fn rule_for(
         }
         _ => (action, 0),
     };
-    if let FaultKind::Latency {
-        per_destination, ..
-    } = &spec.kind
-        && !per_destination.is_empty()
-    {
-        match_flags |= MATCH_REMOTE;
-    }
     Rule {
         action,
         match_flags,
-        protocol: match t.protocol {
-            Protocol::All => PROTO_ALL,
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-            Protocol::Icmp => PROTO_ICMP,
-        },
-        l3_offset,
         probability_after_hit: after_hit.min(PROBABILITY_ONE),
         probability_after_miss: after_miss.min(PROBABILITY_ONE),
         delay_ns,
@@ -465,7 +432,7 @@ pub fn rule_for(
 }
 
 /// The ports a fault matches: its own, or for DNS without any the DNS port.
-fn ports_of(spec: &FaultSpec) -> Vec<crate::spec::PortRange> {
+pub(crate) fn ports_of(spec: &FaultSpec) -> Vec<crate::spec::PortRange> {
     match (&spec.kind, spec.target.ports.is_empty()) {
         (FaultKind::Dns { .. }, true) => vec![crate::spec::PortRange {
             first: 53,
@@ -477,7 +444,7 @@ fn ports_of(spec: &FaultSpec) -> Vec<crate::spec::PortRange> {
 
 /// Where the IP header starts on this interface: after the Ethernet header, or at once on L3
 /// devices. Also the check that the interface exists in the current namespace.
-fn l3_offset(interface: &str) -> Result<u32, DatapathError> {
+pub(crate) fn l3_offset(interface: &str) -> Result<u32, DatapathError> {
     let no_such = || {
         invalid(
             "--interface",
@@ -529,51 +496,6 @@ fn l3_offset(interface: &str) -> Result<u32, DatapathError> {
     }
 }
 
-fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, DatapathError> {
-    ebpf.map_mut(name).ok_or_else(|| DatapathError::Kernel {
-        context: "chaos.bpf.o".into(),
-        message: format!("has no map {name}"),
-    })
-}
-
-/// Inserts `(CIDR, value)` pairs into the tries named `{prefix}_V4` / `{prefix}_V6`. A later
-/// pair for the same CIDR overrides an earlier one.
-fn fill_cidrs(ebpf: &mut Ebpf, prefix: &str, cidrs: &[(Cidr, u32)]) -> Result<(), DatapathError> {
-    {
-        let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> = ctx!(
-            LpmTrie::try_from(map(ebpf, &format!("{prefix}_V4"))?),
-            "{prefix}_V4"
-        )?;
-        for (c, value) in cidrs {
-            if let IpAddr::V4(a) = c.addr {
-                ctx!(
-                    v4.insert(&Key::new(c.prefix as u32, a.octets()), value, 0),
-                    "insert {c}"
-                )?;
-            }
-        }
-    }
-    let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> = ctx!(
-        LpmTrie::try_from(map(ebpf, &format!("{prefix}_V6"))?),
-        "{prefix}_V6"
-    )?;
-    for (c, value) in cidrs {
-        if let IpAddr::V6(a) = c.addr {
-            ctx!(
-                v6.insert(&Key::new(c.prefix as u32, a.octets()), value, 0),
-                "insert {c}"
-            )?;
-        }
-    }
-    Ok(())
-}
-
-/// Stamps `now` (CLOCK_MONOTONIC ns) as the owner's last heartbeat.
-fn beat(map: &mut aya::maps::Map, now: u64) -> Result<(), DatapathError> {
-    let mut beats: Array<&mut MapData, u64> = ctx!(Array::try_from(map), "HEARTBEAT")?;
-    ctx!(beats.set(0, now, 0), "beat HEARTBEAT")
-}
-
 pub fn endpoint(addr: SocketAddr) -> Endpoint {
     let mut e = Endpoint {
         port: addr.port(),
@@ -607,113 +529,60 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Fills the maps from `spec` and the shaping chosen for it. `l3_offset` is where the IP
-    /// header starts (14 on Ethernet).
-    pub fn configure(
-        &mut self,
-        spec: &FaultSpec,
-        shape: Option<&Shape>,
-        steering: Steering,
-        l3_offset: u32,
-        excluded: &[SocketAddr],
-        deadline_ns: u64,
-    ) -> Result<(), DatapathError> {
-        let ebpf = &mut self.ebpf;
-        // A first beat before anything is attached: a rule whose owner never beat is inert.
-        beat(map(ebpf, "HEARTBEAT")?, crate::heartbeat::monotonic_ns())?;
-        let rule = rule_for(spec, l3_offset, shape, steering, deadline_ns);
-        let mut rules: Array<&mut MapData, Rule> =
-            ctx!(Array::try_from(map(ebpf, "RULE")?), "RULE")?;
-        ctx!(rules.set(0, rule, 0), "set RULE")?;
-        let mut remote: Vec<(Cidr, u32)> = spec.target.remote.iter().map(|c| (*c, 0)).collect();
-        if let FaultKind::Latency {
-            per_destination, ..
-        } = &spec.kind
-        {
-            remote.extend(
-                per_destination
-                    .iter()
-                    .map(|d| (d.cidr, (d.ms * 1000.0).round() as u32)),
-            );
-        }
-        let local: Vec<(Cidr, u32)> = spec.target.local.iter().map(|c| (*c, 0)).collect();
-        fill_cidrs(ebpf, "REMOTE", &remote)?;
-        fill_cidrs(ebpf, "LOCAL", &local)?;
-        let ports = ports_of(spec);
-        if !ports.is_empty() {
-            let mut bitmap = PortBitmap::empty();
-            for p in &ports {
-                bitmap.set_range(p.first, p.last);
-            }
-            let mut ports: Array<&mut MapData, PortBitmap> =
-                ctx!(Array::try_from(map(ebpf, "PORTS")?), "PORTS")?;
-            ctx!(ports.set(0, bitmap, 0), "set PORTS")?;
-        }
-        if let FaultKind::Dns { domains, .. } = &spec.kind
-            && !domains.is_empty()
-        {
-            let mut names: HashMap<&mut MapData, DnsKey, u8> =
-                ctx!(HashMap::try_from(map(ebpf, "DNS_NAMES")?), "DNS_NAMES")?;
-            for d in domains {
-                ctx!(names.insert(d.key(), 1, 0), "add --domain {d}")?;
-            }
-        }
-        let mut ex: HashMap<&mut MapData, Endpoint, u8> =
-            ctx!(HashMap::try_from(map(ebpf, "EXCLUDED")?), "EXCLUDED")?;
-        for addr in excluded {
-            ctx!(ex.insert(endpoint(*addr), 1, 0), "exclude {addr}")?;
-        }
-        Ok(())
-    }
-
-    /// Stamps the owner's heartbeat as beaten at `now_ns` (CLOCK_MONOTONIC): for tests and
-    /// benchmarks that drive a prepared object by hand, where no engine beats for it.
-    pub fn beat_at(&mut self, now_ns: u64) -> Result<(), DatapathError> {
-        beat(map(&mut self.ebpf, "HEARTBEAT")?, now_ns)
-    }
-
-    /// Runs the `hook` classifier over `packet` `repeat` times in the kernel
-    /// (BPF_PROG_TEST_RUN) and returns the mean nanoseconds per run and the last verdict. For
-    /// benchmarks: the cost of the classifier alone, without any traffic or qdisc around it.
-    pub fn test_run(
-        &mut self,
-        program: &str,
-        packet: &[u8],
-        repeat: u32,
-    ) -> std::io::Result<(u32, i32)> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let prog = loaded(&mut self.ebpf, program).map_err(std::io::Error::other)?;
-        let fd = prog
-            .fd()
-            .map_err(std::io::Error::other)?
-            .as_fd()
-            .as_raw_fd();
-        // union bpf_attr, the `test` member (include/uapi/linux/bpf.h).
-        let mut attr = [0u8; 128];
-        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
-        attr[8..12].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
-        // SAFETY: attr is a valid, zero-padded bpf_attr; data_in outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr.as_mut_ptr(),
-                attr.len() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let retval = i32::from_ne_bytes(attr[4..8].try_into().unwrap_or_default());
-        let duration = u32::from_ne_bytes(attr[36..40].try_into().unwrap_or_default());
-        Ok((duration, retval))
+    pub(crate) fn into_ebpf(self) -> Ebpf {
+        self.ebpf
     }
 }
 
+/// Runs the `hook` classifier over `packet` `repeat` times in the kernel
+/// (BPF_PROG_TEST_RUN) and returns the mean nanoseconds per run and the last verdict. For
+/// benchmarks: the cost of the classifier alone, without any traffic or qdisc around it.
+pub(crate) fn test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    packet: &[u8],
+    repeat: u32,
+) -> std::io::Result<(u32, i32)> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let prog = loaded(ebpf, program).map_err(std::io::Error::other)?;
+    let fd = prog
+        .fd()
+        .map_err(std::io::Error::other)?
+        .as_fd()
+        .as_raw_fd();
+    // union bpf_attr, the `test` member (include/uapi/linux/bpf.h).
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // SAFETY: attr is a valid, zero-padded bpf_attr; data_in outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            attr.as_mut_ptr(),
+            attr.len() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let retval = i32::from_ne_bytes(attr[4..8].try_into().unwrap_or_default());
+    let duration = u32::from_ne_bytes(attr[36..40].try_into().unwrap_or_default());
+    Ok((duration, retval))
+}
+
 pub fn prepare() -> Result<Prepared, DatapathError> {
+    use aya::util::KernelVersion;
+    // The rule walk is a bpf_loop (5.17): without it the verifier would refuse the classifier
+    // with a message that names nothing a user can act on.
+    if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 17, 0)) {
+        return Err(DatapathError::Unsupported(
+            "network faults need Linux 5.17 or later (the bpf_loop helper)".into(),
+        ));
+    }
     let mut ebpf = ctx!(
         EbpfLoader::new().btf(kernel_btf()).load(OBJECT),
         "load chaos.bpf.o"
@@ -725,14 +594,12 @@ pub fn prepare() -> Result<Prepared, DatapathError> {
     Ok(Prepared { ebpf })
 }
 
-/// DNS faults attach this program at egress instead of `chaos_egress`: the same classifier
-/// with the DNS matcher, kept apart so other faults' program carries none of it (it needs
-/// bpf_loop, Linux 5.17+).
-pub const DNS_PROGRAM: &str = "chaos_dns";
-
 /// The program `name`, loaded (verified) if it was not yet: the spare object loads the two
-/// common classifiers ahead of time, the others are loaded when a fault needs them.
-fn loaded<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+/// classifiers ahead of time, the mirred one is loaded when a fault needs it.
+pub(crate) fn loaded<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
@@ -741,16 +608,6 @@ fn loaded<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier,
             message: format!("has no classifier {name}"),
         })?;
     if prog.fd().is_err() {
-        if name == DNS_PROGRAM {
-            use aya::util::KernelVersion;
-            if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 17, 0)) {
-                return Err(invalid(
-                    "kind",
-                    "dns faults need Linux 5.17 or later (the bpf_loop helper)",
-                )
-                .into());
-            }
-        }
         ctx!(prog.load(), "load {name} (verifier)")?;
     }
     Ok(prog)
@@ -765,78 +622,8 @@ fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Datap
         })
 }
 
-/// Configures and attaches one prepared fault. Must run inside the target namespace.
-/// `slot` picks the clsact priority and the shaping class; `excluded` are control-plane
-/// endpoints never to match; `sites` are where a shaping fault's classes go (see
-/// [`ShapingSite::for_hook`]), with what to do about each root.
-pub fn install(
-    mut prepared: Prepared,
-    spec: &FaultSpec,
-    mode: AttachMode,
-    slot: u16,
-    excluded: &[SocketAddr],
-    sites: &[(ShapingSite, RootPlan)],
-    deadline_ns: u64,
-) -> Result<Installed, DatapathError> {
-    let interface = spec.target.interface.as_str();
-    let l3 = l3_offset(interface)?;
-    let shape = shape_for(&spec.kind)?;
-    let mut steering = Steering::default();
-    let mut done: Vec<&(ShapingSite, RootPlan)> = Vec::new();
-    if let Some(shape) = &shape {
-        steering.classid = qdisc::classid(slot);
-        // The classes must exist before anything is steered into them.
-        for planned @ (site, plan) in sites {
-            let added = add_to_site(site, plan, shape, slot).and_then(|()| {
-                done.push(planned);
-                if site.ifb_for.is_none() {
-                    return Ok(());
-                }
-                steering.redirect_ifindex = crate::netlink::ifindex(&site.device)
-                    .map_err(|e| kernel(format!("interface {}", site.device))(Box::new(e)))?;
-                Ok(())
-            });
-            if let Err(e) = added {
-                undo_sites(&done, slot);
-                return Err(e);
-            }
-        }
-    }
-    if let Err(e) = prepared.configure(spec, shape.as_ref(), steering, l3, excluded, deadline_ns) {
-        undo_sites(&done, slot);
-        return Err(e);
-    }
-    let mut installed = Installed {
-        ebpf: prepared.ebpf,
-        tcx_links: Vec::new(),
-        records: Vec::new(),
-        shaped: done.iter().map(|(site, _)| site.clone()).collect(),
-        slot,
-        egress_program: match spec.kind {
-            FaultKind::Dns { .. } => DNS_PROGRAM,
-            _ => Hook::Egress.program(),
-        },
-    };
-    for hook in Hook::for_direction(spec.target.direction) {
-        // Before 6.4 IFB drops packets bpf_redirect hands it (and TCX needs 6.6): ingress
-        // shaping then goes through a classic cls_bpf filter with a mirred action.
-        let mirred = (hook == Hook::Ingress
-            && mode == AttachMode::Clsact
-            && steering.redirect_ifindex != 0
-            && !crate::caps::has_ingress_redirect())
-        .then_some(steering.redirect_ifindex);
-        if let Err(e) = installed.attach(interface, hook, mode, slot, mirred) {
-            // Leave nothing half-applied.
-            let _ = installed.uninstall();
-            undo_sites(&done, slot);
-            return Err(e);
-        }
-    }
-    Ok(installed)
-}
-
 /// Takes away what `install` put on these sites before it failed.
-fn undo_sites(done: &[&(ShapingSite, RootPlan)], slot: u16) {
+pub(crate) fn undo_sites(done: &[&(ShapingSite, RootPlan)], slot: u16) {
     for (site, plan) in done {
         let _ = qdisc::remove_class(&site.device, slot);
         match plan {
@@ -853,7 +640,7 @@ fn undo_sites(done: &[&(ShapingSite, RootPlan)], slot: u16) {
 
 /// Puts the site's root in place if the plan says so, then the fault's class under it. On
 /// failure, what this call created is gone again.
-fn add_to_site(
+pub(crate) fn add_to_site(
     site: &ShapingSite,
     plan: &RootPlan,
     shape: &Shape,
@@ -893,198 +680,10 @@ fn add_to_site(
     Ok(())
 }
 
-impl Installed {
-    fn attach(
-        &mut self,
-        interface: &str,
-        hook: Hook,
-        mode: AttachMode,
-        slot: u16,
-        mirred_to: Option<u32>,
-    ) -> Result<(), DatapathError> {
-        if let Some(ifb) = mirred_to {
-            return self.attach_mirred(interface, slot, ifb);
-        }
-        let name = match hook {
-            Hook::Egress => self.egress_program,
-            Hook::Ingress => hook.program(),
-        };
-        let prog = loaded(&mut self.ebpf, name)?;
-        let mut record = AttachmentRecord {
-            interface: interface.to_string(),
-            hook,
-            mode,
-            priority: 0,
-            handle: 0,
-            created_clsact: false,
-        };
-        match mode {
-            AttachMode::Tcx => {
-                // First in the chain: a CNI program that redirects would otherwise end the chain
-                // before we see the packet.
-                let id = ctx!(
-                    prog.attach_with_options(
-                        interface,
-                        hook.attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::first())
-                    ),
-                    "attach {} to {interface} (tcx)",
-                    hook.program()
-                )?;
-                self.tcx_links.push(ctx!(prog.take_link(id), "take link")?);
-            }
-            AttachMode::Clsact => {
-                record.created_clsact = ensure_clsact(interface)?;
-                record.priority = CLSACT_PRIORITY_BASE + slot;
-                record.handle = CLSACT_HANDLE;
-                let options = NlOptions {
-                    priority: record.priority,
-                    handle: TcHandle::from(CLSACT_HANDLE),
-                    classid: None,
-                };
-                // Record before attaching: uninstall of a half-done install must see it.
-                self.records.push(record.clone());
-                let id = ctx!(
-                    prog.attach_with_options(
-                        interface,
-                        hook.attach_type(),
-                        TcAttachOptions::Netlink(options)
-                    ),
-                    "attach {} to {interface} (clsact, priority {})",
-                    hook.program(),
-                    record.priority
-                )?;
-                // Dropping a netlink link detaches it through a netlink socket of whatever
-                // thread drops it, possibly in another namespace. We detach explicitly instead.
-                std::mem::forget(ctx!(prog.take_link(id), "take link")?);
-                return Ok(());
-            }
-        }
-        self.records.push(record);
-        Ok(())
-    }
-
-    /// Ingress shaping without bpf_redirect into IFB: `chaos_ingress_mirred` as a classic
-    /// cls_bpf filter on clsact ingress (our priority and handle, so removal and crash reclaim
-    /// are the same as for our other filters), with a mirred action to the IFB `ifb`.
-    fn attach_mirred(&mut self, interface: &str, slot: u16, ifb: u32) -> Result<(), DatapathError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        const PROGRAM: &str = "chaos_ingress_mirred";
-        let created_clsact = ensure_clsact(interface)?;
-        let record = AttachmentRecord {
-            interface: interface.to_string(),
-            hook: Hook::Ingress,
-            mode: AttachMode::Clsact,
-            priority: CLSACT_PRIORITY_BASE + slot,
-            handle: CLSACT_HANDLE,
-            created_clsact,
-        };
-        self.records.push(record.clone());
-        let prog = loaded(&mut self.ebpf, PROGRAM)?;
-        let fd = ctx!(prog.fd(), "{PROGRAM} fd")?.as_fd().as_raw_fd();
-        crate::netlink::add_mirred_filter(
-            interface,
-            record.priority,
-            CLSACT_HANDLE,
-            fd as u32,
-            PROGRAM,
-            ifb,
-        )
-        .map_err(|e| {
-            kernel(format!("attach {PROGRAM} to {interface} (clsact, mirred)"))(Box::new(e))
-        })
-    }
-
-    pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let map = self
-            .ebpf
-            .map("STATE")
-            .ok_or_else(|| DatapathError::Kernel {
-                context: "chaos.bpf.o".into(),
-                message: "has no map STATE".into(),
-            })?;
-        let state: PerCpuArray<&MapData, CpuState> = ctx!(PerCpuArray::try_from(map), "STATE")?;
-        let values = ctx!(state.get(&0, 0), "read STATE")?;
-        Ok(values.iter().fold(Counters::default(), |acc, v| Counters {
-            seen: acc.seen.saturating_add(v.seen),
-            matched: acc.matched.saturating_add(v.matched),
-            affected: acc.affected.saturating_add(v.affected),
-            cpu_time_us: 0,
-            seen_bytes: acc.seen_bytes.saturating_add(v.seen_bytes),
-            matched_bytes: acc.matched_bytes.saturating_add(v.matched_bytes),
-            affected_bytes: acc.affected_bytes.saturating_add(v.affected_bytes),
-        }))
-    }
-
-    /// A handle on this fault's heartbeat map that needs no access to the fault itself (a dup
-    /// of the map's descriptor), for the engine's heartbeat thread.
-    pub fn heartbeat(&self) -> Result<crate::heartbeat::Beat, DatapathError> {
-        use std::os::fd::AsFd;
-        let data: &MapData = match self.ebpf.map("HEARTBEAT") {
-            Some(aya::maps::Map::Array(data)) => data,
-            _ => {
-                return Err(DatapathError::Kernel {
-                    context: "chaos.bpf.o".into(),
-                    message: "has no array HEARTBEAT".into(),
-                });
-            }
-        };
-        let fd = ctx!(data.fd().as_fd().try_clone_to_owned(), "dup HEARTBEAT")?;
-        let data = ctx!(MapData::from_fd(fd), "HEARTBEAT")?;
-        Ok(crate::heartbeat::Beat::new(ctx!(
-            Array::try_from(aya::maps::Map::Array(data)),
-            "HEARTBEAT"
-        )?))
-    }
-
-    /// Makes the classifiers pass every packet, at once: a map write, no RCU grace period. Revert
-    /// disarms first, so traffic is whole again before the (slower) detach.
-    pub fn disarm(&mut self) -> Result<(), DatapathError> {
-        let mut rules: Array<&mut MapData, Rule> =
-            ctx!(Array::try_from(map(&mut self.ebpf, "RULE")?), "RULE")?;
-        let mut rule = ctx!(rules.get(&0, 0), "read RULE")?;
-        rule.action = ACTION_NONE;
-        ctx!(rules.set(0, rule, 0), "disarm RULE")
-    }
-
-    /// Removes every attachment. Must run inside the target namespace.
-    pub fn uninstall(mut self) -> Result<(), DatapathError> {
-        let mut first_error = None;
-        for link in self.tcx_links.drain(..) {
-            if let Err(e) = ctx!(link.detach(), "detach tcx link") {
-                first_error.get_or_insert(e);
-            }
-        }
-        if let Err(e) = remove_clsact_attachments(&self.records) {
-            first_error.get_or_insert(e);
-        }
-        // After the classifiers: nothing is steered into the class while it goes away.
-        if let Err(e) = self.uninstall_classes() {
-            first_error.get_or_insert(e);
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Removes this fault's shaping classes. The roots stay: other faults may share them (the
-    /// engine removes a root with [`remove_site`] when its last fault goes).
-    fn uninstall_classes(&self) -> Result<(), DatapathError> {
-        let mut first_error = None;
-        for site in &self.shaped {
-            if let Err(e) = qdisc::remove_class(&site.device, self.slot) {
-                first_error.get_or_insert(kernel(format!(
-                    "remove the shaping class of {}",
-                    site.device
-                ))(Box::new(e)));
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-}
-
 /// Adds the clsact qdisc to `interface` if it has none. Returns whether it counts as ours to
 /// remove: we made it, or only our filters are on it (another fault of ours made it; whichever
 /// of us leaves it empty removes it).
-fn ensure_clsact(interface: &str) -> Result<bool, DatapathError> {
+pub(crate) fn ensure_clsact(interface: &str) -> Result<bool, DatapathError> {
     match aya::programs::tc::qdisc_add_clsact(interface) {
         Ok(()) => Ok(true),
         Err(e) if is_exists(&e) => Ok(crate::netlink::ifindex(interface)
@@ -1163,7 +762,9 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::Protocol;
     use crate::spec::{Direction, NetnsRef, Target};
+    use chaos_abi::PortBitmap;
     use std::time::Duration;
 
     fn spec(kind: FaultKind) -> FaultSpec {
@@ -1194,7 +795,6 @@ mod tests {
                 percent: 30.0,
                 correlation: 0.0,
             }),
-            14,
             None,
             Steering::default(),
             u64::MAX,
@@ -1202,8 +802,10 @@ mod tests {
         assert_eq!(r.action, ACTION_DROP);
         assert_eq!(r.probability_after_hit, r.probability_after_miss);
         assert!((p(r.probability_after_miss) - 0.3).abs() < 1e-9);
-        assert_eq!(r.match_flags, MATCH_LOCAL);
-        assert_eq!((r.protocol, r.l3_offset), (PROTO_UDP, 14));
+        assert_eq!(
+            r.match_flags, 0,
+            "CIDRs and protocol live in the table's sets and tries"
+        );
     }
 
     #[test]
@@ -1213,7 +815,6 @@ mod tests {
                 percent: 20.0,
                 correlation: 75.0,
             }),
-            14,
             None,
             Steering::default(),
             u64::MAX,
@@ -1229,7 +830,6 @@ mod tests {
     fn edges() {
         let all = rule_for(
             &spec(FaultKind::Partition),
-            0,
             None,
             Steering::default(),
             u64::MAX,
@@ -1243,7 +843,6 @@ mod tests {
                 percent: 100.0,
                 correlation: 100.0,
             }),
-            0,
             None,
             Steering::default(),
             u64::MAX,
@@ -1251,7 +850,6 @@ mod tests {
         assert_eq!(full.probability_after_hit, PROBABILITY_ONE);
         let none = rule_for(
             &spec(FaultKind::Corrupt { percent: 0.0 }),
-            0,
             None,
             Steering::default(),
             u64::MAX,
@@ -1299,13 +897,8 @@ mod tests {
             kind: lat(LatencyBackend::Edt, 0.0, dest),
             ..spec(FaultKind::Partition)
         };
-        let r = rule_for(&spec, 14, Some(&Shape::Fq), Steering::default(), u64::MAX);
+        let r = rule_for(&spec, Some(&Shape::Fq), Steering::default(), u64::MAX);
         assert_eq!((r.action, r.delay_ns), (ACTION_DELAY, 100_000_000));
-        assert_ne!(
-            r.match_flags & MATCH_REMOTE,
-            0,
-            "per-destination CIDRs are remote matches"
-        );
     }
 
     #[test]

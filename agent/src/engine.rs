@@ -122,7 +122,7 @@ struct Active {
 /// disarm, uninstall, what the journal must name), so reconcile has one path for all.
 enum Installed {
     /// Classifiers (and our root qdisc for shaping) in the target namespace.
-    Net(datapath::Installed),
+    Net(crate::table::Installed),
     /// CPU stress workers in the target's cgroups.
     Cpu(CpuStress),
     /// A container-kill that has happened: nothing stays in place; its counters say how many
@@ -162,7 +162,7 @@ impl Installed {
 
     fn backend(&self) -> &'static str {
         match self {
-            Installed::Net(i) => i.records.first().map_or("ebpf", |r| r.mode.name()),
+            Installed::Net(i) => i.records().first().map_or("ebpf", |r| r.mode.name()),
             Installed::Cpu(c) => c.method().name(),
             Installed::Killed(_) => "signal",
         }
@@ -170,7 +170,7 @@ impl Installed {
 
     fn records(&self) -> Vec<AttachmentRecord> {
         match self {
-            Installed::Net(i) => i.records.clone(),
+            Installed::Net(i) => i.records(),
             Installed::Cpu(_) | Installed::Killed(_) => Vec::new(),
         }
     }
@@ -507,7 +507,7 @@ impl Engine {
         }
         let sites = self.plan_sites(st, id, &spec, &netns)?;
         // Intent first: if we crash mid-install, the journal already names what may be there.
-        let planned = planned_attachments(&spec, self.config.attach, slot);
+        let planned = planned_attachments(&spec, self.config.attach);
         self.write_journal(
             st,
             Some(Entry {
@@ -516,7 +516,20 @@ impl Engine {
             }),
         )?;
         let journaled = started.elapsed();
-        let prepared = self.take_prepared()?;
+        // The interface's table if this engine has one there already: then the fault is a row
+        // written into it, with nothing to load or attach.
+        let table = st.active.values().find_map(|a| match &a.installed {
+            Installed::Net(i)
+                if a.netns.id == netns.id && a.spec.target.interface == spec.target.interface =>
+            {
+                Some(i.table.clone())
+            }
+            _ => None,
+        });
+        let prepared = match table {
+            Some(_) => None,
+            None => Some(self.take_prepared()?),
+        };
         let prepared_at = started.elapsed();
         let (mode, excluded) = (self.config.attach, self.config.excluded.clone());
         let spec_in = spec.clone();
@@ -524,7 +537,8 @@ impl Engine {
         let deadline_ns = heartbeat::deadline_ns(deadline);
         let installed = netns
             .run(move || {
-                let installed = datapath::install(
+                let installed = crate::table::install(
+                    table,
                     prepared,
                     &spec_in,
                     mode,
@@ -954,18 +968,29 @@ fn entry(
     }
 }
 
-fn planned_attachments(spec: &FaultSpec, mode: AttachMode, slot: u16) -> Vec<AttachmentRecord> {
-    Hook::for_direction(spec.target.direction)
-        .map(|hook| AttachmentRecord {
-            interface: spec.target.interface.clone(),
-            hook,
-            mode,
-            priority: datapath::CLSACT_PRIORITY_BASE + slot,
-            handle: datapath::CLSACT_HANDLE,
-            // Unknown until done; never claim a clsact qdisc someone else may own.
-            created_clsact: false,
-        })
-        .collect()
+/// The clsact filters an install may put in place: our classifier on each hook the fault
+/// needs, and at ingress the mirred filter shaping may need after it. (Filters its interface's table
+/// already has are in the journal already; naming them again is harmless.)
+fn planned_attachments(spec: &FaultSpec, mode: AttachMode) -> Vec<AttachmentRecord> {
+    if mode != AttachMode::Clsact {
+        return Vec::new();
+    }
+    let record = |hook, priority| AttachmentRecord {
+        interface: spec.target.interface.clone(),
+        hook,
+        mode,
+        priority,
+        handle: datapath::CLSACT_HANDLE,
+        // Unknown until done; never claim a clsact qdisc someone else may own.
+        created_clsact: false,
+    };
+    let mut planned: Vec<AttachmentRecord> = Hook::for_direction(spec.target.direction)
+        .map(|hook| record(hook, datapath::CLSACT_PRIORITY_BASE))
+        .collect();
+    if spec.target.direction.ingress() {
+        planned.push(record(Hook::Ingress, datapath::CLSACT_PRIORITY_BASE + 1));
+    }
+    planned
 }
 
 fn status_of(id: &str, a: &Active, ended: Option<EndReason>) -> Result<FaultStatus, EngineError> {

@@ -15,9 +15,11 @@ pub mod netns;
 pub mod null_backend;
 pub mod pod;
 pub mod qdisc;
+pub mod rules;
 pub mod server;
 pub mod spec;
 pub mod stress;
+pub mod table;
 pub mod tc_snapshot;
 pub mod tls;
 

@@ -11,7 +11,8 @@ pub mod cgroups;
 pub mod kube_api;
 pub mod pods;
 
-use chaos_agent::datapath::{self, Hook};
+use chaos_agent::datapath::{self, AttachMode, Hook};
+use chaos_agent::table::Table;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -946,4 +947,11 @@ pub fn first_through(
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.join().expect("sender");
     got
+}
+
+/// A hook table attached nowhere, for driving the classifier with BPF_PROG_TEST_RUN (as if on
+/// an Ethernet device). Nothing beats for it: rules go inert 2 s after the last `beat_at`.
+pub fn detached_table() -> Table {
+    let prepared = datapath::prepare().expect("prepare");
+    Table::new(prepared, "lo", 14, AttachMode::Tcx, &[]).expect("table")
 }

@@ -258,7 +258,7 @@ impl Rng {
 /// mis-injects, and it never misses one.
 #[test]
 fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
-    use chaos_agent::datapath;
+    use chaos_agent::datapath::Hook;
     use chaos_agent::dns::{DnsMode, DomainPattern, query_matches};
     use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
     let _g = serial();
@@ -286,10 +286,10 @@ fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
         },
         duration: Duration::from_secs(60),
     };
-    let mut prepared = datapath::prepare().expect("prepare");
-    prepared
-        .configure(&spec, None, Default::default(), 14, &[], u64::MAX)
-        .expect("configure");
+    let mut table = detached_table();
+    table
+        .load_rule(&spec, None, Default::default(), u64::MAX)
+        .expect("load rule");
     let names = [
         "api.example.com",
         "API.EXAMPLE.COM",
@@ -333,14 +333,14 @@ fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
         }
         if i % 1000 == 0 {
             // No engine beats for a hand-driven object; its rule would go inert after 2 s.
-            prepared
+            table
                 .beat_at(chaos_agent::heartbeat::monotonic_ns())
                 .expect("beat");
         }
         let expected = query_matches(&q, &patterns) == Some(true);
         let v6 = rng.below(2) == 0;
-        let (_, verdict) = prepared
-            .test_run(datapath::DNS_PROGRAM, &udp_frame(&q, v6), 1)
+        let (_, verdict) = table
+            .test_run(Hook::Egress.program(), &udp_frame(&q, v6), 1)
             .expect("test_run");
         assert!(
             verdict == if expected { REDIRECT } else { PASS },

@@ -155,8 +155,8 @@ fn tcp_completes_under_loss_with_retransmissions() {
         s.read_to_end(&mut data).expect("read");
         data
     });
-    let (retrans, elapsed) = in_ns(&net.a, move || {
-        let before = tcp_retrans_segs();
+    let before = in_ns(&net.a, tcp_retrans_segs);
+    let elapsed = in_ns(&net.a, move || {
         let start = Instant::now();
         let mut s = TcpStream::connect(addr(B4, 5201)).expect("connect");
         let payload: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
@@ -164,9 +164,12 @@ fn tcp_completes_under_loss_with_retransmissions() {
             .expect("write must not fail under loss");
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
         drop(s);
-        (tcp_retrans_segs() - before, start.elapsed())
+        start.elapsed()
     });
     let data = server.join().expect("server");
+    // After the receiver has everything: write_all returns once the data is queued, and the
+    // retransmissions come after that.
+    let retrans = in_ns(&net.a, tcp_retrans_segs) - before;
     let (status, out) = child.stop();
     assert!(status.success());
     let reverted = json_event(&out, "reverted");
@@ -475,7 +478,7 @@ fn corrupt_damages_the_requested_share() {
 /// beat is older than the bound (2 s), with no process doing anything (BPF_PROG_TEST_RUN).
 #[test]
 fn the_kernel_ends_a_rule_at_its_deadline_or_when_its_owner_stops_beating() {
-    use chaos_agent::datapath::{self, Hook};
+    use chaos_agent::datapath::Hook;
     use chaos_agent::heartbeat::monotonic_ns;
     use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
     let _g = serial();
@@ -498,9 +501,9 @@ fn the_kernel_ends_a_rule_at_its_deadline_or_when_its_owner_stops_beating() {
         duration: Duration::from_secs(60),
     };
     let verdict = |deadline: u64, beat_age: u64| {
-        let mut p = datapath::prepare().expect("prepare");
-        p.configure(&spec, None, Default::default(), 14, &[], deadline)
-            .expect("configure");
+        let mut p = detached_table();
+        p.load_rule(&spec, None, Default::default(), deadline)
+            .expect("load rule");
         p.beat_at(monotonic_ns().saturating_sub(beat_age))
             .expect("beat");
         let (_, v) = p
@@ -514,4 +517,164 @@ fn the_kernel_ends_a_rule_at_its_deadline_or_when_its_owner_stops_beating() {
     assert_eq!(verdict(ahead, s), DROP, "a beat 1 s old is fresh");
     assert_eq!(verdict(monotonic_ns() - 1, 0), PASS, "past its deadline");
     assert_eq!(verdict(ahead, 3 * s), PASS, "owner silent for 3 s");
+}
+
+fn engine_fault(net: &TestNet, kind: chaos_agent::FaultKind, dest: &str) -> chaos_agent::FaultSpec {
+    use chaos_agent::spec::{Direction, NetnsRef, Protocol, Target};
+    chaos_agent::FaultSpec {
+        kind,
+        target: Target {
+            netns: NetnsRef::Path(net.path(&net.a)),
+            interface: "va".into(),
+            remote: vec![dest.parse().expect("cidr")],
+            local: vec![],
+            ports: vec![],
+            protocol: Protocol::All,
+            direction: Direction::Egress,
+            force: false,
+        },
+        duration: Duration::from_secs(600),
+    }
+}
+
+fn engine(net: &TestNet) -> std::sync::Arc<chaos_agent::Engine> {
+    let (engine, _) = chaos_agent::Engine::start(chaos_agent::EngineConfig {
+        journal_dir: net.tmp.join("journal"),
+        ..Default::default()
+    })
+    .expect("engine");
+    engine
+}
+
+/// 1,000 faults on one interface are 1,000 rows of one table: one classifier per hook (TCX
+/// allows 64 programs), each apply after the first a map write, and traffic to addresses none
+/// of them names untouched; the 1,001st (a partition of B) still acts.
+#[test]
+fn a_thousand_faults_share_one_classifier() {
+    use chaos_agent::FaultKind;
+    use chaos_agent::datapath::{self, Hook};
+    let _g = serial();
+    let net = TestNet::new("many");
+    let engine = engine(&net);
+    let mut apply_ms = Vec::new();
+    for i in 0..1000u32 {
+        let dest = format!("10.100.{}.{}/32", i / 250, i % 250 + 1);
+        let spec = engine_fault(
+            &net,
+            FaultKind::Loss {
+                percent: 100.0,
+                correlation: 0.0,
+            },
+            &dest,
+        );
+        let started = Instant::now();
+        engine
+            .apply(spec)
+            .unwrap_or_else(|e| panic!("fault {i}: {e}"));
+        apply_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let attached = in_ns(&net.a, || datapath::tcx_programs("va", Hook::Egress)).expect("query");
+    if datapath::has_tcx() {
+        assert_eq!(attached.len(), 1, "programs on va egress: {attached:?}");
+    }
+    // The table's two classifiers and the engine's spare object's two.
+    let loaded = chaos_programs_loaded();
+    assert!(loaded <= 4, "{loaded} programs loaded for 1,000 faults");
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 5140), 200).1,
+        200,
+        "unnamed traffic hit"
+    );
+    let cut = engine
+        .apply(engine_fault(&net, FaultKind::Partition, B4))
+        .expect("partition");
+    assert_eq!(
+        udp_probe(&net.a, &net.b, addr(B4, 5141), 200).1,
+        0,
+        "the 1,001st fault"
+    );
+    engine.revert(&cut.id).expect("revert");
+    assert_eq!(udp_probe(&net.a, &net.b, addr(B4, 5142), 200).1, 200);
+    let mut sorted = apply_ms[1..].to_vec();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "1,000 faults on va: first apply {:.1} ms, the rest p50 {:.2} p99 {:.2} ms",
+        apply_ms[0],
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99)
+    );
+    for r in engine.revert_all() {
+        r.expect("revert");
+    }
+    assert!(net.residue().is_empty(), "{:?}", net.residue());
+}
+
+/// How matching rules compose, measured at the receiver: two 30 % losses to one destination
+/// lose 1-(0.7)(0.7) = 51 %; a partition and a bandwidth cap to one destination drop all and
+/// shape none (a lost packet is affected by the drop only).
+#[test]
+fn matching_rules_compose_as_documented() {
+    use chaos_agent::FaultKind;
+    let _g = serial();
+    let net = TestNet::new("compose");
+    let engine = engine(&net);
+    let loss = || FaultKind::Loss {
+        percent: 30.0,
+        correlation: 0.0,
+    };
+    let a = engine
+        .apply(engine_fault(&net, loss(), B4))
+        .expect("loss a");
+    let b = engine
+        .apply(engine_fault(&net, loss(), B4))
+        .expect("loss b");
+    let n = 10_000;
+    let (report, got) = udp_probe(&net.a, &net.b, addr(B4, 5150), n);
+    assert_eq!(report.send_errors, 0);
+    let (lo, hi) = binomial_bounds(n, 0.51);
+    let lost = (n as usize - got) as f64;
+    assert!(
+        lost >= lo && lost <= hi,
+        "two 30 % losses lost {lost} of {n}, expected [{lo}, {hi}]"
+    );
+    let ca = engine.status(&a.id).expect("a").counters;
+    let cb = engine.status(&b.id).expect("b").counters;
+    assert!(
+        ca.matched >= n && cb.matched >= n,
+        "both match every packet: {ca:?} {cb:?}"
+    );
+    assert_eq!(
+        ca.affected + cb.affected,
+        lost as u64,
+        "each lost packet is one rule's drop"
+    );
+    engine.revert(&a.id).expect("revert");
+    engine.revert(&b.id).expect("revert");
+
+    let cut = engine
+        .apply(engine_fault(&net, FaultKind::Partition, B4))
+        .expect("partition");
+    let cap = engine
+        .apply(engine_fault(
+            &net,
+            FaultKind::Bandwidth {
+                bytes_per_sec: 125_000,
+            },
+            B4,
+        ))
+        .expect("bandwidth");
+    let (_, got) = udp_probe(&net.a, &net.b, addr(B4, 5151), 500);
+    assert_eq!(got, 0, "the partition wins");
+    let shaped = engine.status(&cap.id).expect("cap").counters;
+    assert!(
+        shaped.matched >= 500 && shaped.affected == 0,
+        "a dropped packet is not shaped: {shaped:?}"
+    );
+    println!(
+        "two 30 % losses: lost {lost} of {n} (expected 51 %); partition + bandwidth: 0 of 500, bandwidth affected {}",
+        shaped.affected
+    );
+    engine.revert(&cut.id).expect("revert");
+    engine.revert(&cap.id).expect("revert");
+    assert!(net.residue().is_empty(), "{:?}", net.residue());
 }

@@ -6,6 +6,86 @@
 
 /// Largest number of CIDR entries per trie (and of ports, which live in a bitmap anyway).
 pub const MAX_CIDRS: u32 = 65_536;
+
+/// Rows of one hook table: the faults one engine can hold on one interface. A packet pays for
+/// the rules it matches, not for the rows: which rules a packet can match is a few ANDs over
+/// [`RuleSet`]s, and only the rules left are visited.
+pub const MAX_RULES: u32 = 1024;
+/// `u64` words of a [`RuleSet`].
+pub const RULE_WORDS: usize = (MAX_RULES / 64) as usize;
+
+/// One bit per rule slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub words: [u64; RULE_WORDS],
+}
+
+impl RuleSet {
+    pub const fn empty() -> Self {
+        RuleSet {
+            words: [0; RULE_WORDS],
+        }
+    }
+
+    pub fn insert(&mut self, slot: u32) {
+        self.words[(slot as usize / 64) % RULE_WORDS] |= 1 << (slot % 64);
+    }
+
+    pub fn remove(&mut self, slot: u32) {
+        self.words[(slot as usize / 64) % RULE_WORDS] &= !(1 << (slot % 64));
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, slot: u32) -> bool {
+        self.words[(slot as usize / 64) % RULE_WORDS] & (1 << (slot % 64)) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+/// Indices of the `SETS` array: which rules each property admits. A packet's candidate rules
+/// are `ACTIVE & hook & protocol & (remote trie | ANY_REMOTE) & (local trie | ANY_LOCAL)`.
+/// Rules whose action is armed (cleared first on revert: one map write disarms a fault).
+pub const SET_ACTIVE: u32 = 0;
+pub const SET_EGRESS: u32 = 1;
+pub const SET_INGRESS: u32 = 2;
+/// Rules for TCP (and for all protocols), likewise UDP, ICMP, and any other protocol.
+pub const SET_TCP: u32 = 3;
+pub const SET_UDP: u32 = 4;
+pub const SET_ICMP: u32 = 5;
+pub const SET_OTHER_PROTOCOL: u32 = 6;
+/// Rules without remote (local) CIDRs: they match every remote (local) address.
+pub const SET_ANY_REMOTE: u32 = 7;
+pub const SET_ANY_LOCAL: u32 = 8;
+/// Rules that lose the packet (loss, partition, DNS timeouts): they are consulted first.
+pub const SET_DROPS: u32 = 9;
+/// DNS rules: only a packet that may meet one pays for parsing a DNS query.
+pub const SET_DNS: u32 = 10;
+pub const SET_COUNT: u32 = 11;
+
+/// A hook table's settings (index 0 of `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Offset of the IP header in the frame: 14 on Ethernet, 0 on L3 devices (tun, wireguard).
+    pub l3_offset: u32,
+    /// 1 where ingress shaping goes through the separate mirred filter (kernels before 6.4,
+    /// whose IFB drops what bpf_redirect hands it): the classifier then only marks the packet.
+    pub ingress_via_mirred: u32,
+}
+
+/// The major number of our shaping classes: `chaos_ingress_mirred` hands the IFB exactly the
+/// packets the classifier steered into one of them.
+pub const SHAPING_MAJOR: u32 = 0xC4A0;
 /// Control-plane endpoints that a fault must never match (invariant: the agent never cuts its
 /// own control channel).
 pub const MAX_EXCLUDED: u32 = 64;
@@ -15,7 +95,7 @@ pub const PORT_BITMAP_WORDS: usize = 2048;
 /// `Rule::probability_*` are fractions of 2^32: 0 never, `PROBABILITY_ONE` always.
 pub const PROBABILITY_ONE: u64 = 1 << 32;
 
-/// Match and count, affect nothing (a disarmed fault, on its way out).
+/// Match and count, affect nothing.
 pub const ACTION_NONE: u32 = 0;
 pub const ACTION_DROP: u32 = 1;
 pub const ACTION_CORRUPT: u32 = 2;
@@ -34,12 +114,6 @@ pub const ACTION_DELAY: u32 = 4;
 /// back to the interface's ingress path at once.
 pub const ACTION_DNS: u32 = 5;
 
-/// The rule has remote CIDRs: a packet matches only if its remote address is in the trie of its
-/// family (an empty trie for the other family then matches nothing). A remote CIDR's value is
-/// a per-destination delay in microseconds for `ACTION_DELAY` (0: the rule's `delay_ns`).
-pub const MATCH_REMOTE: u32 = 1 << 0;
-/// The rule has local CIDRs, likewise.
-pub const MATCH_LOCAL: u32 = 1 << 1;
 /// The rule has ports: a packet matches if its source or destination port is in the bitmap.
 pub const MATCH_PORTS: u32 = 1 << 2;
 /// `ACTION_DNS` only: the rule has name patterns in `DNS_NAMES` (else every name matches).
@@ -94,15 +168,13 @@ pub struct DnsScratch {
     pub limit: u64,
     pub hash: u64,
     pub status: u64,
+    /// The rules whose patterns the name matched, gathered over every suffix.
+    pub names: RuleSet,
 }
 
-pub const PROTO_ALL: u32 = 0;
-pub const PROTO_TCP: u32 = 6;
-pub const PROTO_UDP: u32 = 17;
-/// ICMP for IPv4 and ICMPv6 for IPv6.
-pub const PROTO_ICMP: u32 = 1;
-
-/// What one loaded fault does. Index 0 of the `RULE` array.
+/// What one fault does: a row of its hook table (`RULES`, indexed by slot). Which packets it
+/// may see is in the `SETS` and tries; the rest of its target (ports, DNS names) is checked
+/// here.
 ///
 /// Whether a matched packet is affected follows a two-state Markov chain (the simple
 /// Gilbert model): after an affected packet the chance is `probability_after_hit`, otherwise
@@ -113,9 +185,6 @@ pub const PROTO_ICMP: u32 = 1;
 pub struct Rule {
     pub action: u32,
     pub match_flags: u32,
-    pub protocol: u32,
-    /// Offset of the IP header in the frame: 14 on Ethernet, 0 on L3 devices (tun, wireguard).
-    pub l3_offset: u32,
     pub probability_after_hit: u64,
     pub probability_after_miss: u64,
     /// For `ACTION_STEER`: the class (major:minor) matched packets go to.
@@ -145,21 +214,63 @@ pub const HEARTBEAT_INTERVAL_NS: u64 = 250_000_000;
 /// Entries of the `HEARTBEAT` array (CLOCK_MONOTONIC ns of the owner's last beat).
 pub const HEARTBEAT_SLOTS: u32 = 1;
 
-/// Per-CPU counters and the per-CPU state of the Markov chain. Summed by user space.
+/// Per-CPU counters of one rule and the per-CPU state of its Markov chain (`COUNTERS`, by
+/// slot). Summed by user space.
 ///
 /// Packets count as segments: a GSO/TSO super-packet of n segments (one skb at the hook)
 /// counts n, as the wire and a receiver see it. Bytes are the skb's length at the hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuState {
-    pub seen: u64,
+pub struct RuleCounters {
     pub matched: u64,
     pub affected: u64,
-    /// 1 if the last matched packet on this CPU was affected.
-    pub last_affected: u64,
-    pub seen_bytes: u64,
     pub matched_bytes: u64,
     pub affected_bytes: u64,
+    /// 1 if the last matched packet on this CPU was affected.
+    pub last_affected: u64,
+}
+
+/// Per-CPU count of what one hook saw (`SEEN`: 0 egress, 1 ingress); a rule's `seen` is the
+/// growth since it was added.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookCounters {
+    pub seen: u64,
+    pub seen_bytes: u64,
+}
+
+/// The classifier's per-CPU working state for one packet: the candidate rules, what the packet
+/// is, and the outcome the rules have composed so far. In a map, not on the stack: the rule
+/// walk is a bpf_loop callback, and 512 bytes of stack would not hold it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub candidates: RuleSet,
+    /// Next slot to look at.
+    pub pos: u64,
+    pub now: u64,
+    pub segments: u64,
+    pub bytes: u64,
+    /// The remote address (IPv4 in the first four bytes), for per-destination delays.
+    pub remote: [u8; 16],
+    pub family: u32,
+    pub direction: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub has_ports: u32,
+    /// 1: a standard DNS query (UDP or TCP) whose name was looked up.
+    pub dns_query: u32,
+    pub protocol: u32,
+    /// 0: the rules that lose packets; 1: all others.
+    pub phase: u32,
+    // The outcome.
+    pub dropped: u32,
+    pub classid: u32,
+    pub redirect_ifindex: u32,
+    pub dns_rcode: u32,
+    pub corruptions: u32,
+    pub _pad: u32,
+    pub delay_ns: u64,
 }
 
 /// Ports as a bitmap so a lookup costs the same for one port or a range of 65,536.
@@ -208,9 +319,12 @@ pub struct Endpoint {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are repr(C) with explicit padding and no invalid bit patterns.
+    // SAFETY: all are repr(C) with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::Rule {}
-    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::RuleCounters {}
+    unsafe impl aya::Pod for super::HookCounters {}
+    unsafe impl aya::Pod for super::RuleSet {}
+    unsafe impl aya::Pod for super::TableConfig {}
     unsafe impl aya::Pod for super::PortBitmap {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::DnsKey {}

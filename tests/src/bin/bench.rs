@@ -122,28 +122,34 @@ fn frame(v6: bool) -> Vec<u8> {
 }
 
 /// The classifier's own cost per unmatched packet (BPF_PROG_TEST_RUN, 10^6 runs each), by
-/// number of remote CIDRs. Baseline: a rule for another protocol, which returns right after
-/// parsing (no trie lookup).
+/// number of remote CIDRs and of faults on the interface (rows of one table, each with CIDRs of
+/// its own). Baseline: a rule for another protocol, which leaves no candidate rule.
 fn classifier_cost(net: &TestNet) -> serde_json::Value {
-    use chaos_agent::datapath::{self, Hook};
+    use chaos_agent::datapath::Hook;
     const PASS: i32 = -1;
     let mut rows = Vec::new();
-    let cases: [(&str, usize); 4] = [
-        ("baseline: other protocol", 0),
-        ("1 entry", 1),
-        ("1,000 entries", 1000),
-        ("65,536 entries", 65_536),
+    let cases: [(&str, usize, usize); 6] = [
+        ("baseline: other protocol", 1, 0),
+        ("1 entry", 1, 1),
+        ("1,000 entries", 1, 1000),
+        ("65,536 entries", 1, 65_536),
+        ("100 faults, 1 entry each", 100, 1),
+        ("1,000 faults, 1 entry each", 1000, 1),
     ];
-    for (label, n) in cases {
-        let mut s = spec(net, cidrs(n));
-        if n == 0 {
-            s.target.protocol = Protocol::Tcp;
+    for (label, faults, n) in cases {
+        let mut table = chaos_tests::detached_table();
+        let all = cidrs(faults * n);
+        for f in 0..faults {
+            let mut s = spec(net, all[f * n..(f + 1) * n].to_vec());
+            if n == 0 {
+                s.target.protocol = Protocol::Tcp;
+            }
+            table
+                .load_rule(&s, None, Default::default(), u64::MAX)
+                .expect("load rule");
         }
-        let mut prepared = datapath::prepare().expect("prepare");
-        prepared
-            .configure(&s, None, Default::default(), 14, &[], u64::MAX)
-            .expect("configure");
-        let mut row = json!({ "case": label, "entries": n });
+        let prepared = &mut table;
+        let mut row = json!({ "case": label, "entries": n, "faults": faults });
         for (family, v6) in [("ipv4", false), ("ipv6", true)] {
             let mut runs: Vec<f64> = (0..5)
                 .map(|_| {
