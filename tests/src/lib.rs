@@ -124,55 +124,65 @@ impl TestNet {
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
 
-    /// Everything a fault may have left attached: tc filters and non-default qdiscs on `va` in
-    /// namespace `a`, and BPF links to our programs. Empty means no residue. (A running engine
-    /// may hold one loaded, unattached spare program; whether programs outlive their owner is
-    /// checked with [`chaos_programs_loaded`] once the owner is gone.)
+    /// Everything a fault may have left on `va` in namespace `a`: see [`residue_on`].
     pub fn residue(&self) -> Vec<String> {
-        let a = &self.a;
-        let mut found = Vec::new();
-        for hook in ["ingress", "egress"] {
-            let out = sh(&format!("ip netns exec {a} tc filter show dev va {hook}"));
-            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !text.is_empty() {
-                found.push(format!("tc filter {hook}: {text}"));
-            }
-        }
-        let q = sh(&format!("ip netns exec {a} tc qdisc show dev va"));
-        for line in String::from_utf8_lossy(&q.stdout).lines() {
-            if !line.starts_with("qdisc noqueue 0: root") {
-                found.push(format!("qdisc: {line}"));
-            }
-        }
-        // IFB devices for ingress shaping (chifb*) and --force rehearsals (chrh*).
-        let links = sh(&format!("ip -n {a} -o link show"));
-        for line in String::from_utf8_lossy(&links.stdout).lines() {
-            if line.contains(": chifb") || line.contains(": chrh") {
-                found.push(format!("link: {line}"));
-            }
-        }
-        // We never pin; anything of ours under bpffs would be a leak.
-        let pinned = sh("find /sys/fs/bpf -iname '*chaos*' 2>/dev/null");
-        let pinned = String::from_utf8_lossy(&pinned.stdout).trim().to_string();
-        if !pinned.is_empty() {
-            found.push(format!("pinned: {pinned}"));
-        }
-        // TCX links: neither `tc filter show` nor Debian's bpftool lists them; BPF_PROG_QUERY
-        // on the device does (anyone's program: the test's namespaces have no other).
-        for hook in [Hook::Egress, Hook::Ingress] {
-            let programs = in_ns(a, move || datapath::tcx_programs("va", hook))
-                .unwrap_or_else(|e| panic!("query tcx: {e}"));
-            if !programs.is_empty() {
-                found.push(format!("tcx {hook:?}: {programs:?}"));
-            }
-        }
-        // And links to our programs anywhere else (kernel tests run one at a time).
-        let links = chaos_links();
-        if links > 0 {
-            found.push(format!("{links} BPF links to chaos_* programs"));
-        }
-        found
+        residue_on(&self.a, "va")
     }
+}
+
+/// Everything a fault may have left attached: tc filters and non-default qdiscs on `dev` in
+/// namespace `ns`, and BPF links to our programs. Empty means no residue. (A running engine
+/// may hold one loaded, unattached spare program; whether programs outlive their owner is
+/// checked with [`chaos_programs_loaded`] once the owner is gone.)
+pub fn residue_on(ns: &str, dev: &str) -> Vec<String> {
+    let a = ns;
+    let mut found = Vec::new();
+    for hook in ["ingress", "egress"] {
+        // sh_ok: a failed listing (no such device or namespace) must not read as "nothing".
+        let text = sh_ok(&format!(
+            "ip netns exec {a} tc filter show dev {dev} {hook}"
+        ))
+        .trim()
+        .to_string();
+        if !text.is_empty() {
+            found.push(format!("tc filter {hook}: {text}"));
+        }
+    }
+    let q = sh_ok(&format!("ip netns exec {a} tc qdisc show dev {dev}"));
+    for line in q.lines() {
+        if !line.starts_with("qdisc noqueue 0: root") {
+            found.push(format!("qdisc: {line}"));
+        }
+    }
+    // IFB devices for ingress shaping (chifb*) and --force rehearsals (chrh*).
+    let links = sh_ok(&format!("ip -n {a} -o link show"));
+    for line in links.lines() {
+        if line.contains(": chifb") || line.contains(": chrh") {
+            found.push(format!("link: {line}"));
+        }
+    }
+    // We never pin; anything of ours under bpffs would be a leak.
+    let pinned = sh("find /sys/fs/bpf -iname '*chaos*' 2>/dev/null");
+    let pinned = String::from_utf8_lossy(&pinned.stdout).trim().to_string();
+    if !pinned.is_empty() {
+        found.push(format!("pinned: {pinned}"));
+    }
+    // TCX links: neither `tc filter show` nor Debian's bpftool lists them; BPF_PROG_QUERY
+    // on the device does (anyone's program: the test's namespaces have no other).
+    for hook in [Hook::Egress, Hook::Ingress] {
+        let dev = dev.to_string();
+        let programs = in_ns(a, move || datapath::tcx_programs(&dev, hook))
+            .unwrap_or_else(|e| panic!("query tcx: {e}"));
+        if !programs.is_empty() {
+            found.push(format!("tcx {hook:?}: {programs:?}"));
+        }
+    }
+    // And links to our programs anywhere else (kernel tests run one at a time).
+    let links = chaos_links();
+    if links > 0 {
+        found.push(format!("{links} BPF links to chaos_* programs"));
+    }
+    found
 }
 
 impl Drop for TestNet {
@@ -300,16 +310,23 @@ fn drain_errqueue(sock: &UdpSocket) -> u64 {
     }
 }
 
-/// A UDP receiver in namespace `ns`: counts datagrams and damaged payloads until `idle` passes
-/// with nothing arriving. Returns the sequence numbers seen, in order, and the damaged count.
+/// A UDP receiver in namespace `ns`: counts datagrams and damaged payloads until the sender is
+/// done ([`UdpReceiver::finish`]) and then `idle` passes with nothing arriving. It never stops
+/// on its own while the sender runs, so "0 received" means the fault dropped everything, not
+/// that the receiver gave up early. Returns the sequence numbers seen, in order, and the
+/// damaged count.
 pub struct UdpReceiver {
     handle: std::thread::JoinHandle<(Vec<u64>, u64)>,
+    sender_done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl UdpReceiver {
     pub fn start(ns: &str, addr: SocketAddr, idle: Duration) -> Self {
+        use std::sync::atomic::Ordering;
         let (tx, rx) = std::sync::mpsc::channel();
         let ns = ns.to_string();
+        let sender_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = sender_done.clone();
         let handle = std::thread::spawn(move || {
             let file = std::fs::File::open(PathBuf::from("/run/netns").join(&ns)).expect("netns");
             nix_setns(&file);
@@ -327,15 +344,17 @@ impl UdpReceiver {
                     4,
                 )
             };
-            sock.set_read_timeout(Some(idle)).expect("timeout");
+            sock.set_read_timeout(Some(idle.max(Duration::from_millis(1))))
+                .expect("timeout");
             tx.send(()).expect("ready");
             let (mut seqs, mut damaged) = (Vec::new(), 0);
             let mut buf = [0u8; 65536];
-            let mut started = false;
             loop {
+                // Read before receiving: a timeout that began after the sender finished is
+                // a full idle period with nothing in flight.
+                let finished = done.load(Ordering::Acquire);
                 match sock.recv(&mut buf) {
                     Ok(n) if n >= 8 => {
-                        started = true;
                         seqs.push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
                         if buf[8..n]
                             .iter()
@@ -346,23 +365,24 @@ impl UdpReceiver {
                         }
                     }
                     Ok(_) => damaged += 1,
-                    // Idle: done once traffic has started (or after a long wait for none).
-                    Err(_) if started => break,
-                    Err(_) => {
-                        if seqs.is_empty() && idle > Duration::ZERO {
-                            break;
-                        }
-                    }
+                    Err(_) if finished => break,
+                    Err(_) => {}
                 }
             }
             (seqs, damaged)
         });
         rx.recv_timeout(Duration::from_secs(5))
             .expect("receiver ready");
-        UdpReceiver { handle }
+        UdpReceiver {
+            handle,
+            sender_done,
+        }
     }
 
+    /// Call once the sender is done: the receiver drains until `idle` passes quietly.
     pub fn finish(self) -> (Vec<u64>, u64) {
+        self.sender_done
+            .store(true, std::sync::atomic::Ordering::Release);
         self.handle.join().expect("receiver")
     }
 }

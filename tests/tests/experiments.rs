@@ -3,7 +3,7 @@
 //! nginx (Debian) in each application namespace as the system under test, Prometheus (Debian)
 //! scraping the controller, and `chaosctl run` as a CI job would call it.
 use chaos_tests::apps::{self, Proc, Site};
-use chaos_tests::{bin, serial, sh_ok};
+use chaos_tests::{bin, residue_on, serial};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -212,8 +212,17 @@ impl Bed {
             ])
             .output()
             .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        v.as_array().map_or(0, |a| a.len())
+        // A crashed or unreachable agent is a failure, never "holds nothing".
+        assert!(
+            out.status.success(),
+            "chaosctl list on agent {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("agent {i}'s list is not JSON ({e})"));
+        v.as_array()
+            .unwrap_or_else(|| panic!("agent {i}'s list is not an array: {v}"))
+            .len()
     }
 }
 
@@ -455,7 +464,14 @@ fn a_chaos_toolkit_experiment_runs() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiment/tests/fixtures/ctk-http.json");
     let marker = Path::new("/tmp/chaos-ctk-marker");
     let _ = std::fs::remove_file(marker);
-    let out = bed.chaosctl(&["run", &fixture.display().to_string(), "--json"]);
+    let reports = bed.site.tmp.join("ctk.reports");
+    let out = bed.chaosctl(&[
+        "run",
+        &fixture.display().to_string(),
+        "--json",
+        "--report-dir",
+        &reports.display().to_string(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -469,7 +485,30 @@ fn a_chaos_toolkit_experiment_runs() {
         .find(|v| v["event"] == "verdict")
         .unwrap();
     assert_eq!(verdict["verdict"], "held");
-    // Its process action ran (touch) and its rollback undid it (rm).
+    // Its process action ran (touch) and its rollback undid it (rm): both are recorded as
+    // steps that succeeded, and the marker is gone (neither alone would prove anything).
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("run.json")).expect("run.json"))
+            .expect("run.json is JSON");
+    let step = |name: &str| {
+        record["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name}: {record}"))
+            .clone()
+    };
+    let (action, rollback) = (step("flush-the-cache"), step("remove-the-marker"));
+    assert_eq!(
+        (&action["kind"], &action["ok"]),
+        (&Value::from("command"), &Value::from(true))
+    );
+    assert_eq!(
+        (&rollback["kind"], &rollback["ok"]),
+        (&Value::from("rollback"), &Value::from(true))
+    );
+    assert!(action["end_ms"].as_u64() <= rollback["start_ms"].as_u64());
     assert!(!marker.exists());
     assert!(stdout.contains("front-page-must-answer"));
 }
@@ -520,11 +559,10 @@ fn agents_revert_within_the_lease_when_the_controller_dies() {
         );
     }
     // Nothing left in the kernel of either application namespace.
+    // TCX hooks (BPF_PROG_QUERY), clsact filters, qdiscs, IFBs and links alike.
     for ns in &bed.site.apps {
-        let filters = sh_ok(&format!(
-            "ip netns exec {ns} tc filter show dev eth0 egress"
-        ));
-        assert!(filters.trim().is_empty(), "{ns}: {filters}");
+        let residue = residue_on(ns, "eth0");
+        assert!(residue.is_empty(), "{ns}: {residue:?}");
     }
     // A restarted controller gets its agents back.
     bed.start_controller("2s");

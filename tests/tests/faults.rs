@@ -678,3 +678,16 @@ fn matching_rules_compose_as_documented() {
     engine.revert(&cap.id).expect("revert");
     assert!(net.residue().is_empty(), "{:?}", net.residue());
 }
+
+/// The receiver every "0 received" check relies on keeps listening until its sender is done:
+/// a sender that starts well after the receiver's idle period is still counted in full.
+#[test]
+fn the_udp_receiver_waits_for_a_late_sender() {
+    let _g = serial();
+    let net = TestNet::new("rxwait");
+    let rx = UdpReceiver::start(&net.b, addr(B4, 5090), Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = udp_send(&net.a, addr(B4, 5090), 100, 64);
+    let (seqs, _) = rx.finish();
+    assert_eq!((report.sent, seqs.len()), (100, 100));
+}

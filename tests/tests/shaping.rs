@@ -135,40 +135,63 @@ fn a_foreign_root_qdisc_is_left_alone() {
     );
 }
 
-/// Latency needs sch_netem. Where the kernel lacks it (this host), the refusal names the module
-/// and how to get it; where it has it, the fault applies.
+/// Latency needs sch_netem. Whether this kernel has it is found by hand (a netem qdisc added
+/// and removed with `tc` in the test's namespace), never from our own `doctor`. Where it is
+/// missing (this host), the refusal names the module and how to get it; where it is present,
+/// the fault's delay is measured at the receiver against the same hand-applied netem.
 #[test]
 fn latency_needs_netem_and_says_so() {
     let _g = serial();
     let net = TestNet::new("lat");
-    let caps = chaosctl(&["doctor", "--json"]);
-    let caps: serde_json::Value = serde_json::from_slice(&caps.stdout).expect("doctor json");
-    let has_netem = caps["features"]
-        .as_array()
-        .expect("features")
-        .iter()
-        .any(|f| f["name"] == "netem" && f["present"] == true);
-    let args = [
-        "inject",
-        "latency",
-        "--ms",
-        "50",
-        "--interface",
-        "va",
-        "--netns",
-        &net.a,
-        "--duration",
-        "1s",
-        "--local",
-    ];
-    let o = chaosctl(&args);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let ns = net.a.clone();
+    let hand = |cmd: &str| {
+        sh(&format!(
+            "ip netns exec {ns} tc qdisc {cmd} dev va root netem delay 50ms"
+        ))
+    };
+    let has_netem = hand("add").status.success();
+    let dst = addr(B4, 7300);
     if has_netem {
+        let baseline = median(&udp_rtts(&net.a, &net.b, dst, 20));
+        sh_ok(&format!("ip netns exec {} tc qdisc del dev va root", net.a));
+        let fault = LocalFault::start(
+            &[
+                "inject",
+                "latency",
+                "--ms",
+                "50",
+                "--interface",
+                "va",
+                "--netns",
+                &net.a,
+                "--duration",
+                "20s",
+            ],
+            &net.tmp,
+        );
+        let ours = median(&udp_rtts(&net.a, &net.b, dst, 20));
+        let (status, out) = fault.stop();
+        assert!(status.success(), "{out}");
+        println!("median RTT: hand-applied netem {baseline:.2} ms, our 50 ms latency {ours:.2} ms");
         assert!(
-            o.status.success(),
-            "latency failed on a kernel with netem: {err}"
+            (ours - baseline).abs() <= 5.0 && ours >= 50.0,
+            "our latency {ours:.2} ms vs hand-applied netem {baseline:.2} ms"
         );
     } else {
+        let o = chaosctl(&[
+            "inject",
+            "latency",
+            "--ms",
+            "50",
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--duration",
+            "1s",
+            "--local",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
         println!("this kernel has no sch_netem; refusal: {}", err.trim());
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
