@@ -8,14 +8,14 @@ use crate::spec::{FaultKind, FaultSpec, InvalidInput, LatencyBackend, invalid};
 use aya::programs::links::Link as _;
 use aya::programs::tc::{SchedClassifierLink, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
-use aya::{Btf, Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader};
 use chaos_abi::{
     ACTION_CORRUPT, ACTION_DELAY, ACTION_DNS, ACTION_DROP, ACTION_NONE, ACTION_STEER, Endpoint,
     FAMILY_V4, FAMILY_V6, MATCH_DNS_NAMES, MATCH_PORTS, PROBABILITY_ONE, Rule,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The datapath object, built by `cargo xtask build-ebpf` and checked against its sources.
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/chaos.bpf.o");
@@ -514,11 +514,19 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
     e
 }
 
-/// The kernel's BTF, parsed once: `Ebpf::load` would parse all of /sys/kernel/btf/vmlinux
-/// (several MB) on every call, which measured ~50 ms of a ~75 ms apply.
-fn kernel_btf() -> Option<&'static Btf> {
-    static BTF: OnceLock<Option<Btf>> = OnceLock::new();
-    BTF.get_or_init(|| Btf::from_sys_fs().ok()).as_ref()
+/// One loader for the process's life. `EbpfLoader::new` parses all of the kernel's BTF
+/// (/sys/kernel/btf/vmlinux: ~28 MB of heap and ~50 ms) every time it is called, and our
+/// object needs none of it: its programs read packets and their `__sk_buff`, never kernel
+/// structures, so there is nothing to relocate (CO-RE). So the parse happens once, its result
+/// is dropped at once, and every load after it reuses the loader. The object's own BTF is
+/// still loaded into the kernel.
+fn loader() -> &'static Mutex<EbpfLoader<'static>> {
+    static LOADER: OnceLock<Mutex<EbpfLoader<'static>>> = OnceLock::new();
+    LOADER.get_or_init(|| {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        Mutex::new(loader)
+    })
 }
 
 /// A fresh copy of the object with its maps created and both classifiers verified, not yet
@@ -583,10 +591,11 @@ pub fn prepare() -> Result<Prepared, DatapathError> {
             "network faults need Linux 5.17 or later (the bpf_loop helper)".into(),
         ));
     }
-    let mut ebpf = ctx!(
-        EbpfLoader::new().btf(kernel_btf()).load(OBJECT),
-        "load chaos.bpf.o"
-    )?;
+    let loaded = loader()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .load(OBJECT);
+    let mut ebpf = ctx!(loaded, "load chaos.bpf.o")?;
     for hook in [Hook::Egress, Hook::Ingress] {
         let prog = classifier(&mut ebpf, hook)?;
         ctx!(prog.load(), "load {} (verifier)", hook.program())?;

@@ -216,10 +216,18 @@ pub struct Engine {
     config: EngineConfig,
     journal: Journal,
     state: Mutex<State>,
-    /// A loaded and verified datapath object, ready for the next apply.
-    spare: Mutex<Option<datapath::Prepared>>,
+    /// A loaded and verified datapath object for the next interface's first fault.
+    spare: Mutex<Spare>,
     /// Keeps every network fault's rules alive in the kernel while this engine runs.
     heartbeats: Arc<Heartbeats>,
+}
+
+/// The spare datapath object: at most one exists or is being prepared, so a burst of applies
+/// never loads (and holds the memory of) several objects at once.
+enum Spare {
+    Empty,
+    Preparing,
+    Ready(datapath::Prepared),
 }
 
 const ENDED_HISTORY: usize = 1024;
@@ -250,7 +258,7 @@ impl Engine {
             config,
             journal,
             state: Mutex::new(State::default()),
-            spare: Mutex::new(None),
+            spare: Mutex::new(Spare::Empty),
             heartbeats: Heartbeats::start(),
         });
         let reclaimed = engine.reclaim_orphans()?;
@@ -821,34 +829,43 @@ impl Engine {
     /// fault it keeps a spare: loading and verifying is ~2/3 of an apply. Not at start, so an
     /// idle agent holds nothing in the kernel.
     fn take_prepared(&self) -> Result<datapath::Prepared, EngineError> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let prepared = match spare {
-            Some(p) => p,
-            None => datapath::prepare()?,
-        };
-        Ok(prepared)
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*spare, Spare::Ready(_))
+            && let Spare::Ready(p) = std::mem::replace(&mut *spare, Spare::Empty)
+        {
+            return Ok(p);
+        }
+        drop(spare);
+        Ok(datapath::prepare()?)
     }
 
-    /// Prepares the next spare off the caller's path.
+    /// Prepares the next spare off the caller's path, unless one is ready or on its way.
     pub fn refill_spare(self: &Arc<Self>) {
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if !matches!(*spare, Spare::Empty) {
+                return;
+            }
+            *spare = Spare::Preparing;
+        }
         let weak = Arc::downgrade(self);
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("chaos-prepare".into())
             .spawn(move || {
                 let Some(engine) = weak.upgrade() else { return };
-                if engine
-                    .spare
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some()
-                {
-                    return;
-                }
-                match datapath::prepare() {
-                    Ok(p) => *engine.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(p),
-                    Err(e) => tracing::warn!("preparing a spare datapath object: {e}"),
-                }
+                let next = match datapath::prepare() {
+                    Ok(p) => Spare::Ready(p),
+                    Err(e) => {
+                        tracing::warn!("preparing a spare datapath object: {e}");
+                        Spare::Empty
+                    }
+                };
+                *engine.spare.lock().unwrap_or_else(|p| p.into_inner()) = next;
             });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the thread that prepares a spare datapath object: {e}");
+            *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Spare::Empty;
+        }
     }
 
     fn write_journal(&self, st: &State, pending: Option<Entry>) -> Result<(), EngineError> {
