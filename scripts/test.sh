@@ -67,4 +67,15 @@ for f in d["fanout"]:
 b = d["baseline_direct_unix_socket"]["apply_ms"]
 print(f"  fleet baseline (one agent, unix socket): apply p50 {b['p50']:.2f} p99 {b['p99']:.2f} ms; agent RSS {d['agent_rss_kib']/1024:.1f} MiB")
 PY
+env -u RUST_BACKTRACE ./target/release/chaos-bench-owner --trials "${CHAOS_BENCH_OWNER_TRIALS:-100}" --out bench-out/owner.json >/dev/null
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/owner.json"))
+for o in d["owners"]:
+    k, s = o["kill9_until_traffic_whole_ms"], o["sigstop_past_deadline_ms"]
+    print(f"  owner {o['attach']:<6} kill -9: whole again p50 {k['p50']:.0f} p99 {k['p99']:.0f} ms, {o['kill9_within_target']}/{o['kill9_trials']} within {d['targets']['kill9_until_traffic_whole_ms_max']:.0f} ms; SIGSTOP: ended p99 {s['p99']:.1f} ms past the deadline, {o['sigstop_within_target']}/{o['sigstop_trials']} within 100 ms")
+a = d["agent"]
+f, m, r = a["apply_first_on_interface_ms"], a["apply_more_on_interface_ms"], a["rss_kib"]
+print(f"  agent apply: first on an interface p50 {f['p50']:.1f} p99 {f['p99']:.1f} ms, one more p50 {m['p50']:.2f} p99 {m['p99']:.2f} ms, cold {a['apply_cold_ms']:.0f} ms; RSS idle {r['idle']/1024:.1f} MiB, 100 faults {r['with_100_faults']/1024:.1f} MiB, after revert {r['after_revert']/1024:.1f} MiB")
+PY
 echo "all tests passed"

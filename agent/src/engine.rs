@@ -304,7 +304,7 @@ impl Engine {
         );
         let result = self.reconcile(&mut st).remove(&id);
         // Only network faults use the datapath object; a CPU fault loads nothing into the kernel.
-        if network {
+        if network && holds_network_faults(&st) {
             self.refill_spare();
         }
         if let Some(Err(e)) = result {
@@ -496,6 +496,12 @@ impl Engine {
             }
             results.insert(id, res);
         }
+        // Only what live faults need stays: with no network fault left, no spare object either
+        // (its programs and maps in the kernel, its copy of the object here).
+        if !holds_network_faults(st) {
+            *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Spare::Empty;
+        }
+
         results
     }
 
@@ -514,16 +520,6 @@ impl Engine {
             return self.install_cpu(st, id, spec, deadline, netns);
         }
         let sites = self.plan_sites(st, id, &spec, &netns)?;
-        // Intent first: if we crash mid-install, the journal already names what may be there.
-        let planned = planned_attachments(&spec, self.config.attach);
-        self.write_journal(
-            st,
-            Some(Entry {
-                attachments: planned,
-                ..entry(id, &spec, deadline, &netns, None)
-            }),
-        )?;
-        let journaled = started.elapsed();
         // The interface's table if this engine has one there already: then the fault is a row
         // written into it, with nothing to load or attach.
         let table = st.active.values().find_map(|a| match &a.installed {
@@ -534,6 +530,21 @@ impl Engine {
             }
             _ => None,
         });
+        // Intent first: if we crash mid-install, the journal already names what may be there.
+        // A row in a table another fault holds adds nothing a reclaim could miss (the table's
+        // attachments are journaled with that fault, and a row outlives neither its deadline
+        // nor its owner's heartbeat), so only a new attachment or shaping site is written ahead.
+        if table.is_none() || !sites.is_empty() {
+            let planned = planned_attachments(&spec, self.config.attach);
+            self.write_journal(
+                st,
+                Some(Entry {
+                    attachments: planned,
+                    ..entry(id, &spec, deadline, &netns, None)
+                }),
+            )?;
+        }
+        let journaled = started.elapsed();
         let prepared = match table {
             Some(_) => None,
             None => Some(self.take_prepared()?),
@@ -860,7 +871,14 @@ impl Engine {
                         Spare::Empty
                     }
                 };
-                *engine.spare.lock().unwrap_or_else(|p| p.into_inner()) = next;
+                // Kept only if a network fault is still live (lock order: state, then spare).
+                let st = engine.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut spare = engine.spare.lock().unwrap_or_else(|p| p.into_inner());
+                *spare = if holds_network_faults(&st) {
+                    next
+                } else {
+                    Spare::Empty
+                };
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the thread that prepares a spare datapath object: {e}");
@@ -1025,6 +1043,13 @@ fn status_of(id: &str, a: &Active, ended: Option<EndReason>) -> Result<FaultStat
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether the engine holds a network fault (a row in some interface's rule table).
+fn holds_network_faults(st: &State) -> bool {
+    st.active
+        .values()
+        .any(|a| matches!(a.installed, Installed::Net(_)))
 }
 
 /// A fault id: `f-` and 8 random hex digits.

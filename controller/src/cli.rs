@@ -962,6 +962,7 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
             "target": target_label(&(&fault.spec).into()),
             "backend": fault.backend,
             "duration_ms": duration.as_millis() as u64,
+            "deadline_unix_ms": chaos_agent::engine::unix_ms(fault.deadline),
         }),
     );
 
