@@ -975,3 +975,19 @@ pub fn detached_table() -> Table {
     let prepared = datapath::prepare().expect("prepare");
     Table::new(prepared, "lo", 14, AttachMode::Tcx, &[]).expect("table")
 }
+
+/// A small deterministic PRNG (xorshift64*) for the differential tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}

@@ -236,21 +236,6 @@ fn bad_dns_input_is_refused() {
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
 
-/// A small deterministic PRNG (xorshift64*) for the differential test.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// The eBPF matcher against the user-space reference (`chaos_agent::dns::query_matches`) over
 /// 30,000 queries: well-formed ones for matching and other names, and the same mutated (bytes
 /// flipped, truncated anywhere, counts changed, compression pointers, long and empty labels).
