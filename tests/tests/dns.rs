@@ -313,7 +313,7 @@ fn the_datapath_answers_exactly_what_the_reference_matcher_matches() {
             }
             _ => {
                 let at = 2 + rng.below(10);
-                q[at] = rng.next() as u8;
+                q[at] = rng.next_u64() as u8;
             }
         }
         if i % 1000 == 0 {
