@@ -223,6 +223,8 @@ fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_othe
         residue(),
     );
 
+    // The baseline for --force's 30 ms, while va still has its default root.
+    let hand = hand_netem(30.0, B, 7414);
     // --force over a foreign tree: prio with netem and fq_codel leaves, and a u32 filter.
     let show = || {
         ["qdisc", "class", "filter"]
@@ -254,7 +256,6 @@ fn ingress_sharing_force(c: &mut Checks, e: &Arc<Engine>, base_b: f64, base_othe
         e.revert(&f.id).expect("revert forced");
     }
     let after = show();
-    let hand = hand_netem(30.0, B, 7414);
     c.check(
         "a foreign root is refused without --force",
         refused.as_deref().is_some_and(|r| r.contains("--force")),
