@@ -991,3 +991,19 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// A gRPC channel to an agent's unix socket (the benchmarks' direct path to one agent).
+pub async fn agent_channel(socket: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::try_from("http://agent.local")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("agent socket")
+}

@@ -221,19 +221,7 @@ async fn main() {
     }
 
     // Baseline: one agent, directly on its unix socket, same spec.
-    let path = sock.clone();
-    let ch = Endpoint::try_from("http://agent.local")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("agent socket");
+    let ch = chaos_tests::agent_channel(sock.clone()).await;
     let mut direct = AgentClient::new(ch);
     let (mut apply, mut revert) = (vec![], vec![]);
     for _ in 0..rounds {

@@ -29,7 +29,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tonic::transport::{Channel, Endpoint};
 
 fn unix_ms_now() -> f64 {
     SystemTime::now()
@@ -216,19 +215,7 @@ async fn agent_costs(net: &TestNet, rounds: usize) -> Value {
         dir.display()
     ));
     let agent = Agent::start_at(&dir.join("agent.sock"), &dir.join("journal"), &[]);
-    let path = agent.socket.clone();
-    let ch: Channel = Endpoint::try_from("http://agent.local")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("agent socket");
+    let ch = chaos_tests::agent_channel(agent.socket.clone()).await;
     let mut client = AgentClient::new(ch);
     let pid = agent.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
