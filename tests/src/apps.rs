@@ -38,7 +38,7 @@ impl Site {
                  ip -n {hub} addr add 10.214.{i}.1/24 dev h{i}; ip -n {app} addr add 10.214.{i}.2/24 dev eth0;
                  ip -n {hub} link set h{i} up; ip -n {app} link set eth0 up;
                  ip -n {app} route add default via 10.214.{i}.1;
-                 ip netns exec {hub} ping -c 1 -W 2 10.214.{i}.2 >/dev/null"
+                 ip netns exec {hub} ping -c 1 -w 5 -i 0.2 10.214.{i}.2 >/dev/null"
             ));
         }
         site

@@ -103,10 +103,12 @@ impl TestNet {
              ip -n {b} -6 addr add {B6_OTHER}/64 dev vb nodad;
              ip -n {a} link set va up; ip -n {b} link set vb up"
         ));
-        // Neighbour discovery before any fault, so faults see data packets, not ARP/NDP.
+        // Neighbour discovery before any fault, so faults see data packets, not ARP/NDP. `-w 5`
+        // keeps probing until the first reply: on a loaded machine a veth's first echo can be
+        // lost while its carrier comes up (CI failed once on a single `-W 2` probe).
         for dst in [B4, B4_OTHER, B6, B6_OTHER] {
             sh_ok(&format!(
-                "ip netns exec {a} ping -c 1 -W 2 {dst} >/dev/null"
+                "ip netns exec {a} ping -c 1 -w 5 -i 0.2 {dst} >/dev/null"
             ));
         }
         net
