@@ -419,6 +419,49 @@ impl Engine {
         default_end: EndReason,
     ) -> BTreeMap<String, Result<(), EngineError>> {
         let mut results = BTreeMap::new();
+        self.remove_undesired(st, default_end, &mut results);
+
+        let to_add: Vec<String> = st
+            .desired
+            .keys()
+            .filter(|id| !st.active.contains_key(*id))
+            .cloned()
+            .collect();
+        let mut undo = BTreeMap::new();
+        for id in to_add {
+            let res = self.install(st, &id);
+            if res.is_err() {
+                st.desired.remove(&id);
+            }
+            results.insert(id, res);
+        }
+        // An install that failed after its change was in the kernel (the journal write after
+        // it failed, say) is undone now, before its error is returned: a fault the caller was
+        // told failed must not run on, unlisted, to its deadline.
+        if st.active.keys().any(|id| !st.desired.contains_key(id)) {
+            self.remove_undesired(st, EndReason::Reverted, &mut undo);
+            for (id, res) in undo {
+                if let Err(e) = res {
+                    tracing::error!(%id, "undoing a failed install: {e}");
+                }
+            }
+        }
+        // Only what live faults need stays: with no network fault left, no spare object either
+        // (its programs and maps in the kernel, its copy of the object here).
+        if !holds_network_faults(st) {
+            *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Spare::Empty;
+        }
+
+        results
+    }
+
+    /// Removes every active fault nobody desires any more, recording each one's result.
+    fn remove_undesired(
+        &self,
+        st: &mut State,
+        default_end: EndReason,
+        results: &mut BTreeMap<String, Result<(), EngineError>>,
+    ) {
         let to_remove: Vec<String> = st
             .active
             .keys()
@@ -482,27 +525,6 @@ impl Engine {
             tracing::debug!(%id, ?disarmed, ?detached, total = ?started.elapsed(), "revert timings");
             results.insert(id, res);
         }
-
-        let to_add: Vec<String> = st
-            .desired
-            .keys()
-            .filter(|id| !st.active.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in to_add {
-            let res = self.install(st, &id);
-            if res.is_err() {
-                st.desired.remove(&id);
-            }
-            results.insert(id, res);
-        }
-        // Only what live faults need stays: with no network fault left, no spare object either
-        // (its programs and maps in the kernel, its copy of the object here).
-        if !holds_network_faults(st) {
-            *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Spare::Empty;
-        }
-
-        results
     }
 
     fn install(&self, st: &mut State, id: &str) -> Result<(), EngineError> {
@@ -585,7 +607,7 @@ impl Engine {
             Err(e) => {
                 // install took away what it put in place; forget the sites it would have used.
                 self.forget_sites(st, id, &netns, &sites);
-                self.write_journal(st, None)?;
+                self.rewrite_journal_after_failure(st);
                 return Err(e);
             }
         };
@@ -762,7 +784,7 @@ impl Engine {
         let stress = match CpuStress::start(&placement, workers, load_percent) {
             Ok(s) => s,
             Err(e) => {
-                self.write_journal(st, None)?;
+                self.rewrite_journal_after_failure(st);
                 return Err(e.into());
             }
         };
@@ -901,6 +923,15 @@ impl Engine {
                 path: self.journal.path().to_path_buf(),
                 source,
             })
+    }
+
+    /// After an install failed and undid itself: the journal's intent entry goes if it can. If
+    /// the write fails too, the stale entry names nothing of ours that is left, so the
+    /// install's own error is the one to report.
+    fn rewrite_journal_after_failure(&self, st: &State) {
+        if let Err(e) = self.write_journal(st, None) {
+            tracing::warn!("journal after a failed install: {e}");
+        }
     }
 
     /// Removes what orphaned journals recorded. TCX links died with their process; clsact

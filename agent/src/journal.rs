@@ -96,6 +96,15 @@ impl Journal {
         &self.path
     }
 
+    /// Where a write is staged before its rename: named by pid *and* start time, so no two
+    /// engines (nor a reused pid) ever share one, and a reader can tell whose it is.
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join(format!(
+            "{}.{}.json.tmp",
+            self.owner.pid, self.owner.start_time
+        ))
+    }
+
     /// Replaces the journal with `faults`: write a temporary file, fsync, rename over the old
     /// one, fsync the directory. A reader sees the old or the new journal, never half of one.
     pub fn write(&self, faults: &[Entry], sites: &[SiteEntry]) -> io::Result<()> {
@@ -110,7 +119,7 @@ impl Journal {
             faults: faults.to_vec(),
             sites: sites.to_vec(),
         };
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = self.tmp_path();
         {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&serde_json::to_vec(&file).map_err(io::Error::other)?)?;
@@ -129,8 +138,11 @@ impl Journal {
                 continue;
             }
             if path.extension().is_some_and(|e| e == "tmp") {
-                // An interrupted write: the rename never happened, so the real file is current.
-                let _ = std::fs::remove_file(&path);
+                // A dead engine's interrupted write (the rename never happened, so its real
+                // file is current) goes; a live engine's write in flight is its own business.
+                if tmp_owner(&path).is_none_or(|o| !o.is_alive()) {
+                    let _ = std::fs::remove_file(&path);
+                }
                 continue;
             }
             if path.extension().is_none_or(|e| e != "json") {
@@ -147,6 +159,17 @@ impl Journal {
         }
         Ok(out)
     }
+}
+
+/// The engine a staged write (`<pid>.<start time>.json.tmp`) belongs to; `None` for any other
+/// name (an older engine's `<pid>.json.tmp`, which a live engine no longer writes).
+fn tmp_owner(path: &Path) -> Option<Owner> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".json.tmp")?;
+    let (pid, start_time) = name.split_once('.')?;
+    Some(Owner {
+        pid: pid.parse().ok()?,
+        start_time: start_time.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -206,10 +229,7 @@ mod tests {
         assert_eq!(file.faults.len(), 2);
         assert_eq!(file.faults[0], entry("f-1"), "round trip");
         assert_eq!(file.owner, Owner::current().unwrap());
-        assert!(
-            !j.path().with_extension("json.tmp").exists(),
-            "temporary file left"
-        );
+        assert!(!j.tmp_path().exists(), "temporary file left");
         j.write(&[], &[]).unwrap();
         assert!(!j.path().exists(), "an empty journal is no file");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -252,6 +272,11 @@ mod tests {
         // Our own process under another file name: alive, not an orphan.
         write("alive", me);
         std::fs::write(dir.join("half.json.tmp"), b"{").unwrap();
+        let dead_tmp = dir.join(format!("{}.1.json.tmp", u32::MAX - 1));
+        std::fs::write(&dead_tmp, b"{").unwrap();
+        // Another live engine's write in flight (here: ours, as if from another journal).
+        let live_tmp = dir.join(format!("{}.{}.json.tmp", me.pid, me.start_time));
+        std::fs::write(&live_tmp, b"{").unwrap();
         let mut names: Vec<String> = j
             .orphans()
             .unwrap()
@@ -261,9 +286,10 @@ mod tests {
         names.sort();
         assert_eq!(names, ["dead", "reused"]);
         assert!(
-            !dir.join("half.json.tmp").exists(),
-            "interrupted write not cleaned"
+            !dir.join("half.json.tmp").exists() && !dead_tmp.exists(),
+            "interrupted writes of dead engines not cleaned"
         );
+        assert!(live_tmp.exists(), "a live engine's write in flight deleted");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -187,6 +187,36 @@ pub fn residue_on(ns: &str, dev: &str) -> Vec<String> {
     found
 }
 
+/// An engine in this process on `journal`, started as the agent and `chaosctl --local` start
+/// theirs.
+pub fn engine_at(journal: &Path) -> std::sync::Arc<chaos_agent::Engine> {
+    chaos_agent::Engine::start(chaos_agent::EngineConfig {
+        journal_dir: journal.to_path_buf(),
+        ..Default::default()
+    })
+    .expect("engine")
+    .0
+}
+
+/// A fault of `kind` on A's `va`, egress, to `dest` (a CIDR), for 10 minutes.
+pub fn va_fault(net: &TestNet, kind: chaos_agent::FaultKind, dest: &str) -> chaos_agent::FaultSpec {
+    use chaos_agent::spec::{Direction, NetnsRef, Protocol, Target};
+    chaos_agent::FaultSpec {
+        kind,
+        target: Target {
+            netns: NetnsRef::Path(net.path(&net.a)),
+            interface: "va".into(),
+            remote: vec![dest.parse().expect("cidr")],
+            local: vec![],
+            ports: vec![],
+            protocol: Protocol::All,
+            direction: Direction::Egress,
+            force: false,
+        },
+        duration: Duration::from_secs(600),
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
         self.cleanup();

@@ -519,33 +519,6 @@ fn the_kernel_ends_a_rule_at_its_deadline_or_when_its_owner_stops_beating() {
     assert_eq!(verdict(ahead, 3 * s), PASS, "owner silent for 3 s");
 }
 
-fn engine_fault(net: &TestNet, kind: chaos_agent::FaultKind, dest: &str) -> chaos_agent::FaultSpec {
-    use chaos_agent::spec::{Direction, NetnsRef, Protocol, Target};
-    chaos_agent::FaultSpec {
-        kind,
-        target: Target {
-            netns: NetnsRef::Path(net.path(&net.a)),
-            interface: "va".into(),
-            remote: vec![dest.parse().expect("cidr")],
-            local: vec![],
-            ports: vec![],
-            protocol: Protocol::All,
-            direction: Direction::Egress,
-            force: false,
-        },
-        duration: Duration::from_secs(600),
-    }
-}
-
-fn engine(net: &TestNet) -> std::sync::Arc<chaos_agent::Engine> {
-    let (engine, _) = chaos_agent::Engine::start(chaos_agent::EngineConfig {
-        journal_dir: net.tmp.join("journal"),
-        ..Default::default()
-    })
-    .expect("engine");
-    engine
-}
-
 /// 1,000 faults on one interface are 1,000 rows of one table: one classifier per hook (TCX
 /// allows 64 programs), each apply after the first a map write, and traffic to addresses none
 /// of them names untouched; the 1,001st (a partition of B) still acts.
@@ -555,11 +528,11 @@ fn a_thousand_faults_share_one_classifier() {
     use chaos_agent::datapath::{self, Hook};
     let _g = serial();
     let net = TestNet::new("many");
-    let engine = engine(&net);
+    let engine = engine_at(&net.tmp.join("journal"));
     let mut apply_ms = Vec::new();
     for i in 0..1000u32 {
         let dest = format!("10.100.{}.{}/32", i / 250, i % 250 + 1);
-        let spec = engine_fault(
+        let spec = va_fault(
             &net,
             FaultKind::Loss {
                 percent: 100.0,
@@ -586,7 +559,7 @@ fn a_thousand_faults_share_one_classifier() {
         "unnamed traffic hit"
     );
     let cut = engine
-        .apply(engine_fault(&net, FaultKind::Partition, B4))
+        .apply(va_fault(&net, FaultKind::Partition, B4))
         .expect("partition");
     assert_eq!(
         udp_probe(&net.a, &net.b, addr(B4, 5141), 200).1,
@@ -617,17 +590,13 @@ fn matching_rules_compose_as_documented() {
     use chaos_agent::FaultKind;
     let _g = serial();
     let net = TestNet::new("compose");
-    let engine = engine(&net);
+    let engine = engine_at(&net.tmp.join("journal"));
     let loss = || FaultKind::Loss {
         percent: 30.0,
         correlation: 0.0,
     };
-    let a = engine
-        .apply(engine_fault(&net, loss(), B4))
-        .expect("loss a");
-    let b = engine
-        .apply(engine_fault(&net, loss(), B4))
-        .expect("loss b");
+    let a = engine.apply(va_fault(&net, loss(), B4)).expect("loss a");
+    let b = engine.apply(va_fault(&net, loss(), B4)).expect("loss b");
     let n = 10_000;
     let (report, got) = udp_probe(&net.a, &net.b, addr(B4, 5150), n);
     assert_eq!(report.send_errors, 0);
@@ -652,10 +621,10 @@ fn matching_rules_compose_as_documented() {
     engine.revert(&b.id).expect("revert");
 
     let cut = engine
-        .apply(engine_fault(&net, FaultKind::Partition, B4))
+        .apply(va_fault(&net, FaultKind::Partition, B4))
         .expect("partition");
     let cap = engine
-        .apply(engine_fault(
+        .apply(va_fault(
             &net,
             FaultKind::Bandwidth {
                 bytes_per_sec: 125_000,

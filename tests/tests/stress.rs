@@ -29,15 +29,6 @@ fn cpu(workers: u32, load_percent: f64, cgroup: CgroupRef) -> FaultSpec {
     }
 }
 
-fn engine(journal: &std::path::Path) -> std::sync::Arc<Engine> {
-    Engine::start(EngineConfig {
-        journal_dir: journal.to_path_buf(),
-        ..EngineConfig::default()
-    })
-    .expect("engine")
-    .0
-}
-
 /// Waits until every (pid, start time) is gone; returns the ones still there at the deadline.
 fn wait_gone(workers: &[(u32, u64)], within: Duration) -> Vec<u32> {
     let deadline = Instant::now() + within;
@@ -61,7 +52,7 @@ fn one_worker_holds_50_percent_inside_the_cgroup_and_revert_removes_it() {
     let _g = serial();
     let cg = TestCgroup::new("load");
     let journal = tmpdir("load");
-    let engine = engine(&journal);
+    let engine = engine_at(&journal);
     let f = engine
         .apply(cpu(1, 50.0, CgroupRef::Path(cg.path.clone())))
         .expect("apply");
@@ -140,7 +131,7 @@ fn workers_join_the_cgroups_of_a_pid() {
         .spawn()
         .expect("sleep");
     cg.add(target.id());
-    let engine = engine(&journal);
+    let engine = engine_at(&journal);
     let f = engine
         .apply(cpu(2, 10.0, CgroupRef::Pid(target.id())))
         .expect("apply");
@@ -302,7 +293,7 @@ fn workers_are_held_to_the_cgroups_cpu_quota() {
         }
     }
     let journal = tmpdir("quota");
-    let engine = engine(&journal);
+    let engine = engine_at(&journal);
     let f = engine
         .apply(cpu(2, 50.0, CgroupRef::Path(cg.path.clone())))
         .expect("apply");
