@@ -22,9 +22,32 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/chaos.bpf.o
 
 /// Filters we add to a clsact qdisc carry this handle, so they are recognisably ours.
 pub const CLSACT_HANDLE: u32 = 0xC4A0_0001;
-/// Our clsact priorities are `CLSACT_PRIORITY_BASE + slot`: below 49152 (the kernel's first
-/// automatic priority) so we run before filters added without a priority.
+/// Our clsact priorities start here: below 49152 (the kernel's first automatic priority) so we
+/// run before filters added without a priority.
 pub const CLSACT_PRIORITY_BASE: u16 = 0x0C00;
+
+/// The clsact priority of the classifier of the engine in registry slot `engine_slot`; its
+/// mirred filter (ingress shaping before 6.4) is the next one. Two per engine, so engines never
+/// share a (priority, handle) and none can replace or remove another's filter.
+pub fn clsact_priority(engine_slot: u16) -> u16 {
+    CLSACT_PRIORITY_BASE + 2 * engine_slot.min(crate::registry::SLOTS - 1)
+}
+
+/// Our IFB devices are named `chifb` and a hash of the interface they shape the ingress of.
+pub const IFB_PREFIX: &str = "chifb";
+
+/// How an engine attaches its classifiers: the mode, and its own clsact priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attach {
+    pub mode: AttachMode,
+    pub priority: u16,
+}
+
+/// The registry slot whose engine a clsact priority of ours belongs to; `None` outside our range.
+pub fn slot_of_priority(priority: u16) -> Option<u16> {
+    let offset = priority.checked_sub(CLSACT_PRIORITY_BASE)?;
+    (offset < 2 * crate::registry::SLOTS).then_some(offset / 2)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -36,6 +59,9 @@ pub enum DatapathError {
     Kernel { context: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    /// A journal named a kernel object that is not ours (by our marks): nothing was done.
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 pub(crate) fn kernel(
@@ -61,7 +87,7 @@ macro_rules! ctx {
     };
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hook {
     Egress,
@@ -210,7 +236,7 @@ impl ShapingSite {
                     (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
                 });
                 ShapingSite {
-                    device: format!("chifb{hash:08x}"),
+                    device: format!("{IFB_PREFIX}{hash:08x}"),
                     ifb_for: Some(interface.to_string()),
                 }
             }
@@ -233,11 +259,37 @@ pub enum RootPlan {
 /// back, the IFB deleted if we made it. Must run inside the target namespace. Missing is fine.
 pub fn remove_site(site: &ShapingSite, replaced: Option<&Snapshot>) -> Result<(), DatapathError> {
     let context = || format!("remove the root qdisc of {}", site.device);
-    if site.ifb_for.is_some() {
+    if let Some(interface) = &site.ifb_for {
+        if !is_our_ifb(site, interface)? {
+            return Err(DatapathError::NotOurs(format!(
+                "{} is not an IFB of ours (named for {interface}, with our root or none): left in place",
+                site.device
+            )));
+        }
         return crate::netlink::link_del(&site.device)
             .map_err(|e| kernel(format!("delete {}", site.device))(Box::new(e)));
     }
     qdisc::remove_root(&site.device, replaced).map_err(|e| kernel(context())(Box::new(e)))
+}
+
+/// Whether `site.device` is a device we may delete: an IFB, under the name we derive from
+/// `interface`, carrying our root or none (created, then its owner died before the root went
+/// on). Journals are files anyone with access can write; a device is never deleted on a
+/// journal's word alone. A device that is gone already counts as ours (nothing to delete).
+fn is_our_ifb(site: &ShapingSite, interface: &str) -> Result<bool, DatapathError> {
+    if ShapingSite::for_hook(interface, Hook::Ingress).device != site.device {
+        return Ok(false);
+    }
+    match crate::netlink::link_kind(&site.device) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(true),
+        Err(e) => return Err(kernel(format!("link {}", site.device))(Box::new(e))),
+        Ok(kind) if kind.as_deref() != Some("ifb") => return Ok(false),
+        Ok(_) => {}
+    }
+    Ok(!matches!(
+        qdisc::root(&site.device)?,
+        qdisc::Root::Foreign { .. }
+    ))
 }
 
 /// The foreign root tree of `device`, snapshotted and proven restorable, for `--force`; `None`
@@ -655,6 +707,9 @@ pub(crate) fn add_to_site(
     shape: &Shape,
     slot: u16,
 ) -> Result<(), DatapathError> {
+    // Only what this call made is undone on failure: a root or IFB that was there already
+    // (another engine's) is not ours to take away.
+    let mut made_ifb = false;
     let replaced = match plan {
         RootPlan::Share => None,
         RootPlan::Create => {
@@ -668,21 +723,25 @@ pub(crate) fn add_to_site(
                     }),
                     _ => kernel(format!("create IFB {}", site.device))(Box::new(e)),
                 })?;
+                made_ifb = true;
             }
             None
         }
         RootPlan::Replace(snapshot) => Some(snapshot),
     };
-    let created = !matches!(plan, RootPlan::Share);
+    let mut made_root = false;
     let result = (|| {
-        if created {
+        if !matches!(plan, RootPlan::Share) {
             qdisc::install_root(&site.device, shape, replaced)?;
+            made_root = true;
         }
         qdisc::add_class(&site.device, shape, slot)
     })();
     if let Err(e) = result {
-        if created {
+        if made_root {
             let _ = remove_site(site, replaced);
+        } else if made_ifb {
+            let _ = crate::netlink::link_del(&site.device);
         }
         return Err(e.into());
     }

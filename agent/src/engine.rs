@@ -6,14 +6,17 @@
 //! nobody desires, is removed.
 use crate::cgroup;
 use crate::datapath::{
-    self, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, RootPlan, ShapingSite,
+    self, Attach, AttachMode, AttachmentRecord, Counters, DatapathError, Hook, RootPlan,
+    ShapingSite,
 };
 use crate::heartbeat::{self, Heartbeats};
 use crate::journal::{Entry, Journal, Owner, SiteEntry};
 use crate::netns::{Netns, NetnsError, NetnsId};
 use crate::qdisc::ShapeError;
+use crate::registry::{Record, Registration};
 use crate::spec::{DEFAULT_MAX_DURATION, FaultKind, FaultSpec, InvalidInput, NetnsRef};
 use crate::stress::{CpuStress, StressError};
+use crate::sweep::Claims;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,11 @@ pub enum EngineError {
     NotFound(String),
     #[error("journal {path}: {source}")]
     Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("engine registry {path}: {source}")]
+    Registry {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -70,6 +78,8 @@ pub struct EngineConfig {
     pub attach: AttachMode,
     /// Control-plane endpoints no fault may match.
     pub excluded: Vec<SocketAddr>,
+    /// The node's engine registry (one for every engine on the node, whatever its journal).
+    pub registry_dir: PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -79,6 +89,7 @@ impl Default for EngineConfig {
             max_duration: DEFAULT_MAX_DURATION,
             attach: AttachMode::detect(),
             excluded: Vec::new(),
+            registry_dir: PathBuf::from(crate::registry::DEFAULT_DIR),
         }
     }
 }
@@ -220,6 +231,8 @@ pub struct Engine {
     spare: Mutex<Spare>,
     /// Keeps every network fault's rules alive in the kernel while this engine runs.
     heartbeats: Arc<Heartbeats>,
+    /// This engine's slot in the node's registry, held for its life.
+    registration: Registration,
 }
 
 /// The spare datapath object: at most one exists or is being prepared, so a burst of applies
@@ -233,6 +246,17 @@ enum Spare {
 const ENDED_HISTORY: usize = 1024;
 /// How often deadlines are checked: the most a fault can outlive its deadline.
 pub const DEADLINE_TICK: Duration = Duration::from_millis(50);
+/// How often a chaos-agent sweeps the node for dead engines' leftovers.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(3);
+
+/// Where a sweep looks for our objects by their marks.
+#[derive(Debug, Clone, Copy)]
+pub enum SweepScope<'a> {
+    /// Every network namespace on the node.
+    Node,
+    /// The namespace a fault is about to use.
+    Netns(&'a NetnsRef),
+}
 
 /// What reclaiming an earlier run's leftovers found.
 #[derive(Debug, Default, Clone)]
@@ -243,6 +267,15 @@ pub struct Reclaimed {
     pub qdiscs: usize,
     /// CPU stress workers that outlived their engine (its death signal should have ended them).
     pub workers: usize,
+    /// IFB devices deleted.
+    pub devices: usize,
+    /// Namespaces whose kernel objects were swept by their marks.
+    pub namespaces: usize,
+    /// One line per kernel object removed by its marks (no journal named it).
+    pub removed: Vec<String>,
+    /// What journals named that is not ours by the kernel's account (a garbled or hostile
+    /// journal): left alone, and the journal's claim dropped with it.
+    pub refused: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -254,15 +287,113 @@ impl Engine {
                 path: config.journal_dir.clone(),
                 source,
             })?;
+        let registry_error = |source| EngineError::Registry {
+            path: config.registry_dir.clone(),
+            source,
+        };
+        let record = Record {
+            owner: Owner::current().map_err(registry_error)?,
+            journal: journal.path().to_path_buf(),
+        };
+        let registration =
+            Registration::claim(&config.registry_dir, &record).map_err(registry_error)?;
         let engine = Arc::new(Engine {
             config,
             journal,
             state: Mutex::new(State::default()),
             spare: Mutex::new(Spare::Empty),
             heartbeats: Heartbeats::start(),
+            registration,
         });
-        let reclaimed = engine.reclaim_orphans()?;
+        let reclaimed = {
+            let _sites = engine.lock_sites(true);
+            engine.reclaim_journals()?
+        };
         Ok((engine, reclaimed))
+    }
+
+    /// How this engine attaches: the configured mode at its own clsact priorities.
+    fn attach(&self) -> Attach {
+        Attach {
+            mode: self.config.attach,
+            priority: datapath::clsact_priority(self.registration.slot()),
+        }
+    }
+
+    /// This engine's slot in the node's registry.
+    pub fn registry_slot(&self) -> u16 {
+        self.registration.slot()
+    }
+
+    fn lock_sites(&self, exclusive: bool) -> Option<crate::registry::SitesLock> {
+        crate::registry::lock_sites(&self.config.registry_dir, exclusive)
+            .map_err(|e| tracing::warn!("sites lock: {e}"))
+            .ok()
+    }
+
+    /// Removes what dead engines left: their journals' leftovers (in this engine's journal
+    /// directory and every directory the registry names), then, by their marks, our filters,
+    /// roots and IFBs that no live engine owns in `scope`'s namespaces.
+    pub fn sweep(&self, scope: SweepScope<'_>) -> Result<Reclaimed, EngineError> {
+        let _sites = self.lock_sites(true);
+        let mut report = self.reclaim_journals()?;
+        let namespaces = match scope {
+            SweepScope::Node => crate::sweep::namespaces(),
+            SweepScope::Netns(target) => vec![Netns::open(target)?],
+        };
+        let claims = self.claims();
+        for netns in &namespaces {
+            let r = crate::sweep::sweep_netns(netns, &self.config.registry_dir, &claims);
+            report.clsact_filters += r.filters;
+            report.qdiscs += r.roots;
+            report.devices += r.ifbs;
+            report.removed.extend(r.lines);
+            report.errors.extend(r.errors);
+        }
+        report.namespaces = namespaces.len();
+        Ok(report)
+    }
+
+    /// The sites live engines' journals name (this one's included: a site is journaled before
+    /// it exists, under the sites lock the caller holds).
+    fn claims(&self) -> Claims {
+        let mut claims = Claims {
+            complete: true,
+            ..Claims::default()
+        };
+        let Ok(slots) = crate::registry::slots(&self.config.registry_dir) else {
+            claims.complete = false;
+            return claims;
+        };
+        for slot in slots.into_iter().filter(|s| s.live) {
+            let Some(record) = slot.record else {
+                claims.complete = false;
+                continue;
+            };
+            match std::fs::read(&record.journal) {
+                // An engine holding nothing has no journal file.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => claims.complete = false,
+                Ok(data) => match serde_json::from_slice::<crate::journal::JournalFile>(&data) {
+                    Ok(file) => {
+                        claims
+                            .sites
+                            .extend(file.sites.into_iter().map(|s| (s.netns_id, s.site.device)));
+                        for fault in file.faults {
+                            claims.filters.extend(
+                                fault
+                                    .attachments
+                                    .into_iter()
+                                    .filter(|a| a.mode == AttachMode::Clsact)
+                                    .map(|a| (fault.netns_id, a.interface, a.hook, a.priority)),
+                            );
+                        }
+                    }
+                    Err(_) => claims.complete = false,
+                },
+            }
+        }
+        claims
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -408,6 +539,51 @@ impl Engine {
         }
     }
 
+    /// Sweeps the node now and then every `every` while this engine lives: dead engines'
+    /// leftovers go within `every` of their death (plus the sweep's own time).
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) {
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("chaos-sweep".into())
+            .spawn(move || {
+                let mut reported = BTreeSet::new();
+                while let Some(engine) = weak.upgrade() {
+                    let started = std::time::Instant::now();
+                    match engine.sweep(SweepScope::Node) {
+                        Ok(r) => {
+                            for line in &r.removed {
+                                tracing::info!("sweep removed {line}");
+                            }
+                            if r.faults > 0 {
+                                tracing::info!(
+                                    journals = r.journals,
+                                    faults = r.faults,
+                                    "sweep reclaimed dead engines' journals"
+                                );
+                            }
+                            // The same failure every few seconds is logged once.
+                            for e in r.errors.iter().chain(&r.refused) {
+                                if reported.insert(e.clone()) {
+                                    tracing::warn!("sweep: {e}");
+                                }
+                            }
+                            tracing::debug!(
+                                namespaces = r.namespaces,
+                                took = ?started.elapsed(),
+                                "sweep"
+                            );
+                        }
+                        Err(e) => tracing::warn!("sweep: {e}"),
+                    }
+                    drop(engine);
+                    std::thread::sleep(every);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the sweep thread: {e}");
+        }
+    }
+
     fn reconcile(&self, st: &mut State) -> BTreeMap<String, Result<(), EngineError>> {
         self.reconcile_with(st, EndReason::Reverted)
     }
@@ -419,6 +595,9 @@ impl Engine {
         default_end: EndReason,
     ) -> BTreeMap<String, Result<(), EngineError>> {
         let mut results = BTreeMap::new();
+        // Shared with other engines' changes, exclusive of any sweep: a sweep never reads
+        // claims between a journal's change and the kernel's.
+        let _sites = self.lock_sites(false);
         self.remove_undesired(st, default_end, &mut results);
 
         let to_add: Vec<String> = st
@@ -557,7 +736,7 @@ impl Engine {
         // attachments are journaled with that fault, and a row outlives neither its deadline
         // nor its owner's heartbeat), so only a new attachment or shaping site is written ahead.
         if table.is_none() || !sites.is_empty() {
-            let planned = planned_attachments(&spec, self.config.attach);
+            let planned = planned_attachments(&spec, self.attach());
             self.write_journal(
                 st,
                 Some(Entry {
@@ -572,7 +751,7 @@ impl Engine {
             None => Some(self.take_prepared()?),
         };
         let prepared_at = started.elapsed();
-        let (mode, excluded) = (self.config.attach, self.config.excluded.clone());
+        let (attach, excluded) = (self.attach(), self.config.excluded.clone());
         let spec_in = spec.clone();
         let sites_in = sites.clone();
         let deadline_ns = heartbeat::deadline_ns(deadline);
@@ -582,7 +761,7 @@ impl Engine {
                     table,
                     prepared,
                     &spec_in,
-                    mode,
+                    attach,
                     slot,
                     &excluded,
                     &sites_in,
@@ -936,16 +1115,32 @@ impl Engine {
 
     /// Removes what orphaned journals recorded. TCX links died with their process; clsact
     /// filters (and clsact qdiscs we created) are removed here.
-    fn reclaim_orphans(&self) -> Result<Reclaimed, EngineError> {
+    /// Reclaims dead engines' journals in this engine's directory and every one the registry
+    /// names. What a live engine now owns is left to it: a clsact filter or a site a live
+    /// engine's journal claims. The caller holds the sites lock.
+    fn reclaim_journals(&self) -> Result<Reclaimed, EngineError> {
         let mut report = Reclaimed::default();
-        let orphans = self
+        let registry = &self.config.registry_dir;
+        let mut orphans = self
             .journal
             .orphans()
             .map_err(|source| EngineError::Journal {
                 path: self.config.journal_dir.clone(),
                 source,
             })?;
+        let others: BTreeSet<PathBuf> = crate::registry::slots(registry)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|s| s.record?.journal.parent().map(Path::to_path_buf))
+            .filter(|d| *d != self.config.journal_dir)
+            .collect();
+        for dir in others {
+            orphans
+                .extend(crate::journal::orphans_in(&dir, self.journal.path()).unwrap_or_default());
+        }
+        let claims = self.claims();
         for (path, file) in orphans {
+            let mut keep = false;
             report.journals += 1;
             for fault in &file.faults {
                 report.faults += 1;
@@ -953,7 +1148,17 @@ impl Engine {
                 let clsact: Vec<AttachmentRecord> = fault
                     .attachments
                     .iter()
-                    .filter(|a| a.mode == AttachMode::Clsact)
+                    .filter(|a| {
+                        a.mode == AttachMode::Clsact
+                            && (datapath::slot_of_priority(a.priority).is_none()
+                                || claims.filter_is_dead(
+                                    registry,
+                                    fault.netns_id,
+                                    &a.interface,
+                                    a.hook,
+                                    a.priority,
+                                ))
+                    })
                     .cloned()
                     .collect();
                 if clsact.is_empty() {
@@ -972,17 +1177,29 @@ impl Engine {
             }
             // After the filters: nothing is steered into a class while its root goes.
             for site in file.sites {
+                if !claims.complete {
+                    // It may be a live engine's now: left for a sweep that can tell.
+                    keep = true;
+                    continue;
+                }
+                if claims
+                    .sites
+                    .contains(&(site.netns_id, site.site.device.clone()))
+                {
+                    continue;
+                }
                 let Some(netns) = find_netns(&site.netns_path, site.netns_id) else {
                     continue;
                 };
                 let device = site.site.device.clone();
                 match netns.run(move || datapath::remove_site(&site.site, site.replaced.as_ref())) {
                     Ok(Ok(())) => report.qdiscs += 1,
+                    Ok(Err(DatapathError::NotOurs(why))) => report.refused.push(why),
                     Ok(Err(e)) => report.errors.push(format!("{device}: {e}")),
                     Err(e) => report.errors.push(format!("{device}: {e}")),
                 }
             }
-            if report.errors.is_empty() {
+            if report.errors.is_empty() && !keep {
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -1037,7 +1254,8 @@ fn entry(
 /// The clsact filters an install may put in place: our classifier on each hook the fault
 /// needs, and at ingress the mirred filter shaping may need after it. (Filters its interface's table
 /// already has are in the journal already; naming them again is harmless.)
-fn planned_attachments(spec: &FaultSpec, mode: AttachMode) -> Vec<AttachmentRecord> {
+fn planned_attachments(spec: &FaultSpec, attach: Attach) -> Vec<AttachmentRecord> {
+    let Attach { mode, priority } = attach;
     if mode != AttachMode::Clsact {
         return Vec::new();
     }
@@ -1051,10 +1269,10 @@ fn planned_attachments(spec: &FaultSpec, mode: AttachMode) -> Vec<AttachmentReco
         created_clsact: false,
     };
     let mut planned: Vec<AttachmentRecord> = Hook::for_direction(spec.target.direction)
-        .map(|hook| record(hook, datapath::CLSACT_PRIORITY_BASE))
+        .map(|hook| record(hook, priority))
         .collect();
     if spec.target.direction.ingress() {
-        planned.push(record(Hook::Ingress, datapath::CLSACT_PRIORITY_BASE + 1));
+        planned.push(record(Hook::Ingress, priority + 1));
     }
     planned
 }

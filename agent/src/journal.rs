@@ -131,34 +131,39 @@ impl Journal {
 
     /// Journals left by engines that are no longer running.
     pub fn orphans(&self) -> io::Result<Vec<(PathBuf, JournalFile)>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            if path == self.path {
-                continue;
-            }
-            if path.extension().is_some_and(|e| e == "tmp") {
-                // A dead engine's interrupted write (the rename never happened, so its real
-                // file is current) goes; a live engine's write in flight is its own business.
-                if tmp_owner(&path).is_none_or(|o| !o.is_alive()) {
-                    let _ = std::fs::remove_file(&path);
-                }
-                continue;
-            }
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let Ok(data) = std::fs::read(&path) else {
-                continue;
-            };
-            match serde_json::from_slice::<JournalFile>(&data) {
-                Ok(file) if !file.owner.is_alive() => out.push((path, file)),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(path = %path.display(), "unreadable journal: {e}"),
-            }
-        }
-        Ok(out)
+        orphans_in(&self.dir, &self.path)
     }
+}
+
+/// Journals in `dir` left by engines that are no longer running (`own` is never one).
+pub fn orphans_in(dir: &Path, own: &Path) -> io::Result<Vec<(PathBuf, JournalFile)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path == own {
+            continue;
+        }
+        if path.extension().is_some_and(|e| e == "tmp") {
+            // A dead engine's interrupted write (the rename never happened, so its real
+            // file is current) goes; a live engine's write in flight is its own business.
+            if tmp_owner(&path).is_none_or(|o| !o.is_alive()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let Ok(data) = std::fs::read(&path) else {
+            continue;
+        };
+        match serde_json::from_slice::<JournalFile>(&data) {
+            Ok(file) if !file.owner.is_alive() => out.push((path, file)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(path = %path.display(), "unreadable journal: {e}"),
+        }
+    }
+    Ok(out)
 }
 
 /// The engine a staged write (`<pid>.<start time>.json.tmp`) belongs to; `None` for any other

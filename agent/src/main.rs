@@ -172,6 +172,7 @@ async fn run(args: Args) -> Result<()> {
             _ => AttachMode::detect(),
         },
         excluded,
+        ..EngineConfig::default()
     };
     let (engine, reclaimed) = tokio::task::spawn_blocking(move || Engine::start(config)).await??;
     tracing::info!(
@@ -184,7 +185,12 @@ async fn run(args: Args) -> Result<()> {
     for e in &reclaimed.errors {
         tracing::error!("reclaim: {e}");
     }
+    for r in &reclaimed.refused {
+        tracing::warn!("reclaim: a journal named what is not ours: {r}");
+    }
     engine.spawn_deadline_enforcer();
+    // What a crashed `chaosctl --local` (or any dead engine) left goes without a restart.
+    engine.spawn_sweeper(chaos_agent::engine::SWEEP_EVERY);
     let agent = Arc::new(AgentService::new(engine.clone()));
     let result = serve(args, agent, fleet, Some(engine.config().attach.name())).await;
     let results = tokio::task::spawn_blocking(move || engine.revert_all()).await?;

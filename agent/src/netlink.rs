@@ -302,6 +302,51 @@ pub fn link_del(name: &str) -> io::Result<()> {
     }
 }
 
+/// The kind of the link `name` (IFLA_INFO_KIND: "ifb", "veth", ...) in the calling thread's
+/// namespace; `None` for a device without one (a physical NIC, lo). ENODEV if there is none.
+pub fn link_kind(name: &str) -> io::Result<Option<String>> {
+    const RTM_GETLINK: u16 = 18;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    const IFINFOMSG: usize = 16;
+    let index = ifindex(name)?;
+    let mut r = TcRequest::with_header(RTM_GETLINK, 0, IFINFOMSG);
+    r.buf[HDR + 4..HDR + 8].copy_from_slice(&(index as i32).to_ne_bytes());
+    let sock = Socket::open()?;
+    sock.send(r.finish())?;
+    let mut buf = vec![0u8; 65536];
+    let n = sock.recv(&mut buf)?;
+    let reply = buf.get(..n).unwrap_or_default();
+    if reply.len() < HDR + 4 {
+        return Err(io::Error::other("short netlink reply"));
+    }
+    let len = (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(n);
+    match u16::from_ne_bytes([reply[4], reply[5]]) {
+        t if t == libc::NLMSG_ERROR as u16 => {
+            let errno =
+                -i32::from_ne_bytes([reply[HDR], reply[HDR + 1], reply[HDR + 2], reply[HDR + 3]]);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+        RTM_NEWLINK if len >= HDR + IFINFOMSG => {
+            let kind = attrs(&reply[HDR + IFINFOMSG..len])
+                .into_iter()
+                .find(|(t, _)| t & !NLA_F_NESTED == IFLA_LINKINFO)
+                .and_then(|(_, info)| {
+                    attrs(&info)
+                        .into_iter()
+                        .find(|(t, _)| t & !NLA_F_NESTED == IFLA_INFO_KIND)
+                })
+                .map(|(_, k)| {
+                    String::from_utf8_lossy(&k)
+                        .trim_end_matches('\0')
+                        .to_string()
+                });
+            Ok(kind)
+        }
+        _ => Err(io::Error::other("unexpected netlink reply to RTM_GETLINK")),
+    }
+}
+
 pub fn ifindex(interface: &str) -> io::Result<u32> {
     let name = std::ffi::CString::new(interface).map_err(io::Error::other)?;
     // SAFETY: if_nametoindex reads a NUL-terminated string we own.

@@ -10,8 +10,8 @@
 //! A row is armed by its bit in `SETS[SET_ACTIVE]`, written last when it is added and cleared
 //! first when it goes: one map write starts or stops a fault's effect.
 use crate::datapath::{
-    self, AttachMode, AttachmentRecord, CLSACT_HANDLE, CLSACT_PRIORITY_BASE, Counters,
-    DatapathError, Hook, Prepared, RootPlan, ShapingSite, Steering, kernel,
+    self, Attach, AttachMode, AttachmentRecord, CLSACT_HANDLE, Counters, DatapathError, Hook,
+    Prepared, RootPlan, ShapingSite, Steering, kernel,
 };
 use crate::qdisc::{self, Shape};
 use crate::rules::{CidrIndex, Prefix, TrieUpdate};
@@ -36,6 +36,16 @@ macro_rules! ctx {
     };
 }
 
+/// The priority is this engine's (its registry slot's) and its table has nothing on this hook
+/// yet, so a filter there is a dead predecessor's in the slot (clsact filters outlive their
+/// process): it goes, and the attach does not fail on it.
+fn clear_predecessor(record: &AttachmentRecord) -> Result<(), DatapathError> {
+    datapath::remove_clsact_attachments(&[AttachmentRecord {
+        created_clsact: false,
+        ..record.clone()
+    }])
+}
+
 /// What a row put in the maps besides its rule, so removing it takes exactly that away.
 struct Row {
     remote: Vec<Cidr>,
@@ -54,6 +64,8 @@ pub struct Table {
     ebpf: Ebpf,
     interface: String,
     mode: AttachMode,
+    /// This engine's clsact priority (its registry slot's): the classifier's; mirred's is next.
+    priority: u16,
     tcx_links: Vec<SchedClassifierLink>,
     attached: Vec<Hook>,
     mirred: bool,
@@ -75,13 +87,15 @@ impl Table {
         prepared: Prepared,
         interface: &str,
         l3_offset: u32,
-        mode: AttachMode,
+        attach: Attach,
         excluded: &[SocketAddr],
     ) -> Result<Self, DatapathError> {
+        let Attach { mode, priority } = attach;
         let mut table = Table {
             ebpf: prepared.into_ebpf(),
             interface: interface.to_string(),
             mode,
+            priority,
             tcx_links: Vec::new(),
             attached: Vec::new(),
             mirred: false,
@@ -547,10 +561,11 @@ impl Table {
                     interface: interface.clone(),
                     hook,
                     mode,
-                    priority: CLSACT_PRIORITY_BASE,
+                    priority: self.priority,
                     handle: CLSACT_HANDLE,
                     created_clsact: datapath::ensure_clsact(&interface)?,
                 };
+                clear_predecessor(&record)?;
                 // Recorded before attaching: removal of a half-done attach must see it.
                 self.records.push(record.clone());
                 let prog = datapath::loaded(&mut self.ebpf, hook.program())?;
@@ -588,10 +603,11 @@ impl Table {
             interface: interface.clone(),
             hook: Hook::Ingress,
             mode: AttachMode::Clsact,
-            priority: CLSACT_PRIORITY_BASE + 1,
+            priority: self.priority + 1,
             handle: CLSACT_HANDLE,
             created_clsact: datapath::ensure_clsact(&interface)?,
         };
+        clear_predecessor(&record)?;
         self.records.push(record.clone());
         let prog = datapath::loaded(&mut self.ebpf, PROGRAM)?;
         let fd = ctx!(prog.fd(), "{PROGRAM} fd")?.as_fd().as_raw_fd();
@@ -684,7 +700,7 @@ pub fn install(
     table: Option<SharedTable>,
     prepared: Option<Prepared>,
     spec: &FaultSpec,
-    mode: AttachMode,
+    attach: Attach,
     class_slot: u16,
     excluded: &[SocketAddr],
     sites: &[(ShapingSite, RootPlan)],
@@ -716,7 +732,7 @@ pub fn install(
     }
     let table = match (table, prepared) {
         (Some(t), _) => t,
-        (None, Some(p)) => match Table::new(p, interface, l3, mode, excluded) {
+        (None, Some(p)) => match Table::new(p, interface, l3, attach, excluded) {
             Ok(t) => Arc::new(Mutex::new(t)),
             Err(e) => {
                 datapath::undo_sites(&done, class_slot);
@@ -735,7 +751,7 @@ pub fn install(
         let slot = t.load_rule(spec, shape.as_ref(), steering, deadline_ns)?;
         for hook in Hook::for_direction(spec.target.direction) {
             let mirred = (hook == Hook::Ingress
-                && mode == AttachMode::Clsact
+                && attach.mode == AttachMode::Clsact
                 && steering.redirect_ifindex != 0
                 && !crate::caps::has_ingress_redirect())
             .then_some(steering.redirect_ifindex);

@@ -3,7 +3,7 @@ use crate::output::{self, event};
 use crate::{EXIT_INVALID, agent_client};
 use anyhow::{Context, Result};
 use chaos_agent::datapath::{AttachMode, Counters};
-use chaos_agent::engine::{EndReason, Engine, EngineConfig};
+use chaos_agent::engine::{EndReason, Engine, EngineConfig, SweepScope};
 use chaos_agent::server::capabilities_pb;
 use chaos_agent::spec::{
     self, CgroupRef, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
@@ -113,6 +113,18 @@ enum Command {
     },
     /// Kernel features found here and what each backend can serve.
     Doctor,
+    /// Remove, on this node, what dead chaos engines left in the kernel (found by journal and by
+    /// our marks in every network namespace) and list it. Live engines' faults are not touched.
+    Cleanup {
+        /// Journal directory of this run (other engines' are found through the node's registry).
+        #[arg(
+            long,
+            default_value = "/run/chaos/journal",
+            hide = true,
+            env = "CHAOS_JOURNAL_DIR"
+        )]
+        journal_dir: PathBuf,
+    },
     /// Certificates for mutual TLS between controller, agents and chaosctl.
     Certs {
         #[command(subcommand)]
@@ -848,6 +860,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             None => revert(&agent, id, all, cli.json).await,
         },
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
+        Command::Cleanup { journal_dir } => cleanup(journal_dir, cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
         Command::Certs { command } => crate::certs_cmd::run(command),
         Command::Run {
@@ -938,6 +951,21 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
                 root_qdiscs = reclaimed.qdiscs,
                 "removed leftovers of a crashed run"
             );
+        }
+        for r in &reclaimed.refused {
+            tracing::warn!("a journal named what is not ours: {r}");
+        }
+        // Dead engines' leftovers on the namespace this fault uses go first: an orphaned root
+        // there would otherwise refuse a shaping fault.
+        if spec.kind.is_network() {
+            match engine.sweep(SweepScope::Netns(&spec.target.netns)) {
+                Ok(swept) => {
+                    for line in &swept.removed {
+                        tracing::warn!("removed a dead engine's {line}");
+                    }
+                }
+                Err(e) => tracing::warn!("sweep before apply: {e}"),
+            }
         }
         engine.spawn_deadline_enforcer();
         let applied = engine.apply(spec);
@@ -1163,6 +1191,59 @@ async fn watch(agent: &str, id: &str, interval: f64, json: bool) -> Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `chaosctl cleanup`: one sweep of the node by an engine of its own, what it removed listed.
+async fn cleanup(journal_dir: PathBuf, json: bool) -> Result<ExitCode> {
+    let config = EngineConfig {
+        journal_dir,
+        ..EngineConfig::default()
+    };
+    let report = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+        let (engine, mut at_start) = Engine::start(config)?;
+        let swept = engine.sweep(SweepScope::Node)?;
+        at_start.removed.extend(swept.removed);
+        at_start.errors.extend(swept.errors);
+        at_start.refused.extend(swept.refused);
+        at_start.journals += swept.journals;
+        at_start.faults += swept.faults;
+        at_start.namespaces = swept.namespaces;
+        Ok(at_start)
+    })
+    .await?
+    .context("sweep the node")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "namespaces": report.namespaces,
+                "journals": report.journals,
+                "faults": report.faults,
+                "removed": report.removed,
+                "refused": report.refused,
+                "errors": report.errors,
+            })
+        );
+    } else {
+        println!(
+            "swept {} network namespaces; {} dead engines' journals ({} faults) reclaimed",
+            report.namespaces, report.journals, report.faults
+        );
+        for line in &report.removed {
+            println!("removed {line}");
+        }
+        for line in &report.refused {
+            println!("left in place: {line}");
+        }
+        for line in &report.errors {
+            eprintln!("error: {line}");
+        }
+    }
+    Ok(if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {

@@ -1005,7 +1005,11 @@ pub fn first_through(
 /// an Ethernet device). Nothing beats for it: rules go inert 2 s after the last `beat_at`.
 pub fn detached_table() -> Table {
     let prepared = datapath::prepare().expect("prepare");
-    Table::new(prepared, "lo", 14, AttachMode::Tcx, &[]).expect("table")
+    let attach = datapath::Attach {
+        mode: AttachMode::Tcx,
+        priority: datapath::clsact_priority(0),
+    };
+    Table::new(prepared, "lo", 14, attach, &[]).expect("table")
 }
 
 /// A small deterministic PRNG (xorshift64*) for the differential tests.

@@ -460,3 +460,75 @@ fn kill9_with_a_shaping_fault_then_restart_removes_our_root_qdisc() {
     }
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
+
+/// A chaos-agent holds a bandwidth cap on va; `chaosctl --local` asks for another on the same
+/// interface. The second engine is refused in one line, and its refusal takes nothing of the
+/// agent's away: the agent's cap holds before, after and until its revert (before the fix,
+/// the refused engine's clean-up deleted the agent's `c4a0:` root, and the transfer went from
+/// 5 to ~550 Mbit/s while `list` still showed the agent's fault).
+#[test]
+fn a_refused_second_engine_leaves_the_first_engines_root() {
+    let _g = serial();
+    let net = TestNet::new("bwtwo");
+    let agent = Agent::start(&net, &[]);
+    let o = agent.chaosctl(&[
+        "inject",
+        "bandwidth",
+        "--rate",
+        "5mbit",
+        "--dest",
+        B4,
+        "--interface",
+        "va",
+        "--netns",
+        &net.a,
+        "--json",
+    ]);
+    let id = fault_id(&o);
+    let before = iperf(&net, B4, 5311);
+    let refused = Command::new(bin("chaosctl"))
+        .args([
+            "inject",
+            "bandwidth",
+            "--rate",
+            "20mbit",
+            "--dest",
+            B4_OTHER,
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--local",
+            "--duration",
+            "30s",
+        ])
+        .env("CHAOS_JOURNAL_DIR", net.tmp.join("local-journal"))
+        .output()
+        .expect("chaosctl");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "second engine applied: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        root_qdisc(&net).contains("htb c4a0:"),
+        "the agent's root went with the refusal: {}",
+        root_qdisc(&net)
+    );
+    let after = iperf(&net, B4, 5312);
+    println!(
+        "agent's 5mbit: {:.2} Mbit/s before, {:.2} Mbit/s after the refused --local ({})",
+        before / 1e6,
+        after / 1e6,
+        stderr.trim()
+    );
+    for (when, rate) in [("before", before), ("after", after)] {
+        assert!(
+            (4e6..=5.5e6).contains(&rate),
+            "{when} the refusal: {:.2} Mbit/s under a 5mbit cap",
+            rate / 1e6
+        );
+    }
+    let o = agent.chaosctl(&["revert", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(agent);
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
