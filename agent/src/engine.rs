@@ -295,8 +295,16 @@ impl Engine {
             owner: Owner::current().map_err(registry_error)?,
             journal: journal.path().to_path_buf(),
         };
-        let registration =
-            Registration::claim(&config.registry_dir, &record).map_err(registry_error)?;
+        let registration = Registration::claim(&config.registry_dir, &record).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                EngineError::Privileges(format!(
+                    "cannot register in {} ({e}): run as root",
+                    config.registry_dir.display()
+                ))
+            } else {
+                registry_error(e)
+            }
+        })?;
         let engine = Arc::new(Engine {
             config,
             journal,

@@ -942,7 +942,7 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
     // must revert it, not be lost.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let (engine, applied) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+    let started = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
         let (engine, reclaimed) = Engine::start(config)?;
         if reclaimed.faults > 0 || reclaimed.qdiscs > 0 {
             tracing::warn!(
@@ -964,6 +964,8 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
                         tracing::warn!("removed a dead engine's {line}");
                     }
                 }
+                // A missing namespace is the apply's to refuse, in one line.
+                Err(e) if e.is_user_error() => {}
                 Err(e) => tracing::warn!("sweep before apply: {e}"),
             }
         }
@@ -971,8 +973,12 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
         let applied = engine.apply(spec);
         Ok((engine, applied))
     })
-    .await?
-    .context("start the fault engine")?;
+    .await?;
+    let (engine, applied) = match started {
+        Ok(started) => started,
+        Err(e) if e.is_user_error() => return refuse(e),
+        Err(e) => return Err(anyhow::Error::from(e).context("start the fault engine")),
+    };
     let fault = match applied {
         Ok(f) => f,
         Err(e) if e.is_user_error() => return refuse(e),

@@ -255,7 +255,12 @@ fn a_sweep_needs_no_journal_and_spares_the_living() {
     let objects = || -> Vec<String> {
         residue_on(&net.b, "vb")
             .iter()
-            .map(|l| l.split(" direct_packets_stat").next().unwrap_or(l).to_string())
+            .map(|l| {
+                l.split(" direct_packets_stat")
+                    .next()
+                    .unwrap_or(l)
+                    .to_string()
+            })
             .collect()
     };
     let theirs_before = objects();
