@@ -460,9 +460,13 @@ fn corrupt_damages_the_requested_share() {
     println!(
         "damaged on arrival {damaged}, dropped {dropped}, affected counter {affected}, bounds [{lo:.0}, {hi:.0}]"
     );
+    // The share is judged on what the classifier corrupted (the draw itself): the receiver's
+    // count runs ~3 % low (a flip in the sequence number hides a damaged datagram), which put
+    // an honest run below the bounds on the receiver's count in CI (1847 of [1860, 2140]).
+    // That the receiver saw what the counter says is checked next.
     assert!(
-        (lo..=hi).contains(&(hit as f64)),
-        "damaged {hit} outside [{lo:.0}, {hi:.0}]"
+        (lo..=hi).contains(&(affected as f64)),
+        "corrupted {affected} outside [{lo:.0}, {hi:.0}]"
     );
     // A flip in the 8-byte sequence number can make a datagram look undamaged or be miscounted;
     // allow for that sliver (8 of 256 bytes).
