@@ -40,8 +40,11 @@ pub struct FleetState {
     owned: Mutex<BTreeSet<String>>,
     /// When the lease runs out; None before the first lease or after it was acted on.
     lease_until: Mutex<Option<Instant>>,
-    /// Faults that ended without a revert command, to report on the next stream.
+    /// Faults that ended without a revert command while no stream was up, to report on the
+    /// next one.
     outbox: Mutex<Vec<fleet::FaultEnded>>,
+    /// The live stream's sender, while joined: an end is reported as it happens.
+    live: Mutex<Option<tokio::sync::mpsc::Sender<fleet::AgentMessage>>>,
     connected: AtomicBool,
 }
 
@@ -56,6 +59,24 @@ impl FleetState {
 
     pub fn owned(&self) -> usize {
         lock(&self.owned).len()
+    }
+
+    /// Tells the controller a fault ended without its revert: on the live stream now, or on
+    /// the next one.
+    fn report_ended(&self, ended: fleet::FaultEnded) {
+        let msg = fleet::AgentMessage {
+            msg: Some(fleet::agent_message::Msg::Ended(ended)),
+        };
+        let unsent = match lock(&self.live).as_ref() {
+            Some(tx) => tx.try_send(msg).err().map(|e| e.into_inner()),
+            None => Some(msg),
+        };
+        if let Some(fleet::AgentMessage {
+            msg: Some(fleet::agent_message::Msg::Ended(ended)),
+        }) = unsent
+        {
+            lock(&self.outbox).push(ended);
+        }
     }
 }
 
@@ -76,6 +97,7 @@ async fn connection_loop<A: Agent>(agent: Arc<A>, cfg: FleetConfig, state: Arc<F
             Err(e) => tracing::warn!(controller = %cfg.url, "controller unreachable: {e}"),
         }
         state.connected.store(false, Ordering::Relaxed);
+        *lock(&state.live) = None;
         // A session that lasted resets the backoff; flapping ones back off up to 5 s.
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(200);
@@ -154,6 +176,7 @@ async fn session<A: Agent>(
         .map_err(|s| format!("join refused: {}", s.message()))?
         .into_inner();
     state.connected.store(true, Ordering::Relaxed);
+    *lock(&state.live) = Some(tx.clone());
     tracing::info!(controller = %cfg.url, node = %cfg.node_name, "joined the controller");
     loop {
         let msg = match inbound.message().await {
@@ -283,6 +306,8 @@ async fn watchdog<A: Agent>(agent: Arc<A>, state: Arc<FleetState>) {
                     .and_then(|f| f.counters);
                 lock(&state.owned).remove(&id);
                 tracing::info!(%id, "reverted: lease expired");
+                // The lease ran out because the controller is unreachable: the next stream
+                // carries it.
                 lock(&state.outbox).push(fleet::FaultEnded {
                     id,
                     reason: "lease".into(),
@@ -290,7 +315,7 @@ async fn watchdog<A: Agent>(agent: Arc<A>, state: Arc<FleetState>) {
                 });
             }
         }
-        if last_prune.elapsed() >= Duration::from_secs(1) {
+        if last_prune.elapsed() >= Duration::from_millis(250) {
             last_prune = Instant::now();
             let owned: Vec<String> = lock(&state.owned).iter().cloned().collect();
             if owned.is_empty() {
@@ -303,7 +328,7 @@ async fn watchdog<A: Agent>(agent: Arc<A>, state: Arc<FleetState>) {
                 list.into_inner().faults.into_iter().map(|f| f.id).collect();
             for id in owned.into_iter().filter(|id| !active.contains(id)) {
                 lock(&state.owned).remove(&id);
-                lock(&state.outbox).push(fleet::FaultEnded {
+                state.report_ended(fleet::FaultEnded {
                     id,
                     reason: "deadline".into(),
                     counters: None,

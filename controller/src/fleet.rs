@@ -137,6 +137,9 @@ impl Fleet {
             }
             fleet::agent_message::Msg::Ended(e) => {
                 tracing::info!(node = %conn.info.node_name, id = %e.id, reason = %e.reason, "fault ended on the agent");
+                let who = Caller(format!("agent {}", conn.info.node_name));
+                let result = format!("ended: {}", e.reason);
+                self.audit(&who, "end", &conn.info.node_name, &e.id, "", &result);
                 if e.reason == "lease" {
                     self.counts.lease_losses.fetch_add(1, Ordering::Relaxed);
                 }

@@ -568,3 +568,64 @@ fn agents_revert_within_the_lease_when_the_controller_dies() {
     bed.start_controller("2s");
     bed.wait_agents(2);
 }
+
+/// A fault that ends by its deadline on the agent is known to the controller at once (the
+/// agent reports FaultEnded on the live stream): `agents` shows it gone within a second of the
+/// deadline and the audit log says "ended: deadline". Before, the report waited for the next
+/// stream: `agents` showed the fault a minute after it ended.
+#[test]
+fn a_fault_ended_by_its_deadline_reaches_the_controller_at_once() {
+    let _g = serial();
+    let bed = Bed::new("ended", "10s", false);
+    let out = bed.chaosctl(&[
+        "inject",
+        "loss",
+        "--percent",
+        "10",
+        "--interface",
+        "eth0",
+        "--selector",
+        "zone=z1",
+        "--duration",
+        "1s",
+        "--json",
+    ]);
+    let applied = Instant::now();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let faults_on_app1 = || -> u64 {
+        let out = bed.chaosctl(&["agents", "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|a| a["node"] == "app-1")
+            .and_then(|a| a["faults"].as_u64())
+            .unwrap_or_else(|| panic!("app-1 not listed"))
+    };
+    assert_eq!(faults_on_app1(), 1, "the fault is listed while it runs");
+    while faults_on_app1() != 0 && applied.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let known = applied.elapsed();
+    eprintln!("a 1 s fault: the controller knew it ended {known:?} after the apply");
+    assert_eq!(
+        faults_on_app1(),
+        0,
+        "still listed {known:?} after the apply"
+    );
+    assert!(
+        known <= Duration::from_secs(2),
+        "the controller learned of the end {known:?} after the apply (deadline 1 s)"
+    );
+    let audit = std::fs::read_to_string(bed.site.tmp.join("audit.jsonl")).expect("audit log");
+    let ended = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["action"] == "end")
+        .unwrap_or_else(|| panic!("no end in the audit log:\n{audit}"));
+    assert_eq!(ended["result"], "ended: deadline", "{ended}");
+    assert_eq!(ended["agent"], "app-1", "{ended}");
+}
