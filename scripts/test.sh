@@ -77,5 +77,7 @@ for o in d["owners"]:
 a = d["agent"]
 f, m, r = a["apply_first_on_interface_ms"], a["apply_more_on_interface_ms"], a["rss_kib"]
 print(f"  agent apply: first on an interface p50 {f['p50']:.1f} p99 {f['p99']:.1f} ms, one more p50 {m['p50']:.2f} p99 {m['p99']:.2f} ms, cold {a['apply_cold_ms']:.0f} ms; RSS idle {r['idle']/1024:.1f} MiB, 100 faults {r['with_100_faults']/1024:.1f} MiB, after revert {r['after_revert']/1024:.1f} MiB")
+w = d["sweep"]
+print(f"  sweep of {w['namespaces_swept']} namespaces: removing {w['namespaces_of_ours']} dead roots p50 {w['remove_ms']['p50']:.0f} p99 {w['remove_ms']['p99']:.0f} ms (all removed: {w['every_dead_root_removed']}); idle p50 {w['idle_ms']['p50']:.1f} ms ({w['idle_share_of_one_cpu_every_3s_percent']:.2f} % of a CPU every 3 s)")
 PY
 echo "all tests passed"

@@ -6,6 +6,7 @@ use chaos_agent::spec::{CgroupRef, FaultKind, FaultSpec, Target};
 use chaos_tests::cgroups::{TestCgroup, start_time};
 use chaos_tests::*;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A tmpfs of one page (4 KiB) mounted for the test, unmounted on drop: the first write of a
@@ -386,4 +387,194 @@ fn a_running_agent_sweeps_a_dead_local_engines_leftovers() {
     agent.revert(&ours.id).expect("revert");
     drop(agent);
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
+/// One side of the interleaving: the faults it holds (id, shaping?).
+#[derive(Default)]
+struct Held(Vec<(String, bool)>);
+
+impl Held {
+    fn shaping(&self) -> usize {
+        self.0.iter().filter(|(_, s)| *s).count()
+    }
+}
+
+/// A real chaos-agent (TCX) and a `--local`-style engine (clsact) in one journal directory,
+/// 1,000 interleaved applies and reverts of loss and bandwidth faults on one interface, with
+/// `chaosctl cleanup` (a third engine starting, sweeping the node and stopping) every 100
+/// operations and the agent's own sweeps running. After every operation the kernel holds
+/// exactly what both engines say they hold: the agent's TCX program while it has a fault, the
+/// other's clsact filter at its own priority while it has one, our root with one class per
+/// shaping fault. A shaping fault where the other engine holds the root is refused with one
+/// line and changes nothing; every revert finds its fault (none lost, none removed by the
+/// other, no zombie); cleanup never removes anything of a live engine's.
+#[test]
+fn two_engines_interleave_1000_operations_without_harm() {
+    use chaos_agent::datapath::{self, Hook};
+    let _g = serial();
+    let net = TestNet::new("inter");
+    let dir = net.tmp.join("journal");
+    let agent = Agent::start_at(&net.tmp.join("agent.sock"), &dir, &["--attach", "tcx"]);
+    let local = engine_with(dir.clone(), AttachMode::Clsact);
+    let priority = datapath::clsact_priority(local.registry_slot());
+    let (mut theirs, mut ours) = (Held::default(), Held::default());
+    let mut rng = Rng(0x5eed_1000);
+    let (mut applied, mut reverted, mut refused, mut cleanups) = (0, 0, 0, 0);
+    let a = net.a.clone();
+    let check = |theirs: &Held, ours: &Held, op: usize| {
+        let tcx = in_ns(&a, || datapath::tcx_programs("va", Hook::Egress)).expect("tcx");
+        assert_eq!(
+            tcx.len(),
+            usize::from(!theirs.0.is_empty()),
+            "op {op}: the agent's TCX programs on va: {tcx:?}"
+        );
+        let filters = sh_ok(&format!("tc -n {a} filter show dev va egress"));
+        let ours_there = filters
+            .lines()
+            .any(|l| l.contains(&format!("pref {priority} ")) && l.contains("handle 0xc4a00001"));
+        assert_eq!(
+            ours_there,
+            !ours.0.is_empty(),
+            "op {op}: the local engine's filter at priority {priority}: {filters}"
+        );
+        let shaping = theirs.shaping() + ours.shaping();
+        let classes = sh_ok(&format!("tc -n {a} class show dev va"))
+            .lines()
+            .filter(|l| l.starts_with("class htb c4a0:"))
+            .count();
+        assert_eq!(classes, shaping, "op {op}: classes under our root");
+        let root = sh_ok(&format!("tc -n {a} qdisc show dev va"));
+        assert_eq!(
+            root.contains("htb c4a0:"),
+            shaping > 0,
+            "op {op}: our root: {root}"
+        );
+    };
+    let ops = 1000;
+    for op in 0..ops {
+        let shaping = rng.below(3) == 0;
+        let dest = [B4, B4_OTHER][rng.below(2)];
+        let cidr = format!("{dest}/32");
+        match rng.below(4) {
+            // The agent applies (its shaping is refused where the local engine holds the root).
+            0 => {
+                let mut args = vec!["inject"];
+                if shaping {
+                    args.extend(["bandwidth", "--rate", "50mbit"]);
+                } else {
+                    args.extend(["loss", "--percent", "10"]);
+                }
+                args.extend([
+                    "--interface",
+                    "va",
+                    "--netns",
+                    &net.a,
+                    "--dest",
+                    &cidr,
+                    "--duration",
+                    "10m",
+                    "--json",
+                ]);
+                let o = agent.chaosctl(&args);
+                if shaping && ours.shaping() > 0 {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    assert_eq!(o.status.code(), Some(2), "op {op}: {err}");
+                    assert_eq!(err.trim().lines().count(), 1, "op {op}: {err}");
+                    refused += 1;
+                } else {
+                    theirs.0.push((fault_id(&o), shaping));
+                    applied += 1;
+                }
+            }
+            // The local engine applies.
+            1 => {
+                let kind = if shaping {
+                    FaultKind::Bandwidth {
+                        bytes_per_sec: 6_250_000,
+                    }
+                } else {
+                    FaultKind::Loss {
+                        percent: 10.0,
+                        correlation: 0.0,
+                    }
+                };
+                match local.apply(va_fault(&net, kind, &cidr)) {
+                    Ok(f) => {
+                        assert!(
+                            !(shaping && theirs.shaping() > 0),
+                            "op {op}: shaped under the agent's root"
+                        );
+                        ours.0.push((f.id, shaping));
+                        applied += 1;
+                    }
+                    Err(e) => {
+                        assert!(
+                            shaping && theirs.shaping() > 0 && e.is_user_error(),
+                            "op {op}: {e}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            2 if !theirs.0.is_empty() => {
+                let (id, _) = theirs.0.remove(rng.below(theirs.0.len()));
+                let o = agent.chaosctl(&["revert", &id]);
+                assert!(
+                    o.status.success(),
+                    "op {op}: the agent lost {id}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                reverted += 1;
+            }
+            3 if !ours.0.is_empty() => {
+                let (id, _) = ours.0.remove(rng.below(ours.0.len()));
+                local
+                    .revert(&id)
+                    .unwrap_or_else(|e| panic!("op {op}: the local engine lost {id}: {e}"));
+                reverted += 1;
+            }
+            _ => {}
+        }
+        check(&theirs, &ours, op);
+        if op % 100 == 99 {
+            let o = Command::new(bin("chaosctl"))
+                .args(["cleanup", "--json"])
+                .env("CHAOS_JOURNAL_DIR", net.tmp.join("cleanup"))
+                .output()
+                .expect("chaosctl cleanup");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+                .unwrap_or_else(|e| panic!("cleanup: {e}: {}", String::from_utf8_lossy(&o.stderr)));
+            assert!(o.status.success(), "op {op}: cleanup failed: {v}");
+            assert_eq!(
+                v["removed"],
+                serde_json::json!([]),
+                "op {op}: cleanup removed: {v}"
+            );
+            check(&theirs, &ours, op);
+            cleanups += 1;
+        }
+    }
+    let listed = agent.chaosctl(&["list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("list");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(theirs.0.len()),
+        "the agent's list"
+    );
+    assert_eq!(local.list().len(), ours.0.len(), "the local engine's list");
+    println!(
+        "{ops} operations: {applied} applied, {refused} refused (the other's root), {reverted} reverted, {cleanups} cleanups; none lost"
+    );
+    let o = agent.chaosctl(&["revert", "--all"]);
+    assert!(o.status.success());
+    for r in local.revert_all() {
+        r.expect("revert");
+    }
+    drop((agent, local));
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+    assert_eq!(
+        std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0),
+        0,
+        "journal files left"
+    );
 }

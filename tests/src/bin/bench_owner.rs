@@ -13,15 +13,20 @@
 //!    cold first apply of an idle agent; its resident memory idle, with 100 active faults on
 //!    one interface, after their revert.
 //!
+//! 4. The sweep on a node with `--sweep-namespaces` (100) namespaces of ours besides the
+//!    node's: each holds a dead engine's root qdisc (our handle, put there by hand as a
+//!    `kill -9`ed `--local` leaves it, with no journal), removed by one `Engine::sweep`; then
+//!    the idle sweep with nothing to remove, what a chaos-agent spends every 3 s.
+//!
 //! kill -9 trials run `--parallel` at a time, each pair of namespaces its own; SIGSTOP trials
 //! one at a time.
 //!
 //! Usage: chaos-bench-owner [--out FILE] [--trials N] [--frozen-trials N] [--parallel P]
-//!        [--rounds N]
+//!        [--rounds N] [--sweep-namespaces N] [--sweep-rounds N]
 use chaos_abi::HEARTBEAT_BOUND_NS;
 use chaos_proto::agent::v1 as pb;
 use chaos_proto::agent::v1::agent_client::AgentClient;
-use chaos_tests::{Agent, B4, LocalFault, TestNet, addr, arg, percentile};
+use chaos_tests::{Agent, B4, LocalFault, TestNet, addr, arg, engine_at, percentile, sh, sh_ok};
 use serde_json::{Value, json};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -144,6 +149,79 @@ fn stats(mut v: Vec<f64>) -> Value {
         return json!(null);
     }
     json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "max": v[v.len() - 1], "min": v[0]})
+}
+
+/// Item 4: the sweep of `namespaces` namespaces, each with a dead engine's root, `rounds` times.
+fn sweep_costs(namespaces: usize, rounds: usize) -> Value {
+    let pid = std::process::id();
+    let names: Vec<String> = (0..namespaces)
+        .map(|i| format!("chb-sw-{pid}-{i}"))
+        .collect();
+    /// Deletes the namespaces however the benchmark ends.
+    struct Namespaces(Vec<String>);
+    impl Drop for Namespaces {
+        fn drop(&mut self) {
+            let del: String = self
+                .0
+                .iter()
+                .map(|n| format!("ip netns del {n};"))
+                .collect();
+            let _ = sh(&del);
+        }
+    }
+    let namespaces_made = Namespaces(names.clone());
+    // A veth pair in each (this host's kernel has no dummy devices).
+    let script: String = names
+        .iter()
+        .map(|n| {
+            format!(
+                "ip netns add {n}; ip -n {n} link add d0 type veth peer name d1; ip -n {n} link set d0 up; ip -n {n} link set d1 up;\n"
+            )
+        })
+        .collect();
+    sh_ok(&format!("set -e; {script}"));
+    let journal = std::env::temp_dir().join(format!("chaos-bench-sweep-{pid}"));
+    let engine = engine_at(&journal);
+    let (mut removing, mut idle, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut swept_namespaces = 0;
+    for _ in 0..rounds {
+        let roots: String = names
+            .iter()
+            .map(|n| format!("tc -n {n} qdisc add dev d0 root handle c4a0: htb;\n"))
+            .collect();
+        sh_ok(&format!("set -e; {roots}"));
+        let t = std::time::Instant::now();
+        let r = engine
+            .sweep(chaos_agent::engine::SweepScope::Node)
+            .expect("sweep");
+        removing.push(t.elapsed().as_secs_f64() * 1e3);
+        removed.push(r.qdiscs);
+        swept_namespaces = r.namespaces;
+        let t = std::time::Instant::now();
+        let r = engine
+            .sweep(chaos_agent::engine::SweepScope::Node)
+            .expect("idle sweep");
+        idle.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(r.qdiscs, 0, "the idle sweep found roots: {:?}", r.removed);
+    }
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&journal);
+    drop(namespaces_made);
+    let all_removed = removed.iter().all(|&n| n >= namespaces);
+    let idle_p50 = {
+        let mut v = idle.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(&v, 0.5)
+    };
+    json!({
+        "namespaces_of_ours": namespaces,
+        "namespaces_swept": swept_namespaces,
+        "rounds": rounds,
+        "every_dead_root_removed": all_removed,
+        "remove_ms": stats(removing),
+        "idle_ms": stats(idle),
+        "idle_share_of_one_cpu_every_3s_percent": idle_p50 / 3000.0 * 100.0,
+    })
 }
 
 /// `trials` trials, `parallel` at a time on namespaces of their own.
@@ -317,13 +395,20 @@ async fn main() {
         }));
     }
     let agent = agent_costs(&nets[0], rounds).await;
+    let sweep_namespaces: usize = arg("--sweep-namespaces", "100")
+        .parse()
+        .expect("--sweep-namespaces");
+    let sweep_rounds: usize = arg("--sweep-rounds", "10").parse().expect("--sweep-rounds");
+    let sweep = sweep_costs(sweep_namespaces, sweep_rounds);
     let doc = json!({
-        "what": "a fault's end when its owner dies (kill -9) or freezes (SIGSTOP), nothing restarted; a real chaos-agent's apply latency and memory",
+        "what": "a fault's end when its owner dies (kill -9) or freezes (SIGSTOP), nothing restarted; a real chaos-agent's apply latency and memory; the sweep of a node's namespaces",
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "heartbeat_bound_ms": bound_ms,
         "owners": owners,
         "agent": agent,
+        "sweep": sweep,
         "targets": {
+            "sweep_100_namespaces_ms_max": 1000.0,
             "kill9_until_traffic_whole_ms_max": bound_ms + 100.0,
             "sigstop_past_deadline_ms_max": 100.0,
             "apply_more_on_interface_p99_ms_max": 2.0,

@@ -640,6 +640,83 @@ fn bench_per_destination(e: &Arc<Engine>, baseline: f64) {
     println!("BENCH_DEST [{}]", rows.join(","));
 }
 
+/// Two engines with clsact filters on va (an agent and a `--local`): each at its own registry
+/// slot's priority, so the second applies and its revert leaves the first's partition.
+fn two_engines(c: &mut Checks) {
+    let first = engine("/run/chaos-journal-first");
+    let second = engine("/run/chaos-journal-second");
+    let p = first
+        .apply(spec(FaultKind::Partition, Direction::Egress))
+        .expect("first engine's partition");
+    let mut loss = spec(
+        FaultKind::Loss {
+            percent: 50.0,
+            correlation: 0.0,
+        },
+        Direction::Egress,
+    );
+    loss.target.remote = vec![format!("{OTHER}/32").parse().expect("cidr")];
+    let applied = second.apply(loss);
+    let during = udp(200, 5100).0;
+    let reverted = applied
+        .as_ref()
+        .map(|f| second.revert(&f.id).is_ok())
+        .unwrap_or(false);
+    let after = udp(200, 5101).0;
+    first.revert(&p.id).expect("revert the first");
+    let whole = udp(200, 5102).0;
+    drop((first, second));
+    c.check(
+        "two engines on clsact: the second applies, its revert leaves the first's partition",
+        applied.is_ok() && reverted && during == 0 && after == 0 && whole == 200,
+        format!(
+            "second's apply {:?}; received during {during}/200, after its revert {after}/200, after both {whole}/200",
+            applied.as_ref().map(|f| f.id.clone()).map_err(|e| e.to_string())
+        ),
+    );
+    c.check("two engines: no residue", residue().is_empty(), residue());
+}
+
+/// A child holding a clsact partition is killed -9 and its journal garbled: a sweep by another
+/// engine finds the filters by their marks and removes them.
+fn sweep_without_journal(c: &mut Checks) {
+    let dir = "/run/chaos-journal-garbled";
+    let me = std::env::current_exe().expect("exe");
+    let mut child = Command::new(me)
+        .arg("hold-fault")
+        .env("CHAOS_VMTEST_JOURNAL", dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("child");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    let left = residue();
+    for entry in std::fs::read_dir(dir).expect("journal dir").flatten() {
+        std::fs::write(entry.path(), b"\x00garbage").expect("garble");
+    }
+    let e = engine("/run/chaos-journal-sweeper");
+    let started = std::time::Instant::now();
+    let swept = e.sweep(chaos_agent::engine::SweepScope::Node);
+    let took = started.elapsed();
+    drop(e);
+    c.check(
+        "a garbled journal's filters are swept by their marks",
+        !left.is_empty() && residue().is_empty(),
+        format!(
+            "left by kill -9: {} lines; sweep in {took:?}: {:?}; after: '{}'",
+            left.lines().count(),
+            swept.map(|r| r.removed).map_err(|e| e.to_string()),
+            residue().trim()
+        ),
+    );
+}
+
 struct Checks(u32);
 
 impl Checks {
@@ -654,7 +731,9 @@ impl Checks {
 fn main() {
     // Child mode for the crash test: apply a fault, report, then wait to be killed.
     if std::env::args().nth(1).as_deref() == Some("hold-fault") {
-        let e = engine("/run/chaos-journal");
+        let journal =
+            std::env::var("CHAOS_VMTEST_JOURNAL").unwrap_or_else(|_| "/run/chaos-journal".into());
+        let e = engine(&journal);
         e.apply(spec(FaultKind::Partition, Direction::Both))
             .expect("apply");
         println!("held");
@@ -862,6 +941,8 @@ fn main() {
         ),
     );
     drop(e);
+    two_engines(&mut c);
+    sweep_without_journal(&mut c);
     if c.0 > 0 {
         println!("{} checks failed", c.0);
         std::process::exit(1);
