@@ -57,7 +57,7 @@ impl EngineError {
             EngineError::Invalid(_)
                 | EngineError::Privileges(_)
                 | EngineError::NotFound(_)
-                | EngineError::Netns(NetnsError::Missing { .. })
+                | EngineError::Netns(NetnsError::Missing { .. } | NetnsError::NotNetns { .. })
                 | EngineError::Datapath(DatapathError::Invalid(_))
                 | EngineError::Datapath(DatapathError::Shape(
                     ShapeError::Foreign { .. }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub enum NetnsError {
     #[error("invalid {field}: {path} does not exist")]
     Missing { field: &'static str, path: PathBuf },
+    #[error("invalid {field}: {path} is not a network namespace")]
+    NotNetns { field: &'static str, path: PathBuf },
     #[error("cannot open {path}: {source}")]
     Open {
         path: PathBuf,
@@ -26,6 +28,17 @@ pub enum NetnsError {
     /// pod must never fall back to the current (host) namespace.
     #[error("the netns of pod {0} was not resolved to a process")]
     Unresolved(String),
+}
+
+/// Whether `file` is a network namespace (NS_GET_NSTYPE answers CLONE_NEWNET): a regular file
+/// or another kind of namespace is the user's mistake, said so before anything starts, not a
+/// failed setns later.
+fn is_netns(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on a descriptor we own; it only reads.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWNET
 }
 
 /// The identity of a namespace (device and inode of its nsfs file), so a journal entry is never
@@ -74,6 +87,12 @@ impl Netns {
             },
         })?;
         use NetnsError::Missing;
+        if !is_netns(&file) {
+            return Err(NetnsError::NotNetns {
+                field,
+                path: path.to_path_buf(),
+            });
+        }
         let meta = file.metadata().map_err(|source| NetnsError::Open {
             path: path.to_path_buf(),
             source,

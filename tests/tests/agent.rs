@@ -321,6 +321,15 @@ fn bad_input_is_refused_with_one_line_and_nothing_applied() {
             vec!["--interface", "va", "--netns", "chaos-no-such-netns"],
             "--netns",
         ),
+        // A file that is not a network namespace (was INTERNAL, exit 1: a failed setns).
+        (
+            vec!["--interface", "va", "--netns", "/proc/self/ns/mnt"],
+            "--netns",
+        ),
+        (
+            vec!["--interface", "va", "--netns", "/proc/version"],
+            "--netns",
+        ),
         (vec!["--interface", "va", "--pid", "999999999"], "--pid"),
     ];
     for (target, field) in &kernel_cases {
