@@ -6,8 +6,6 @@
 //! renewal has arrived for the lease's ttl. The watchdog runs as its own task, so a stuck stream
 //! or a slow command can never keep a fault alive past its lease.
 use crate::tls::TlsFiles;
-#[cfg(feature = "tls")]
-use crate::tls::url_host;
 use chaos_proto::agent::v1 as pb;
 use chaos_proto::agent::v1::agent_server::Agent;
 use chaos_proto::fleet::v1 as fleet;
@@ -94,6 +92,9 @@ async fn connection_loop<A: Agent>(agent: Arc<A>, cfg: FleetConfig, state: Arc<F
         let started = Instant::now();
         match session(&agent, &cfg, &state).await {
             Ok(()) => tracing::warn!(controller = %cfg.url, "controller closed the stream"),
+            Err(e) if e.starts_with("join refused") => {
+                tracing::warn!(controller = %cfg.url, "{e}; retrying with backoff")
+            }
             Err(e) => tracing::warn!(controller = %cfg.url, "controller unreachable: {e}"),
         }
         state.connected.store(false, Ordering::Relaxed);
@@ -119,9 +120,11 @@ async fn connect(cfg: &FleetConfig) -> Result<Channel, String> {
         .keep_alive_timeout(Duration::from_secs(5));
     #[cfg(feature = "tls")]
     if let Some(tls) = &cfg.tls {
-        let host = url_host(&cfg.url).unwrap_or_default();
+        let host = crate::tls::ServiceUrl::parse(&cfg.url)
+            .map(|u| u.host)
+            .unwrap_or_default();
         ep = ep
-            .tls_config(tls.client(host).map_err(|e| e.to_string())?)
+            .tls_config(tls.client(&host).map_err(|e| e.to_string())?)
             .map_err(|e| format!("TLS: {e}"))?;
     }
     #[cfg(not(feature = "tls"))]

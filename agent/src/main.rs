@@ -115,24 +115,14 @@ fn fleet_config(args: &Args) -> Result<Option<FleetConfig>> {
             .trim()
             .to_string(),
     };
-    let tls = if url.starts_with("https://") {
+    let tls = if tls::service_url("--controller", &url, args.insecure_plaintext)?.tls {
         let Some(dir) = &args.tls_dir else {
             bail!("--tls-dir: is required for an https:// controller (see `chaosctl certs init`)");
         };
         let name = args.tls_name.as_deref().unwrap_or(&node_name);
         Some(TlsFiles::in_dir(dir, &format!("agent-{name}")))
-    } else if url.starts_with("http://") {
-        if !args.insecure_plaintext {
-            bail!(
-                "--controller: `{url}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)"
-            );
-        }
-        tls::check_plaintext("--controller", &url)?;
-        None
     } else {
-        bail!(
-            "--controller: `{url}` must start with https:// (or http:// with --insecure-plaintext)"
-        );
+        None
     };
     Ok(Some(FleetConfig {
         url,
@@ -142,10 +132,13 @@ fn fleet_config(args: &Args) -> Result<Option<FleetConfig>> {
     }))
 }
 
-/// The controller's addresses, so no fault ever matches the agent's own control traffic.
+/// The controller's addresses, so no fault ever matches the agent's own control traffic: the
+/// host and port the dialer uses, from the same parse.
 fn controller_endpoints(url: &str) -> Vec<SocketAddr> {
-    let default = if url.starts_with("https://") { 443 } else { 80 };
-    tls::url_socket_addrs(url, Some(default))
+    match tls::ServiceUrl::parse(url) {
+        Ok(u) => u.socket_addrs(Some(if u.tls { 443 } else { 80 })),
+        Err(_) => vec![],
+    }
 }
 
 async fn run(args: Args) -> Result<()> {

@@ -72,61 +72,109 @@ impl TlsFiles {
     }
 }
 
-/// The host part of `http://host:port` / `https://host:port`, brackets removed.
-pub fn url_host(url: &str) -> Option<&str> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))?;
-    let authority = rest.split('/').next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        return v6.split(']').next();
-    }
-    authority.split(':').next()
-}
-
-/// The socket addresses `scheme://host[:port]/...` names, the host resolved. Without a port,
-/// `default_port`; with neither, none.
-pub fn url_socket_addrs(url: &str, default_port: Option<u16>) -> Vec<SocketAddr> {
-    let Some(host) = url_host(url) else {
-        return vec![];
-    };
-    let authority = url
-        .split_once("://")
-        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
-    let port = authority
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .or(default_port);
-    match port {
-        Some(port) => (host, port)
-            .to_socket_addrs()
-            .map(|a| a.collect())
-            .unwrap_or_default(),
-        None => vec![],
+/// A URL as we quote it in an error: enough to recognise, never unbounded input.
+fn shown(url: &str) -> String {
+    const MAX: usize = 120;
+    match url.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}… ({} bytes)", &url[..i], url.len()),
+        None => url.to_string(),
     }
 }
 
-/// Whether `url` cannot leave this host: a unix socket, or a loopback address or `localhost`.
-pub fn is_local(url: &str) -> bool {
-    if url.starts_with("unix://") {
-        return true;
+/// A controller or listen URL, parsed once (the `http` crate's URI parser, the one tonic dials
+/// with): the loopback rule, the agent's control-plane exclusion and the dialer all read this
+/// host and port, so no two of them can disagree about where a URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceUrl {
+    /// https (mutual TLS) or http (plaintext).
+    pub tls: bool,
+    /// Brackets removed from an IPv6 literal.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl ServiceUrl {
+    /// Parses `http(s)://host[:port][/path]`. User information (`user@`, `a:b@`) is refused:
+    /// nothing we dial takes it, and it makes the host hard to see (`http://127.0.0.1:1@10.0.0.2`
+    /// points at 10.0.0.2).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("`{}` is not a URL ({e})", shown(url)))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(format!(
+                    "`{}` must start with https:// (or http:// with --insecure-plaintext)",
+                    shown(url)
+                ));
+            }
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{}` names no host", shown(url)))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "`{}` carries user information (before `@`): refused; give only host and port",
+                shown(url)
+            ));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if host.is_empty() {
+            return Err(format!("`{}` names no host", shown(url)));
+        }
+        Ok(ServiceUrl {
+            tls,
+            host,
+            port: authority.port_u16(),
+        })
     }
-    match url_host(url) {
-        Some("localhost") => true,
-        Some(h) => h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()),
-        None => false,
+
+    /// Whether nothing sent here leaves this host: a loopback address or `localhost`.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost" || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The socket addresses it names, the host resolved; without a port, `default_port`.
+    pub fn socket_addrs(&self, default_port: Option<u16>) -> Vec<SocketAddr> {
+        match self.port.or(default_port) {
+            Some(port) => (self.host.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect())
+                .unwrap_or_default(),
+            None => vec![],
+        }
     }
 }
 
-/// `flag` names the option that carries `url` in the error line.
-pub fn check_plaintext(flag: &str, url: &str) -> Result<(), TlsError> {
-    if is_local(url) {
-        Ok(())
-    } else {
-        Err(TlsError::Invalid(format!(
-            "{flag}: plaintext to `{url}` is refused: it is allowed only on loopback or a unix socket; use mTLS (--tls-dir, see `chaosctl certs init`)"
-        )))
+/// `url` given to `flag`, parsed, with the transport rule applied: https:// needs TLS files (the
+/// caller's), http:// is allowed only with `insecure_plaintext` and only to loopback.
+pub fn service_url(
+    flag: &str,
+    url: &str,
+    insecure_plaintext: bool,
+) -> Result<ServiceUrl, TlsError> {
+    let parsed = ServiceUrl::parse(url).map_err(|e| TlsError::Invalid(format!("{flag}: {e}")))?;
+    if !parsed.tls {
+        if !insecure_plaintext {
+            return Err(TlsError::Invalid(format!(
+                "{flag}: `{}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)",
+                shown(url)
+            )));
+        }
+        if !parsed.is_loopback() {
+            return Err(TlsError::Invalid(format!(
+                "{flag}: plaintext to `{}` is refused: it is allowed only on loopback or a unix socket; use mTLS (--tls-dir, see `chaosctl certs init`)",
+                shown(url)
+            )));
+        }
     }
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -136,55 +184,86 @@ mod tests {
     #[test]
     fn plaintext_only_where_nothing_leaves_the_host() {
         for ok in [
-            "unix:///run/chaos/controller.sock",
             "http://127.0.0.1:7070",
             "http://127.9.9.9:1",
             "http://[::1]:7070",
             "http://localhost:7070",
         ] {
-            assert!(check_plaintext("--controller", ok).is_ok(), "{ok}");
+            assert!(service_url("--controller", ok, true).is_ok(), "{ok}");
         }
         for bad in [
             "http://10.0.0.1:7070",
             "http://[fd00::1]:7070",
             "http://ctl.example:7070",
             "http://0.0.0.0:7070",
-            "nonsense",
         ] {
-            let e = check_plaintext("--controller", bad)
+            let e = service_url("--controller", bad, true)
                 .unwrap_err()
                 .to_string();
             assert!(e.starts_with("--controller: plaintext to"), "{e}");
         }
+        let e = service_url("--controller", "http://127.0.0.1:1", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is plaintext"), "{e}");
+    }
+
+    /// The host before the first ':' was read as the host: `127.0.0.1:1@10.78.0.2` passed the
+    /// loopback rule while everything dialed 10.78.0.2.
+    #[test]
+    fn user_information_is_refused_in_one_line() {
+        for bad in [
+            "http://127.0.0.1:1@10.78.0.2:18447",
+            "https://user@ctl.example:7070",
+            "http://a:b@127.0.0.1:7070",
+        ] {
+            let e = service_url("--controller", bad, true)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("--controller: ") && e.contains("user information"),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.lines().count(), 1);
+        }
+        for bad in ["nonsense", "ftp://x", "unix:///x", "http://"] {
+            assert!(ServiceUrl::parse(bad).is_err(), "{bad}");
+        }
+        let long = format!("http://{}", "a".repeat(100_000));
+        let e = ServiceUrl::parse(&format!("{long}@b")).unwrap_err();
+        assert!(
+            e.len() < 300,
+            "an error quotes unbounded input: {} bytes",
+            e.len()
+        );
     }
 
     #[test]
-    fn url_host_handles_ports_paths_and_brackets() {
-        assert_eq!(url_host("https://ctl.example:7070/x"), Some("ctl.example"));
-        assert_eq!(url_host("http://[fd00::1]:1"), Some("fd00::1"));
-        assert_eq!(url_host("http://10.0.0.1"), Some("10.0.0.1"));
-        assert_eq!(url_host("ftp://x"), None);
-    }
-
-    #[test]
-    fn url_socket_addrs_take_the_port_or_the_default() {
-        let one = |u: &str, d| url_socket_addrs(u, d).first().map(ToString::to_string);
+    fn host_and_port_are_the_dialers() {
+        let p = ServiceUrl::parse("https://ctl.example:7070/x").expect("url");
+        assert_eq!(
+            (p.host.as_str(), p.port, p.tls),
+            ("ctl.example", Some(7070), true)
+        );
+        let p = ServiceUrl::parse("http://[fd00::1]:1").expect("url");
+        assert_eq!((p.host.as_str(), p.port), ("fd00::1", Some(1)));
+        let p = ServiceUrl::parse("http://10.0.0.1").expect("url");
+        assert_eq!((p.host.as_str(), p.port), ("10.0.0.1", None));
+        let one = |u: &str, d| {
+            ServiceUrl::parse(u)
+                .expect("url")
+                .socket_addrs(d)
+                .first()
+                .map(ToString::to_string)
+        };
         assert_eq!(
             one("https://127.0.0.1:7070/x", None).as_deref(),
             Some("127.0.0.1:7070")
         );
         assert_eq!(
-            one("https://[::1]:7070", None).as_deref(),
-            Some("[::1]:7070")
+            one("https://127.0.0.1", Some(443)).as_deref(),
+            Some("127.0.0.1:443")
         );
-        assert_eq!(
-            one("https://[::1]", Some(443)).as_deref(),
-            Some("[::1]:443")
-        );
-        assert_eq!(
-            one("https://0.0.0.0:7070", None).as_deref(),
-            Some("0.0.0.0:7070")
-        );
-        assert_eq!(one("https://10.0.0.1", None), None);
+        assert_eq!(one("https://127.0.0.1", None), None);
     }
 }

@@ -16,28 +16,17 @@ pub struct ControllerFlags {
 
 pub async fn connect(f: &ControllerFlags) -> Result<Channel> {
     let url = &f.url;
+    let parsed = tls::service_url("--controller", url, f.insecure_plaintext)?;
     let mut ep = Endpoint::from_shared(url.clone())
         .with_context(|| format!("--controller `{url}`"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true);
-    if url.starts_with("https://") {
+    if parsed.tls {
         let Some(dir) = &f.tls_dir else {
             bail!("--tls-dir: is required for an https:// controller (see `chaosctl certs init`)");
         };
         let files = TlsFiles::in_dir(dir, &format!("user-{}", f.user));
-        let host = tls::url_host(url).unwrap_or_default();
-        ep = ep.tls_config(files.client(host)?).context("TLS")?;
-    } else if url.starts_with("http://") {
-        if !f.insecure_plaintext {
-            bail!(
-                "--controller: `{url}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)"
-            );
-        }
-        tls::check_plaintext("--controller", url)?;
-    } else {
-        bail!(
-            "--controller: `{url}` must start with https:// (or http:// with --insecure-plaintext)"
-        );
+        ep = ep.tls_config(files.client(&parsed.host)?).context("TLS")?;
     }
     ep.connect()
         .await

@@ -83,8 +83,16 @@ impl Fleet {
         self.agents.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a joined agent; a connection of the same node replaces the old one.
-    pub fn register(&self, hello: fleet::Hello, peer: String, tx: Outbound) -> Arc<AgentConn> {
+    /// Registers a joined agent. One live stream per node name: a second Join for a node
+    /// whose stream is up is refused (ALREADY_EXISTS), so nobody holding a certificate that
+    /// may announce the node (the shared `fleet` one) can take its faults and reverts over; a
+    /// dead stream (its response stream gone, or its inbound ended) is replaced and closed.
+    pub fn register(
+        &self,
+        hello: fleet::Hello,
+        peer: String,
+        tx: Outbound,
+    ) -> Result<Arc<AgentConn>, Status> {
         let generation = self.next_id.fetch_add(1, Ordering::Relaxed);
         let faults = hello
             .faults
@@ -106,11 +114,31 @@ impl Fleet {
             pending: Mutex::new(HashMap::new()),
             faults: Mutex::new(faults),
         });
-        if let Some(old) = self.write().insert(hello.node_name.clone(), conn.clone()) {
-            tracing::warn!(node = %hello.node_name, old_peer = %old.info.peer, "agent reconnected: the new stream replaces the old one");
+        let mut agents = self.write();
+        if let Some(old) = agents.get(&hello.node_name) {
+            if !old.tx.is_closed() {
+                tracing::warn!(node = %hello.node_name, peer = %conn.info.peer, live_peer = %old.info.peer, "a second stream for a connected node: refused");
+                return Err(Status::already_exists(format!(
+                    "node {} is already connected (from {}); a second stream for one node is refused",
+                    hello.node_name, old.info.peer
+                )));
+            }
+            tracing::warn!(node = %hello.node_name, old_peer = %old.info.peer, "the node's earlier stream is dead: replaced");
+            // Its waiters get no reply on that stream.
+            old.pending().clear();
         }
+        agents.insert(hello.node_name.clone(), conn.clone());
+        drop(agents);
         self.counts.joins.fetch_add(1, Ordering::Relaxed);
-        conn
+        Ok(conn)
+    }
+
+    /// Ends every agent's stream with `status` (at shutdown): the agents see the stream end and
+    /// close theirs, so a graceful shutdown has no open stream to wait for.
+    pub fn close_all(&self, status: &Status) {
+        for conn in self.read().values() {
+            let _ = conn.tx.try_send(Err(status.clone()));
+        }
     }
 
     /// The agent's stream ended; forget it unless a newer stream replaced it already.

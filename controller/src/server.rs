@@ -83,7 +83,7 @@ impl fleet::fleet_server::Fleet for FleetService {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let conn = self.fleet.register(hello, peer.clone(), tx.clone());
+        let conn = self.fleet.register(hello, peer.clone(), tx.clone())?;
         tracing::info!(node = %conn.info.node_name, %peer, labels = ?conn.info.labels, "agent joined");
 
         // Leases: renewed at a third of their ttl, so two may be lost before the agent acts.

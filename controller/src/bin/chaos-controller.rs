@@ -137,12 +137,16 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(listen = %args.listen, local = %listener.local_addr()?, lease = ?args.lease, nofile, "chaos-controller ready");
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)));
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        // A node's stream that stopped answering pings is dead within 15 s: its agent (which
+        // retries a refused Join with backoff) gets the node back.
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
     if let Some(t) = tls {
         builder = builder.tls_config(t).context("TLS")?;
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let closing = fleet.clone();
     let shutdown = async move {
         let hold = async {
             match &lost {
@@ -155,6 +159,17 @@ async fn run(args: Args) -> Result<()> {
             _ = int.recv() => {},
             why = hold => tracing::error!("leadership lost: {why}; stopping"),
         }
+        // Agents' Join streams never end by themselves: end them, so the server stops. Their
+        // faults stay until their lease runs out. A stream that does not close in 10 s (an
+        // agent that stopped reading) does not keep the process alive.
+        closing.close_all(&tonic::Status::unavailable(
+            "chaos-controller is shutting down",
+        ));
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            tracing::error!("streams still open 10 s after shutdown began: exiting");
+            std::process::exit(0);
+        });
     };
     builder
         .add_service(FleetServer::new(FleetService {
@@ -184,23 +199,17 @@ async fn run(args: Args) -> Result<()> {
 
 fn listen_config(args: &Args) -> Result<(SocketAddr, Option<tonic::transport::ServerTlsConfig>)> {
     let url = &args.listen;
-    let tls = if url.starts_with("https://") {
+    let parsed = tls::service_url("--listen", url, args.insecure_plaintext)?;
+    let tls = if parsed.tls {
         let Some(dir) = &args.tls_dir else {
             bail!("--tls-dir: is required to listen on https:// (see `chaosctl certs init`)");
         };
         Some(TlsFiles::in_dir(dir, "controller").server()?)
-    } else if url.starts_with("http://") {
-        if !args.insecure_plaintext {
-            bail!(
-                "--listen: `{url}` is plaintext; use https:// with --tls-dir, or add --insecure-plaintext (loopback only)"
-            );
-        }
-        tls::check_plaintext("--listen", url)?;
-        None
     } else {
-        bail!("--listen: `{url}` must start with https:// (or http:// with --insecure-plaintext)");
+        None
     };
-    let addr = tls::url_socket_addrs(url, None)
+    let addr = parsed
+        .socket_addrs(None)
         .into_iter()
         .next()
         .with_context(|| format!("--listen: `{url}` needs a host:port"))?;
