@@ -827,8 +827,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
         total = total.saturating_add(unit);
         rest = &rest[unit_len..];
     }
+    // A bound for every duration anyone gives us, so none overflows a sum or a cast to
+    // milliseconds on its way (a u64-max hour count once reached an agent wrapped to 29 s).
+    if total > LONGEST_DURATION {
+        return Err(invalid(
+            "--duration",
+            format!(
+                "`{}` is longer than {}, the longest duration accepted",
+                s.chars().take(40).collect::<String>(),
+                format_duration(LONGEST_DURATION)
+            ),
+        ));
+    }
     Ok(total)
 }
+
+/// The longest duration any field accepts (a year and a day); agents cap faults far lower.
+pub const LONGEST_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -919,6 +934,21 @@ mod tests {
         for bad in ["", "30", "s", "1x", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        // Huge values are refused with the limit named, never saturated or wrapped.
+        for huge in [
+            "18446744073709551615s",
+            "18446744073709551615h",
+            "8785h",
+            "99999999999999999999s",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(
+                e.rule.contains("8784h") || e.rule.contains("must look like"),
+                "{huge}: {}",
+                e.rule
+            );
+        }
+        assert_eq!(parse_duration("8784h").unwrap(), LONGEST_DURATION);
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
     }

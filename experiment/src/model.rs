@@ -899,5 +899,5 @@ pub fn min_duration(steps: &[Step]) -> Duration {
                 .unwrap_or_default(),
             Step::Command(_) => Duration::ZERO,
         })
-        .sum()
+        .fold(Duration::ZERO, Duration::saturating_add)
 }
