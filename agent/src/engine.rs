@@ -315,7 +315,7 @@ impl Engine {
         });
         let reclaimed = {
             let _sites = engine.lock_sites(true);
-            engine.reclaim_journals()?
+            engine.reclaim_journals(&engine.claims())?
         };
         Ok((engine, reclaimed))
     }
@@ -344,14 +344,15 @@ impl Engine {
     /// roots and IFBs that no live engine owns in `scope`'s namespaces.
     pub fn sweep(&self, scope: SweepScope<'_>) -> Result<Reclaimed, EngineError> {
         let _sites = self.lock_sites(true);
-        let mut report = self.reclaim_journals()?;
+        // Reclaiming dead engines' journals changes no live engine's claims: one read serves both.
+        let claims = self.claims();
+        let mut report = self.reclaim_journals(&claims)?;
         let namespaces = match scope {
             SweepScope::Node => crate::sweep::namespaces(),
             SweepScope::Netns(target) => vec![Netns::open(target)?],
         };
-        let claims = self.claims();
         for netns in &namespaces {
-            let r = crate::sweep::sweep_netns(netns, &self.config.registry_dir, &claims);
+            let r = crate::sweep::sweep_netns(netns, &claims);
             report.clsact_filters += r.filters;
             report.qdiscs += r.roots;
             report.devices += r.ifbs;
@@ -362,8 +363,8 @@ impl Engine {
         Ok(report)
     }
 
-    /// The sites live engines' journals name (this one's included: a site is journaled before
-    /// it exists, under the sites lock the caller holds).
+    /// The registry and what live engines' journals name (this one's included: a site is
+    /// journaled before it exists, under the sites lock the caller holds), read once.
     fn claims(&self) -> Claims {
         let mut claims = Claims {
             complete: true,
@@ -373,6 +374,11 @@ impl Engine {
             claims.complete = false;
             return claims;
         };
+        claims.journal_dirs = slots
+            .iter()
+            .filter_map(|s| s.record.as_ref()?.journal.parent().map(Path::to_path_buf))
+            .collect();
+        claims.live = slots.iter().filter(|s| s.live).map(|s| s.slot).collect();
         for slot in slots.into_iter().filter(|s| s.live) {
             let Some(record) = slot.record else {
                 claims.complete = false;
@@ -1126,9 +1132,8 @@ impl Engine {
     /// Reclaims dead engines' journals in this engine's directory and every one the registry
     /// names. What a live engine now owns is left to it: a clsact filter or a site a live
     /// engine's journal claims. The caller holds the sites lock.
-    fn reclaim_journals(&self) -> Result<Reclaimed, EngineError> {
+    fn reclaim_journals(&self, claims: &Claims) -> Result<Reclaimed, EngineError> {
         let mut report = Reclaimed::default();
-        let registry = &self.config.registry_dir;
         let mut orphans = self
             .journal
             .orphans()
@@ -1136,17 +1141,14 @@ impl Engine {
                 path: self.config.journal_dir.clone(),
                 source,
             })?;
-        let others: BTreeSet<PathBuf> = crate::registry::slots(registry)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|s| s.record?.journal.parent().map(Path::to_path_buf))
-            .filter(|d| *d != self.config.journal_dir)
-            .collect();
-        for dir in others {
+        for dir in claims
+            .journal_dirs
+            .iter()
+            .filter(|d| **d != self.config.journal_dir)
+        {
             orphans
-                .extend(crate::journal::orphans_in(&dir, self.journal.path()).unwrap_or_default());
+                .extend(crate::journal::orphans_in(dir, self.journal.path()).unwrap_or_default());
         }
-        let claims = self.claims();
         for (path, file) in orphans {
             let mut keep = false;
             report.journals += 1;
@@ -1160,7 +1162,6 @@ impl Engine {
                         a.mode == AttachMode::Clsact
                             && (datapath::slot_of_priority(a.priority).is_none()
                                 || claims.filter_is_dead(
-                                    registry,
                                     fault.netns_id,
                                     &a.interface,
                                     a.hook,

@@ -63,16 +63,12 @@ impl FleetState {
     /// the next one.
     fn report_ended(&self, ended: fleet::FaultEnded) {
         let msg = fleet::AgentMessage {
-            msg: Some(fleet::agent_message::Msg::Ended(ended)),
+            msg: Some(fleet::agent_message::Msg::Ended(ended.clone())),
         };
-        let unsent = match lock(&self.live).as_ref() {
-            Some(tx) => tx.try_send(msg).err().map(|e| e.into_inner()),
-            None => Some(msg),
-        };
-        if let Some(fleet::AgentMessage {
-            msg: Some(fleet::agent_message::Msg::Ended(ended)),
-        }) = unsent
-        {
+        let sent = lock(&self.live)
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(msg).is_ok());
+        if !sent {
             lock(&self.outbox).push(ended);
         }
     }

@@ -127,17 +127,6 @@ pub fn slots(dir: &Path) -> io::Result<Vec<Slot>> {
     Ok(out)
 }
 
-/// Whether an engine holds `slot` in `dir` now.
-pub fn is_live(dir: &Path, slot: u16) -> bool {
-    let Ok(file) = OpenOptions::new().read(true).open(slot_path(dir, slot)) else {
-        return false;
-    };
-    matches!(
-        Flock::lock(file, FlockArg::LockSharedNonblock),
-        Err((_, Errno::EWOULDBLOCK))
-    )
-}
-
 /// The shaping-sites lock, shared (an engine changing a site) or exclusive (a sweep).
 pub struct SitesLock(#[allow(dead_code)] Flock<File>);
 
@@ -171,8 +160,17 @@ mod tests {
         let a = Registration::claim(&dir, &record()).expect("a");
         let b = Registration::claim(&dir, &record()).expect("b");
         assert_eq!((a.slot(), b.slot()), (0, 1));
-        assert!(is_live(&dir, 0) && is_live(&dir, 1) && !is_live(&dir, 2));
+        let live = |dir| -> Vec<u16> {
+            slots(dir)
+                .expect("slots")
+                .iter()
+                .filter(|s| s.live)
+                .map(|s| s.slot)
+                .collect()
+        };
+        assert_eq!(live(&dir), vec![0, 1]);
         drop(a);
+        assert_eq!(live(&dir), vec![1], "a dropped registration frees its slot");
         let seen = slots(&dir).expect("slots");
         assert_eq!(seen.len(), 2);
         assert!(!seen[0].live && seen[1].live);

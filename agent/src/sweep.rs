@@ -12,15 +12,18 @@ use crate::netns::{Netns, NetnsId};
 use crate::qdisc;
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::PathBuf;
 
 /// What live engines' journals name: sites (namespace, device) and clsact filters
-/// (namespace, interface, hook, priority). `complete` is false when some live engine's journal
-/// could not be read: then nothing it might own is removed.
+/// (namespace, interface, hook, priority), with the registry as read once under the sites lock:
+/// the live slots, and the journal directories every slot names. `complete` is false when some
+/// live engine's journal could not be read: then nothing it might own is removed.
 #[derive(Debug, Default, Clone)]
 pub struct Claims {
     pub sites: BTreeSet<(NetnsId, String)>,
     pub filters: BTreeSet<(NetnsId, String, Hook, u16)>,
+    pub live: BTreeSet<u16>,
+    pub journal_dirs: BTreeSet<PathBuf>,
     pub complete: bool,
 }
 
@@ -30,7 +33,6 @@ impl Claims {
     /// that slot).
     pub fn filter_is_dead(
         &self,
-        registry: &Path,
         netns: NetnsId,
         interface: &str,
         hook: Hook,
@@ -39,7 +41,7 @@ impl Claims {
         let Some(slot) = datapath::slot_of_priority(priority) else {
             return false;
         };
-        !crate::registry::is_live(registry, slot)
+        !self.live.contains(&slot)
             || (self.complete
                 && !self
                     .filters
@@ -100,7 +102,7 @@ struct Found {
 
 /// Lists our objects in the calling thread's namespace (`netns`); live engines' filters are
 /// left out.
-fn scan(registry: &Path, netns: NetnsId, claims: &Claims) -> std::io::Result<Found> {
+fn scan(netns: NetnsId, claims: &Claims) -> std::io::Result<Found> {
     let mut found = Found::default();
     let links = nix::net::if_::if_nameindex().map_err(std::io::Error::from)?;
     for link in links.iter() {
@@ -119,7 +121,7 @@ fn scan(registry: &Path, netns: NetnsId, claims: &Claims) -> std::io::Result<Fou
                 .iter()
                 .filter(|f| f.handle == CLSACT_HANDLE)
                 .map(|f| (f.info >> 16) as u16)
-                .filter(|p| claims.filter_is_dead(registry, netns, &name, hook, *p))
+                .filter(|p| claims.filter_is_dead(netns, &name, hook, *p))
                 .collect();
             priorities.dedup();
             found
@@ -149,17 +151,16 @@ pub struct Removed {
 }
 
 /// Sweeps one namespace: dead engines' filters, and roots and IFBs nobody live claims.
-pub fn sweep_netns(netns: &Netns, registry: &Path, claims: &Claims) -> Removed {
+pub fn sweep_netns(netns: &Netns, claims: &Claims) -> Removed {
     let id = netns.id;
     let label = netns
         .path
         .as_ref()
         .map_or_else(|| "this namespace".to_string(), |p| p.display().to_string());
-    let registry = registry.to_path_buf();
     let claims = claims.clone();
     let result = netns.run(move || {
         let mut removed = Removed::default();
-        let found = match scan(&registry, id, &claims) {
+        let found = match scan(id, &claims) {
             Ok(f) => f,
             Err(e) => {
                 removed.errors.push(format!("scan: {e}"));

@@ -195,6 +195,36 @@ fn engine_with(journal: PathBuf, attach: AttachMode) -> std::sync::Arc<chaos_age
     .0
 }
 
+/// A `chaosctl --local` bandwidth fault on A's `va`, both directions (our root, an IFB), attached
+/// by `attach`, killed -9 once applied; returns when it was killed, after it is reaped.
+fn kill9_local_shaper(net: &TestNet, attach: &str, journal: &std::path::Path) -> Instant {
+    let f = LocalFault::start(
+        &[
+            "inject",
+            "bandwidth",
+            "--rate",
+            "5mbit",
+            "--dest",
+            B4,
+            "--direction",
+            "both",
+            "--interface",
+            "va",
+            "--netns",
+            &net.a,
+            "--attach",
+            attach,
+            "--duration",
+            "60s",
+        ],
+        journal,
+    );
+    f.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let _ = f.wait(Duration::from_secs(5));
+    killed
+}
+
 /// Two engines with clsact filters on one interface (the agent and a `chaosctl --local`): each
 /// attaches at its own registry slot's priority, so the second applies, and its revert leaves
 /// the first engine's partition in force. Before, both used one priority and handle: the
@@ -266,29 +296,7 @@ fn a_sweep_needs_no_journal_and_spares_the_living() {
     };
     let theirs_before = objects();
 
-    let f = LocalFault::start(
-        &[
-            "inject",
-            "bandwidth",
-            "--rate",
-            "5mbit",
-            "--dest",
-            B4,
-            "--direction",
-            "both",
-            "--interface",
-            "va",
-            "--netns",
-            &net.a,
-            "--attach",
-            "clsact",
-            "--duration",
-            "60s",
-        ],
-        &dead_dir,
-    );
-    f.signal(libc::SIGKILL);
-    let _ = f.wait(Duration::from_secs(5));
+    kill9_local_shaper(&net, "clsact", &dead_dir);
     let left = net.residue();
     for what in [
         "tc filter ingress",
@@ -341,30 +349,7 @@ fn a_running_agent_sweeps_a_dead_local_engines_leftovers() {
     let net = TestNet::new("sweepa");
     let agent = engine_with(net.tmp.join("agent"), AttachMode::Tcx);
     agent.spawn_sweeper(chaos_agent::engine::SWEEP_EVERY);
-    let f = LocalFault::start(
-        &[
-            "inject",
-            "bandwidth",
-            "--rate",
-            "5mbit",
-            "--dest",
-            B4,
-            "--direction",
-            "both",
-            "--interface",
-            "va",
-            "--netns",
-            &net.a,
-            "--attach",
-            "tcx",
-            "--duration",
-            "60s",
-        ],
-        &net.tmp.join("local"),
-    );
-    f.signal(libc::SIGKILL);
-    let killed = Instant::now();
-    let _ = f.wait(Duration::from_secs(5));
+    let killed = kill9_local_shaper(&net, "tcx", &net.tmp.join("local"));
     let mut left = net.residue();
     assert!(!left.is_empty(), "nothing to sweep: the test shows nothing");
     while !left.is_empty() && killed.elapsed() < Duration::from_secs(8) {

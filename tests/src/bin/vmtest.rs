@@ -677,14 +677,13 @@ fn two_engines(c: &mut Checks) {
     c.check("two engines: no residue", residue().is_empty(), residue());
 }
 
-/// A child holding a clsact partition is killed -9 and its journal garbled: a sweep by another
-/// engine finds the filters by their marks and removes them.
-fn sweep_without_journal(c: &mut Checks) {
-    let dir = "/run/chaos-journal-garbled";
+/// This program as a child holding a partition on va with its journal in `journal`, once it
+/// has applied it (it waits to be killed).
+fn holding_child(journal: &str) -> std::process::Child {
     let me = std::env::current_exe().expect("exe");
     let mut child = Command::new(me)
         .arg("hold-fault")
-        .env("CHAOS_VMTEST_JOURNAL", dir)
+        .env("CHAOS_VMTEST_JOURNAL", journal)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("child");
@@ -694,6 +693,14 @@ fn sweep_without_journal(c: &mut Checks) {
         &mut line,
     )
     .expect("read");
+    child
+}
+
+/// A child holding a clsact partition is killed -9 and its journal garbled: a sweep by another
+/// engine finds the filters by their marks and removes them.
+fn sweep_without_journal(c: &mut Checks) {
+    let dir = "/run/chaos-journal-garbled";
+    let mut child = holding_child(dir);
     let _ = child.kill();
     let _ = child.wait();
     let left = residue();
@@ -911,18 +918,7 @@ fn main() {
     drop(e);
 
     // Crash recovery: a child applies, is killed -9; a new engine removes what it left.
-    let me = std::env::current_exe().expect("exe");
-    let mut child = Command::new(me)
-        .arg("hold-fault")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("child");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read");
+    let mut child = holding_child("/run/chaos-journal");
     let before = residue();
     let _ = child.kill();
     let _ = child.wait();
