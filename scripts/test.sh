@@ -76,7 +76,7 @@ for o in d["owners"]:
     print(f"  owner {o['attach']:<6} kill -9: whole again p50 {k['p50']:.0f} p99 {k['p99']:.0f} ms, {o['kill9_within_target']}/{o['kill9_trials']} within {d['targets']['kill9_until_traffic_whole_ms_max']:.0f} ms; SIGSTOP: ended p99 {s['p99']:.1f} ms past the deadline, {o['sigstop_within_target']}/{o['sigstop_trials']} within 100 ms")
 a = d["agent"]
 f, m, r = a["apply_first_on_interface_ms"], a["apply_more_on_interface_ms"], a["rss_kib"]
-print(f"  agent apply: first on an interface p50 {f['p50']:.1f} p99 {f['p99']:.1f} ms, one more p50 {m['p50']:.2f} p99 {m['p99']:.2f} ms, cold {a['apply_cold_ms']:.0f} ms; RSS idle {r['idle']/1024:.1f} MiB, 100 faults {r['with_100_faults']/1024:.1f} MiB, after revert {r['after_revert']/1024:.1f} MiB")
+print(f"  agent apply: first on an interface p50 {f['p50']:.1f} p99 {f['p99']:.1f} ms, one more p50 {m['p50']:.2f} p99 {m['p99']:.2f} ms, cold {a['apply_cold_ms']:.0f} ms; RSS idle {r['idle']['total']/1024:.1f} MiB, 100 faults {r['with_100_faults']['total']/1024:.1f} MiB, after revert {r['after_revert']['total']/1024:.1f} MiB (heap {r['after_revert']['anon']/1024:.1f}, binary {r['after_revert']['file']/1024:.1f})")
 w = d["sweep"]
 print(f"  sweep of {w['namespaces_swept']} namespaces: removing {w['namespaces_of_ours']} dead roots p50 {w['remove_ms']['p50']:.0f} p99 {w['remove_ms']['p99']:.0f} ms (all removed: {w['every_dead_root_removed']}); idle p50 {w['idle_ms']['p50']:.1f} ms ({w['idle_share_of_one_cpu_every_3s_percent']:.2f} % of a CPU every 3 s)")
 PY

@@ -470,7 +470,9 @@ impl Engine {
         if st.desired.remove(id).is_none() {
             return Err(EngineError::NotFound(id.to_string()));
         }
-        if let Some(Err(e)) = self.reconcile(&mut st).remove(id) {
+        let result = self.reconcile(&mut st).remove(id);
+        return_freed_heap();
+        if let Some(Err(e)) = result {
             return Err(e);
         }
         st.ended
@@ -1094,6 +1096,10 @@ impl Engine {
                 } else {
                     Spare::Empty
                 };
+                drop((spare, st));
+                // Loading and verifying leave megabytes of freed parser and log buffers in
+                // this thread's arena.
+                return_freed_heap();
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the thread that prepares a spare datapath object: {e}");
@@ -1358,5 +1364,16 @@ pub fn check_privileges(netns: &NetnsRef) -> Result<(), EngineError> {
             "need {} (run as root)",
             missing.join(", ")
         )))
+    }
+}
+
+/// Gives the heap pages that freed objects left behind back to the kernel. glibc keeps them
+/// in its per-thread arenas, so without this an agent that once loaded datapath objects and
+/// held many faults stays at its high-water mark long after they are gone.
+fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

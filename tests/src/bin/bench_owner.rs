@@ -248,15 +248,18 @@ fn trials(nets: &[Arc<TestNet>], attach: &str, owner: Owner, trials: usize) -> (
     (all.into_iter().flatten().collect(), failed)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+/// Resident memory in KiB: the total, and its anonymous (heap, stacks) and file-backed
+/// (the binary's pages) parts, so a regression can be told from a bigger binary.
+fn rss_kib(pid: u32) -> Value {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    json!({"total": field("VmRSS:"), "anon": field("RssAnon:"), "file": field("RssFile:")})
 }
 
 fn loss(net: &TestNet, dest: String) -> pb::ApplyRequest {
