@@ -59,6 +59,9 @@ pub enum DatapathError {
     Kernel { context: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    /// A kernel table of ours has no room left; the message names the limit.
+    #[error("{0}")]
+    Full(String),
     /// A journal named a kernel object that is not ours (by our marks): nothing was done.
     #[error("{0}")]
     NotOurs(String),

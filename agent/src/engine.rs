@@ -59,6 +59,7 @@ impl EngineError {
                 | EngineError::NotFound(_)
                 | EngineError::Netns(NetnsError::Missing { .. } | NetnsError::NotNetns { .. })
                 | EngineError::Datapath(DatapathError::Invalid(_))
+                | EngineError::Datapath(DatapathError::Full(_))
                 | EngineError::Datapath(DatapathError::Shape(
                     ShapeError::Foreign { .. }
                         | ShapeError::Busy { .. }

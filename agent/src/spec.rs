@@ -556,6 +556,8 @@ pub const MAX_DELAY_MS: f64 = 600_000.0;
 impl FaultSpec {
     /// Checks everything that can be checked without the kernel.
     pub fn validate(&self, max_duration: Duration) -> Result<(), InvalidInput> {
+        check_cidr_count("--dest", self.target.remote.len())?;
+        check_cidr_count("--source", self.target.local.len())?;
         let percent = |field: &'static str, p: f64| {
             if p.is_finite() && (0.0..=100.0).contains(&p) {
                 Ok(())
@@ -871,6 +873,7 @@ mod duration_ms {
 
 /// Parses repeated CIDR flags, naming the flag in errors.
 pub fn parse_cidrs(field: &'static str, values: &[String]) -> Result<Vec<Cidr>, InvalidInput> {
+    check_cidr_count(field, values.len())?;
     values
         .iter()
         .map(|v| {
@@ -880,6 +883,17 @@ pub fn parse_cidrs(field: &'static str, values: &[String]) -> Result<Vec<Cidr>, 
             })
         })
         .collect()
+}
+
+/// One fault's CIDRs on one end fit the kernel's table (which the faults on an interface share).
+fn check_cidr_count(field: &'static str, n: usize) -> Result<(), InvalidInput> {
+    if n > chaos_abi::MAX_CIDRS as usize {
+        return Err(invalid(
+            field,
+            format!("at most {} CIDRs per fault (got {n})", chaos_abi::MAX_CIDRS),
+        ));
+    }
+    Ok(())
 }
 
 pub fn parse_ports(values: &[String]) -> Result<Vec<PortRange>, InvalidInput> {
@@ -899,6 +913,16 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("fd00::/129".parse::<Cidr>().is_err());
         assert!("banana".parse::<Cidr>().is_err());
+        let many: Vec<String> = (0..=chaos_abi::MAX_CIDRS)
+            .map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255))
+            .collect();
+        let e = parse_cidrs("--source", &many).unwrap_err();
+        assert_eq!(e.field, "--source");
+        assert_eq!(e.rule, "at most 65536 CIDRs per fault (got 65537)");
+        assert_eq!(
+            parse_cidrs("--dest", &many[1..]).map(|c| c.len()),
+            Ok(65_536)
+        );
         let e = parse_cidrs("--dest", &["1.2.3.4/40".into()]).unwrap_err();
         assert_eq!(e.field, "--dest");
     }

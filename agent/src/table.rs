@@ -661,7 +661,18 @@ fn trie_write<K: aya::Pod, V: aya::Pod>(
     value: Option<V>,
 ) -> Result<(), DatapathError> {
     match value {
-        Some(v) => ctx!(trie.insert(key, v, 0), "insert a CIDR"),
+        Some(v) => match trie.insert(key, v, 0) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                Err(DatapathError::Full(format!(
+                    "the interface's CIDR table is full: at most {} prefixes per address family \
+                     and end (--dest or --source), counted over all the faults on the interface",
+                    chaos_abi::MAX_CIDRS
+                )))
+            }
+            r => ctx!(r, "insert a CIDR"),
+        },
         None => match trie.remove(key) {
             Ok(()) => Ok(()),
             // Already gone (an erase after a half-done write).

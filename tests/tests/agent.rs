@@ -368,6 +368,58 @@ fn bad_input_is_refused_with_one_line_and_nothing_applied() {
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
 
+/// The CIDR tables' limit is named when one fault exceeds it, and when the faults on an
+/// interface fill it together (this was "No space left on device", exit 1); the refused fault
+/// leaves nothing, and the one already there keeps working.
+#[test]
+fn the_cidr_limit_is_named_and_a_full_table_refuses_cleanly() {
+    let _g = serial();
+    let net = TestNet::new("cidr");
+    let agent = Agent::start(&net, &[]);
+    let ns = net.a.clone();
+    // Distinct /32s on 10.128.0.0/9, `--dest=` to keep argv short (65,537 of them).
+    let dests = |from: u32, n: u32| -> Vec<String> {
+        (from..from + n)
+            .map(|i| {
+                format!(
+                    "--dest=10.{}.{}.{}",
+                    128 + (i >> 16),
+                    (i >> 8) & 255,
+                    i & 255
+                )
+            })
+            .collect()
+    };
+    let inject = |dests: &[String]| {
+        let mut full = vec!["inject", "partition", "--interface", "va", "--netns", &ns];
+        full.extend(dests.iter().map(String::as_str));
+        agent.chaosctl(&full)
+    };
+    let o = inject(&dests(0, 65_537));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "65,537 CIDRs: {err}");
+    assert!(
+        err.contains("--dest") && err.contains("at most 65536") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let o = inject(&dests(0, 40_000));
+    assert!(o.status.success(), "first 40,000: {}", stderr(&o));
+    let o = inject(&dests(40_000, 40_000));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "second 40,000: {err}");
+    assert!(
+        err.contains("CIDR table is full")
+            && err.contains("65536")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(list(&agent).len(), 1, "the refused fault is listed");
+    let o = agent.chaosctl(&["revert", "--all"]);
+    assert!(o.status.success(), "revert: {}", stderr(&o));
+    assert!(list(&agent).is_empty());
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+}
+
 /// The agent's control endpoints are never matched, even by a partition of everything.
 #[test]
 fn control_traffic_is_never_matched() {
