@@ -9,6 +9,7 @@
 pub mod apps;
 pub mod cgroups;
 pub mod kube_api;
+pub mod kube_rbac;
 pub mod pods;
 
 use chaos_agent::datapath::{self, AttachMode, Hook};
