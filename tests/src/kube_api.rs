@@ -6,8 +6,11 @@
 //! label selectors) and watch (from a resourceVersion), get, create (with generateName), replace
 //! (with the resourceVersion conflict check leases rely on), merge and JSON patches (main
 //! resource and /status), and delete with finalizers (deletionTimestamp first; the object goes
-//! when its last finalizer does). Everything it does is the API server's documented behaviour,
+//! when its last finalizer does). Every request needs a bearer token and is authorized against
+//! deploy/'s RBAC (kube_rbac.rs): 401 without one, 403 with the API server's message for a verb
+//! the manifests do not grant. Everything it does is the API server's documented behaviour,
 //! nothing chaos-specific, so it cannot agree with a bug in our code by construction.
+use crate::kube_rbac::{Attributes, Rbac};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::Response;
@@ -54,6 +57,8 @@ struct Store {
 struct Shared {
     store: Mutex<Store>,
     changes: broadcast::Sender<Change>,
+    /// Bearer tokens (token to user) and the RBAC every request is authorized against.
+    auth: Mutex<(BTreeMap<String, String>, Rbac)>,
 }
 
 impl Shared {
@@ -80,6 +85,7 @@ impl KubeApi {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changes: broadcast::channel(4096).0,
+            auth: Mutex::new((BTreeMap::new(), Rbac::from_deploy())),
         });
         let s = shared.clone();
         let app = axum::Router::new().fallback(
@@ -94,13 +100,26 @@ impl KubeApi {
         KubeApi { addr, shared }
     }
 
-    /// A kubeconfig naming this server (plain HTTP, no credentials), written to `path`.
-    pub fn write_kubeconfig(&self, path: &Path) {
+    /// A kubeconfig naming this server (plain HTTP) with a bearer token for `user`, written
+    /// to `path`. Each request is authorized as that user against deploy/'s RBAC.
+    pub fn write_kubeconfig_as(&self, path: &Path, user: &str) {
+        let token = {
+            let mut auth = self.shared.auth.lock().unwrap_or_else(|p| p.into_inner());
+            let token = format!("token-{}", auth.0.len() + 1);
+            auth.0.insert(token.clone(), user.into());
+            token
+        };
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: fake\n  user: {{token: {token}}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
             self.addr
         );
         std::fs::write(path, text).expect("write the kubeconfig");
+    }
+
+    /// `kubectl create rolebinding -n NAMESPACE --clusterrole=ROLE --user=USER`.
+    pub fn bind_cluster_role(&self, user: &str, role: &str, namespace: &str) {
+        let mut auth = self.shared.auth.lock().unwrap_or_else(|p| p.into_inner());
+        auth.1.bind_cluster_role(user, role, namespace);
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -156,6 +175,7 @@ struct Target {
     coll: Coll,
     namespace: Option<String>,
     name: Option<String>,
+    status: bool,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -169,15 +189,17 @@ fn parse_path(path: &str) -> Option<Target> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         rest => (None, rest),
     };
-    let (plural, name) = match rest {
-        [plural] => (plural, None),
-        [plural, name] | [plural, name, "status"] => (plural, Some(name.to_string())),
+    let (plural, name, status) = match rest {
+        [plural] => (plural, None, false),
+        [plural, name] => (plural, Some(name.to_string()), false),
+        [plural, name, "status"] => (plural, Some(name.to_string()), true),
         _ => return None,
     };
     Some(Target {
         coll: Coll::new(&prefix, plural),
         namespace,
         name,
+        status,
     })
 }
 
@@ -313,8 +335,11 @@ async fn handle(
             format!("no route {}", uri.path()),
         );
     };
-    let ns = t.namespace.clone().unwrap_or_default();
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    if let Err(r) = authorize(shared, &method, &headers, &t, watching) {
+        return *r;
+    }
+    let ns = t.namespace.clone().unwrap_or_default();
     if method == Method::GET && t.name.is_none() && watching {
         return watch(shared, t, q);
     }
@@ -456,6 +481,72 @@ async fn handle(
             format!("{m} on a collection"),
         ),
     }
+}
+
+/// Authenticates the bearer token and authorizes the request as the API server would.
+fn authorize(
+    shared: &Shared,
+    method: &Method,
+    headers: &HeaderMap,
+    t: &Target,
+    watching: bool,
+) -> Result<(), Box<Response>> {
+    let auth = shared.auth.lock().unwrap_or_else(|p| p.into_inner());
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(user) = token.and_then(|t| auth.0.get(t)) else {
+        return Err(Box::new(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized".into(),
+        )));
+    };
+    let verb = match (method, &t.name) {
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, None) => "deletecollection",
+        (&Method::DELETE, Some(_)) => "delete",
+        _ => "unknown",
+    };
+    let group = t
+        .coll
+        .prefix
+        .strip_prefix("/apis/")
+        .and_then(|g| g.split('/').next())
+        .unwrap_or_default();
+    let resource = if t.status {
+        format!("{}/status", t.coll.plural)
+    } else {
+        t.coll.plural.clone()
+    };
+    let a = Attributes {
+        user: user.clone(),
+        verb: verb.into(),
+        group: group.into(),
+        resource: resource.clone(),
+        namespace: t.namespace.clone(),
+    };
+    if auth.1.allows(&a) {
+        return Ok(());
+    }
+    let scope = match &t.namespace {
+        Some(ns) => format!(" in the namespace \"{ns}\""),
+        None => " at the cluster scope".into(),
+    };
+    Err(Box::new(status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "{resource} \"{}\" is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\"{scope}",
+            t.name.as_deref().unwrap_or_default()
+        ),
+    )))
 }
 
 /// Every change after `resourceVersion`, then each new one, as newline-delimited JSON.

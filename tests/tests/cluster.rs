@@ -161,8 +161,13 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
     let tmp = Dir(std::env::temp_dir().join(format!("chaos-cluster-{pid}")));
     std::fs::create_dir_all(&tmp.0).unwrap();
     let t = &tmp.0;
+    // The controller as its service account, chaosctl as a user given chaos-experimenter in
+    // the pods' namespace (deploy/'s RBAC, enforced by the stand-in).
+    let controller_kubeconfig = t.join("kubeconfig-controller");
+    api.write_kubeconfig_as(&controller_kubeconfig, chaos_tests::kube_rbac::CONTROLLER);
     let kubeconfig = t.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    api.write_kubeconfig_as(&kubeconfig, "alice");
+    api.bind_cluster_role("alice", "chaos-experimenter", "shop");
 
     // The pod, on this host, and its object; a second object with other labels whose pod does
     // not exist on the node: choosing it would fail the run.
@@ -189,7 +194,7 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
             s(t.join("state")),
         ],
         &[
-            ("KUBECONFIG", s(kubeconfig.clone())),
+            ("KUBECONFIG", s(controller_kubeconfig.clone())),
             ("POD_NAME", "ctl-0".into()),
             ("POD_NAMESPACE", "chaos-system".into()),
         ],
