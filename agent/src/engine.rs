@@ -467,13 +467,26 @@ impl Engine {
 
     /// Reverts one fault; returns it with its final counters.
     pub fn revert(&self, id: &str) -> Result<FaultStatus, EngineError> {
+        let result = self.revert_one(id);
+        return_freed_heap();
+        result
+    }
+
+    /// Reverts everything (shutdown, `revert --all`).
+    pub fn revert_all(&self) -> Vec<Result<FaultStatus, EngineError>> {
+        let ids: Vec<String> = self.lock().desired.keys().cloned().collect();
+        let results = ids.iter().map(|id| self.revert_one(id)).collect();
+        return_freed_heap();
+        results
+    }
+
+    /// A revert without the heap trim, which callers do once, outside the state lock.
+    fn revert_one(&self, id: &str) -> Result<FaultStatus, EngineError> {
         let mut st = self.lock();
         if st.desired.remove(id).is_none() {
             return Err(EngineError::NotFound(id.to_string()));
         }
-        let result = self.reconcile(&mut st).remove(id);
-        return_freed_heap();
-        if let Some(Err(e)) = result {
+        if let Some(Err(e)) = self.reconcile(&mut st).remove(id) {
             return Err(e);
         }
         st.ended
@@ -482,12 +495,6 @@ impl Engine {
             .find(|f| f.id == id)
             .cloned()
             .ok_or_else(|| EngineError::NotFound(id.into()))
-    }
-
-    /// Reverts everything (shutdown, `revert --all`).
-    pub fn revert_all(&self) -> Vec<Result<FaultStatus, EngineError>> {
-        let ids: Vec<String> = self.lock().desired.keys().cloned().collect();
-        ids.iter().map(|id| self.revert(id)).collect()
     }
 
     pub fn list(&self) -> Vec<FaultStatus> {

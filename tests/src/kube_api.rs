@@ -57,8 +57,13 @@ struct Store {
 struct Shared {
     store: Mutex<Store>,
     changes: broadcast::Sender<Change>,
-    /// Bearer tokens (token to user) and the RBAC every request is authorized against.
-    auth: Mutex<(BTreeMap<String, String>, Rbac)>,
+    auth: Mutex<Auth>,
+}
+
+/// Who a bearer token is, and the RBAC every request is authorized against.
+struct Auth {
+    users_by_token: BTreeMap<String, String>,
+    rbac: Rbac,
 }
 
 impl Shared {
@@ -85,7 +90,10 @@ impl KubeApi {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changes: broadcast::channel(4096).0,
-            auth: Mutex::new((BTreeMap::new(), Rbac::from_deploy())),
+            auth: Mutex::new(Auth {
+                users_by_token: BTreeMap::new(),
+                rbac: Rbac::from_deploy(),
+            }),
         });
         let s = shared.clone();
         let app = axum::Router::new().fallback(
@@ -105,8 +113,8 @@ impl KubeApi {
     pub fn write_kubeconfig_as(&self, path: &Path, user: &str) {
         let token = {
             let mut auth = self.shared.auth.lock().unwrap_or_else(|p| p.into_inner());
-            let token = format!("token-{}", auth.0.len() + 1);
-            auth.0.insert(token.clone(), user.into());
+            let token = format!("token-{}", auth.users_by_token.len() + 1);
+            auth.users_by_token.insert(token.clone(), user.into());
             token
         };
         let text = format!(
@@ -119,7 +127,7 @@ impl KubeApi {
     /// `kubectl create rolebinding -n NAMESPACE --clusterrole=ROLE --user=USER`.
     pub fn bind_cluster_role(&self, user: &str, role: &str, namespace: &str) {
         let mut auth = self.shared.auth.lock().unwrap_or_else(|p| p.into_inner());
-        auth.1.bind_cluster_role(user, role, namespace);
+        auth.rbac.bind_cluster_role(user, role, namespace);
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -496,7 +504,7 @@ fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(user) = token.and_then(|t| auth.0.get(t)) else {
+    let Some(user) = token.and_then(|t| auth.users_by_token.get(t)) else {
         return Err(Box::new(status(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
@@ -532,7 +540,7 @@ fn authorize(
         resource: resource.clone(),
         namespace: t.namespace.clone(),
     };
-    if auth.1.allows(&a) {
+    if auth.rbac.allows(&a) {
         return Ok(());
     }
     let scope = match &t.namespace {

@@ -370,7 +370,7 @@ fn bad_input_is_refused_with_one_line_and_nothing_applied() {
 
 /// The CIDR tables' limit is named when one fault exceeds it, and when the faults on an
 /// interface fill it together (this was "No space left on device", exit 1); the refused fault
-/// leaves nothing, and the one already there keeps working.
+/// leaves nothing, and the one already there stays listed.
 #[test]
 fn the_cidr_limit_is_named_and_a_full_table_refuses_cleanly() {
     let _g = serial();
