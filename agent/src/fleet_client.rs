@@ -127,7 +127,22 @@ async fn connect(cfg: &FleetConfig) -> Result<Channel, String> {
     if cfg.tls.is_some() {
         return Err("this chaos-agent was built without TLS (feature `tls`)".into());
     }
-    ep.connect().await.map_err(|e| format!("{e:?}"))
+    ep.connect().await.map_err(|e| transport_error(&e))
+}
+
+/// A connection's failure in one line: the TLS reason when there is one, else the causes.
+fn transport_error(e: &(dyn std::error::Error + 'static)) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(why) = crate::tls::explain(e) {
+        return why;
+    }
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line = format!("{line}: {c}");
+        cause = c.source();
+    }
+    line
 }
 
 async fn session<A: Agent>(
@@ -172,7 +187,12 @@ async fn session<A: Agent>(
     let mut inbound = client
         .join(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("join refused: {}", s.message()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled => {
+                transport_error(&s)
+            }
+            _ => format!("join refused: {}", s.message()),
+        })?
         .into_inner();
     state.connected.store(true, Ordering::Relaxed);
     *lock(&state.live) = Some(tx.clone());
@@ -181,7 +201,7 @@ async fn session<A: Agent>(
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
-            Err(s) => return Err(s.message().to_string()),
+            Err(s) => return Err(transport_error(&s)),
         };
         match msg.msg {
             Some(fleet::controller_message::Msg::Lease(l)) => {

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 #[cfg(feature = "tls")]
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -47,17 +47,6 @@ impl TlsFiles {
         })
     }
 
-    /// Server side: present our certificate, require a client certificate from the CA.
-    #[cfg(feature = "tls")]
-    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                Self::read(&self.cert)?,
-                Self::read(&self.key)?,
-            ))
-            .client_ca_root(Certificate::from_pem(Self::read(&self.ca)?)))
-    }
-
     /// Client side: trust only the CA, present our certificate. `domain` is the name the
     /// server's certificate must carry (the URL's host).
     #[cfg(feature = "tls")]
@@ -69,6 +58,69 @@ impl TlsFiles {
                 Self::read(&self.key)?,
             ))
             .domain_name(domain))
+    }
+}
+
+/// Why a connection failed, in the words an operator acts on, when TLS is why: the first
+/// rustls error among `err`'s causes. tonic reports these as "transport error".
+#[cfg(feature = "tls")]
+pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(t) = tls {
+            return Some(describe(t));
+        }
+        cause = e.source();
+    }
+    None
+}
+
+#[cfg(feature = "tls")]
+fn describe(e: &rustls::Error) -> String {
+    use rustls::AlertDescription as Alert;
+    match e {
+        rustls::Error::AlertReceived(Alert::CertificateExpired) => {
+            "the peer refused our certificate: it has expired (issue a new one: `chaosctl certs issue`)".into()
+        }
+        rustls::Error::AlertReceived(Alert::UnknownCA) => {
+            "the peer refused our certificate: it is not signed by the peer's CA".into()
+        }
+        rustls::Error::AlertReceived(Alert::CertificateRequired) => {
+            "the peer requires a client certificate".into()
+        }
+        rustls::Error::AlertReceived(a) => format!("the peer refused the TLS handshake ({a:?})"),
+        rustls::Error::InvalidCertificate(c) => {
+            format!("the peer's certificate is refused: {}", certificate_problem(c))
+        }
+        other => format!("TLS: {other}"),
+    }
+}
+
+/// What is wrong with a certificate, as an operator would say it.
+#[cfg(feature = "tls")]
+pub fn certificate_problem(e: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        C::Expired => "it has expired".into(),
+        C::ExpiredContext { time, not_after } => format!(
+            "it expired {} s ago",
+            time.as_secs().saturating_sub(not_after.as_secs())
+        ),
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "it is not valid yet (is this machine's clock right?)".into()
+        }
+        C::UnknownIssuer => "it is not signed by the CA in ca.pem".into(),
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "it is not valid for the host name in the URL".into()
+        }
+        C::BadSignature => "its signature is not valid".into(),
+        C::Revoked => "it has been revoked".into(),
+        other => format!("{other:?}"),
     }
 }
 

@@ -8,3 +8,4 @@ pub mod k8s;
 pub mod limits;
 pub mod local_driver;
 pub mod server;
+pub mod tls_front;

@@ -2,7 +2,12 @@
 use chaos_agent::datapath::Counters;
 use serde_json::json;
 
+/// One line: the error and its causes; when TLS is why, its top context and the reason (tonic
+/// would say "transport error").
 pub fn chain(e: &anyhow::Error) -> String {
+    if let Some(why) = e.chain().find_map(chaos_agent::tls::explain) {
+        return format!("{e}: {why}");
+    }
     e.chain()
         .map(ToString::to_string)
         .collect::<Vec<_>>()

@@ -24,12 +24,10 @@ pub fn identity<T>(req: &Request<T>) -> Option<(String, String)> {
 pub fn caller<T>(req: &Request<T>, role: &str) -> Result<Caller, Status> {
     match identity(req) {
         Some((r, name)) if r == role => Ok(Caller(name)),
-        Some((r, name)) => Err(Status::permission_denied(format!(
+        Some((r, name)) => Err(refused(format!(
             "certificate {name} has role {r:?}; this API needs {role:?}"
         ))),
-        None if req.peer_certs().is_some() => {
-            Err(Status::permission_denied("client certificate has no role"))
-        }
+        None if req.peer_certs().is_some() => Err(refused("client certificate has no role".into())),
         None => Ok(Caller(format!(
             "plaintext:{}",
             req.remote_addr()
@@ -37,6 +35,15 @@ pub fn caller<T>(req: &Request<T>, role: &str) -> Result<Caller, Status> {
                 .unwrap_or_else(|| "unix".into())
         ))),
     }
+}
+
+/// PERMISSION_DENIED for a certificate the CA signed but this API does not serve, logged once
+/// per identity and reason: the operator sees who is locked out without a line per retry.
+fn refused(why: String) -> Status {
+    crate::tls_front::once(format!("role {why}"), || {
+        tracing::warn!("refused a caller: {why}")
+    });
+    Status::permission_denied(why)
 }
 
 pub struct FleetService {
@@ -77,7 +84,7 @@ impl fleet::fleet_server::Fleet for FleetService {
         // An agent certificate is good for its own node only (a shared fleet certificate,
         // e.g. for a DaemonSet, is named "fleet" and may announce any node).
         if !who.0.starts_with("plaintext:") && who.0 != "fleet" && who.0 != hello.node_name {
-            return Err(Status::permission_denied(format!(
+            return Err(refused(format!(
                 "certificate {} may not join as node {}",
                 who.0, hello.node_name
             )));

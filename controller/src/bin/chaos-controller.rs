@@ -6,6 +6,7 @@ use chaos_controller::audit::Audit;
 use chaos_controller::experiments::ExperimentsService;
 use chaos_controller::fleet::Fleet;
 use chaos_controller::server::{ControllerService, FleetService};
+use chaos_controller::tls_front;
 use chaos_experiment::history::History;
 use chaos_proto::experiments::v1::experiments_server::ExperimentsServer;
 use chaos_proto::fleet::v1::controller_server::ControllerServer;
@@ -141,9 +142,6 @@ async fn run(args: Args) -> Result<()> {
         // A node's stream that stopped answering pings is dead within 15 s: its agent (which
         // retries a refused Join with backoff) gets the node back.
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
-    if let Some(t) = tls {
-        builder = builder.tls_config(t).context("TLS")?;
-    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let closing = fleet.clone();
@@ -171,7 +169,7 @@ async fn run(args: Args) -> Result<()> {
             std::process::exit(0);
         });
     };
-    builder
+    let router = builder
         .add_service(FleetServer::new(FleetService {
             fleet: fleet.clone(),
         }))
@@ -182,29 +180,41 @@ async fn run(args: Args) -> Result<()> {
             fleet: fleet.clone(),
             history,
             runner: format!("controller {}", args.listen),
-        }))
-        .serve_with_incoming_shutdown(
+        }));
+    match tls {
+        Some(config) => {
+            let incoming = tls_front::incoming(listener, config, tls_front::Limits::default());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
             // Small replies must not wait for delayed ACKs (Nagle): 40 ms per command otherwise.
-            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
                 if let Ok(s) = &s {
                     let _ = s.set_nodelay(true);
                 }
                 s
-            }),
-            shutdown,
-        )
-        .await
-        .context("serve")
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+    .context("serve")
 }
 
-fn listen_config(args: &Args) -> Result<(SocketAddr, Option<tonic::transport::ServerTlsConfig>)> {
+fn listen_config(args: &Args) -> Result<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> {
     let url = &args.listen;
     let parsed = tls::service_url("--listen", url, args.insecure_plaintext)?;
     let tls = if parsed.tls {
         let Some(dir) = &args.tls_dir else {
             bail!("--tls-dir: is required to listen on https:// (see `chaosctl certs init`)");
         };
-        Some(TlsFiles::in_dir(dir, "controller").server()?)
+        Some(tls_front::server_config(&TlsFiles::in_dir(
+            dir,
+            "controller",
+        ))?)
     } else {
         None
     };
