@@ -130,6 +130,18 @@ async fn connect(cfg: &FleetConfig) -> Result<Channel, String> {
     ep.connect().await.map_err(|e| transport_error(&e))
 }
 
+/// The controller's reason for refusing our certificate, which a failed call cannot see with
+/// TLS 1.3 (see [`crate::tls::refusal`]).
+async fn hidden_refusal(cfg: &FleetConfig) -> Option<String> {
+    #[cfg(feature = "tls")]
+    if let Some(files) = &cfg.tls {
+        let url = crate::tls::ServiceUrl::parse(&cfg.url).ok()?;
+        return crate::tls::refusal(files, &url).await;
+    }
+    let _ = cfg;
+    None
+}
+
 /// A connection's failure in one line: the TLS reason when there is one, else the causes.
 fn transport_error(e: &(dyn std::error::Error + 'static)) -> String {
     #[cfg(feature = "tls")]
@@ -184,16 +196,19 @@ async fn session<A: Agent>(
         let _ = tx.send(send(fleet::agent_message::Msg::Ended(ended))).await;
     }
 
-    let mut inbound = client
-        .join(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled => {
-                transport_error(&s)
-            }
-            _ => format!("join refused: {}", s.message()),
-        })?
-        .into_inner();
+    let mut inbound = match client.join(ReceiverStream::new(rx)).await {
+        Ok(joined) => joined.into_inner(),
+        Err(s) => {
+            return Err(match s.code() {
+                tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled => {
+                    hidden_refusal(cfg)
+                        .await
+                        .unwrap_or_else(|| transport_error(&s))
+                }
+                _ => format!("join refused: {}", s.message()),
+            });
+        }
+    };
     state.connected.store(true, Ordering::Relaxed);
     *lock(&state.live) = Some(tx.clone());
     tracing::info!(controller = %cfg.url, node = %cfg.node_name, "joined the controller");

@@ -61,6 +61,102 @@ impl TlsFiles {
     }
 }
 
+#[cfg(feature = "tls")]
+impl TlsFiles {
+    /// The CA certificates in `ca`, as a root store.
+    pub fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in pem_certs(&self.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| TlsError::Invalid(format!("{}: {e}", self.ca.display())))?;
+        }
+        Ok(roots)
+    }
+
+    /// Our certificate chain and its key.
+    pub fn identity(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| pem_error(&self.key, e))?;
+        Ok((pem_certs(&self.cert)?, key))
+    }
+
+    /// The client side as plain rustls (what [`refusal`] dials with): the same trust and
+    /// identity as [`TlsFiles::client`].
+    pub fn rustls_client(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let (chain, key) = self.identity()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", self.cert.display())))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+#[cfg(feature = "tls")]
+fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    TlsError::Invalid(format!("{}: {e}", path.display()))
+}
+
+#[cfg(feature = "tls")]
+fn pem_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))
+}
+
+/// Why the server at `url` refuses us, when TLS is why and the failed call could not say.
+///
+/// With TLS 1.3 the client's handshake is complete before the server has checked the client's
+/// certificate; the server's refusal (an alert: expired, unknown CA, bad signature) arrives on
+/// the first read, inside hyper, which reports only "transport error" or "operation was
+/// canceled". So after such a failure one more handshake is made here, and the first read
+/// tells: an alert, or the server's HTTP/2 settings (then TLS was not the reason: `None`).
+/// Bounded by a few seconds; nothing is sent after the handshake.
+#[cfg(feature = "tls")]
+pub async fn refusal(files: &TlsFiles, url: &ServiceUrl) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    use tokio::time::timeout;
+    let within = std::time::Duration::from_secs(3);
+    let config = files.rustls_client().ok()?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone()).ok()?;
+    let port = url.port.unwrap_or(443);
+    let mut addrs = timeout(within, tokio::net::lookup_host((url.host.as_str(), port)))
+        .await
+        .ok()?
+        .ok()?;
+    let addr = addrs.next()?;
+    let tcp = timeout(within, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut tls = match timeout(within, connector.connect(name, tcp)).await.ok()? {
+        Ok(tls) => tls,
+        Err(e) => return explain(&e),
+    };
+    let mut first = [0u8; 1];
+    match timeout(within, tls.read(&mut first)).await.ok()? {
+        Err(e) => explain(&e),
+        Ok(_) => None,
+    }
+}
+
 /// Why a connection failed, in the words an operator acts on, when TLS is why: the first
 /// rustls error among `err`'s causes. tonic reports these as "transport error".
 #[cfg(feature = "tls")]
@@ -93,6 +189,14 @@ fn describe(e: &rustls::Error) -> String {
         rustls::Error::AlertReceived(Alert::CertificateRequired) => {
             "the peer requires a client certificate".into()
         }
+        // rustls answers a certificate whose signature does not verify with decrypt_error: a
+        // certificate from another CA that carries the same CA name, most often.
+        rustls::Error::AlertReceived(Alert::DecryptError) => {
+            "the peer refused our certificate: it is not signed by the peer's CA (a certificate from another `certs init`?)".into()
+        }
+        rustls::Error::AlertReceived(Alert::CertificateRevoked) => {
+            "the peer refused our certificate: it has been revoked".into()
+        }
         rustls::Error::AlertReceived(a) => format!("the peer refused the TLS handshake ({a:?})"),
         rustls::Error::InvalidCertificate(c) => {
             format!("the peer's certificate is refused: {}", certificate_problem(c))
@@ -118,7 +222,9 @@ pub fn certificate_problem(e: &rustls::CertificateError) -> String {
         C::NotValidForName | C::NotValidForNameContext { .. } => {
             "it is not valid for the host name in the URL".into()
         }
-        C::BadSignature => "its signature is not valid".into(),
+        C::BadSignature => {
+            "its signature does not verify against the CA in ca.pem (issued by another CA?)".into()
+        }
         C::Revoked => "it has been revoked".into(),
         other => format!("{other:?}"),
     }

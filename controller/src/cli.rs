@@ -800,16 +800,20 @@ pub fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
     Ok(ExitCode::from(EXIT_INVALID))
 }
 
-pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let controller = cli
-        .controller
+/// The controller the global flags name, if any.
+pub fn controller_flags(cli: &Cli) -> Option<crate::controller_client::ControllerFlags> {
+    cli.controller
         .clone()
         .map(|url| crate::controller_client::ControllerFlags {
             url,
             tls_dir: cli.tls_dir.clone(),
             user: cli.user.clone(),
             insecure_plaintext: cli.insecure_plaintext,
-        });
+        })
+}
+
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let controller = controller_flags(&cli);
     let agent = cli
         .agent
         .clone()

@@ -32,3 +32,44 @@ pub async fn connect(f: &ControllerFlags) -> Result<Channel> {
         .await
         .with_context(|| format!("cannot reach chaos-controller at {url}"))
 }
+
+/// A call the controller answered with an error that is not the user's (those are refusals,
+/// exit 2). The status is kept so the error line can ask TLS why ([`refusal`]).
+#[derive(Debug, thiserror::Error)]
+#[error("controller: {}", .0.message())]
+pub struct CallFailed(pub tonic::Status);
+
+/// Whether a call's failure may hide a refused certificate: the codes hyper's connection errors
+/// become.
+fn may_hide_tls(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    )
+}
+
+/// Why the controller refused this user's certificate, when `e` is a failure that hides it
+/// (tonic's "transport error", "operation was canceled": see [`tls::refusal`]). `None` when the
+/// error already says why, or TLS is not the reason.
+pub async fn refusal(f: &ControllerFlags, e: &anyhow::Error) -> Option<String> {
+    if e.chain().find_map(tls::explain).is_some() {
+        return None;
+    }
+    let hidden = e.chain().any(|c| {
+        c.downcast_ref::<tonic::transport::Error>().is_some()
+            || c.downcast_ref::<CallFailed>()
+                .is_some_and(|CallFailed(s)| may_hide_tls(s.code()))
+    });
+    let url = tls::ServiceUrl::parse(&f.url).ok().filter(|u| u.tls)?;
+    let dir = f.tls_dir.as_ref().filter(|_| hidden)?;
+    tls::refusal(&TlsFiles::in_dir(dir, &format!("user-{}", f.user)), &url).await
+}
+
+/// A failed call's line: the controller's message, and TLS's reason when the status hides one.
+pub async fn failed_line(f: &ControllerFlags, s: tonic::Status) -> String {
+    let e = anyhow::Error::new(CallFailed(s));
+    match refusal(f, &e).await {
+        Some(why) => format!("{e}: {why}"),
+        None => e.to_string(),
+    }
+}

@@ -18,7 +18,7 @@ fn outcome(s: tonic::Status) -> Result<ExitCode> {
         | tonic::Code::FailedPrecondition
         | tonic::Code::PermissionDenied
         | tonic::Code::NotFound => refuse(s.message()),
-        _ => Err(anyhow::anyhow!("controller: {}", s.message())),
+        _ => Err(controller_client::CallFailed(s).into()),
     }
 }
 

@@ -14,7 +14,6 @@ pub fn run_id() -> String {
 }
 mod output;
 
-use anyhow::Result;
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -30,16 +29,21 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = cli::Cli::parse();
-    match run(args).await {
+    let controller = cli::controller_flags(&args);
+    match cli::dispatch(args).await {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("chaosctl: {}", output::chain(&e));
+            // One line: the error and its causes, and the controller's reason when it refused
+            // our certificate after a handshake the failed call could not see.
+            let refused = match &controller {
+                Some(ctl) => controller_client::refusal(ctl, &e).await,
+                None => None,
+            };
+            match refused {
+                Some(why) => eprintln!("chaosctl: {e}: {why}"),
+                None => eprintln!("chaosctl: {}", output::chain(&e)),
+            }
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(args: cli::Cli) -> Result<ExitCode> {
-    cli::dispatch(args).await
 }

@@ -161,7 +161,7 @@ async fn run_remote(
     let mut stream = match stream {
         Ok(s) => s.into_inner(),
         Err(s) => {
-            eprintln!("chaosctl: {}", s.message());
+            eprintln!("chaosctl: {}", controller_client::failed_line(ctl, s).await);
             return Ok(Err(ExitCode::from(EXIT_ERROR)));
         }
     };
@@ -183,7 +183,7 @@ async fn run_remote(
                 return Ok(Err(ExitCode::from(Verdict::Aborted.exit_code())));
             }
             Ok(None) => anyhow::bail!("the controller closed the stream without a record"),
-            Err(s) => anyhow::bail!("controller: {}", s.message()),
+            Err(s) => return Err(controller_client::CallFailed(s).into()),
         };
         match ev.event {
             Some(pb::run_event::Event::ProgressJson(line)) => {
@@ -296,7 +296,7 @@ pub async fn list(ctl: &ControllerFlags, json: bool) -> Result<ExitCode> {
     let mut c = ExperimentsClient::new(controller_client::connect(ctl).await?);
     let runs = match c.list(pb::ListRequest { limit: 0 }).await {
         Ok(r) => r.into_inner().runs,
-        Err(s) => return fail(s.message()),
+        Err(s) => return fail(controller_client::failed_line(ctl, s).await),
     };
     for r in &runs {
         if json {
@@ -326,7 +326,7 @@ pub async fn show_run(
     let mut c = ExperimentsClient::new(controller_client::connect(ctl).await?);
     let r = match c.get(pb::GetRequest { id: id.to_string() }).await {
         Ok(r) => r.into_inner().record_json,
-        Err(s) => return fail(s.message()),
+        Err(s) => return fail(controller_client::failed_line(ctl, s).await),
     };
     let record: RunRecord = serde_json::from_str(&r).context("the controller's record")?;
     if json {

@@ -7,8 +7,7 @@
 //! refused certificate, the identity it claimed.
 use chaos_agent::tls::{TlsError, TlsFiles};
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -45,23 +44,11 @@ impl Default for Limits {
 /// signed by the CA required of every caller.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pem = |path: &std::path::Path, e: rustls::pki_types::pem::Error| {
-        TlsError::Invalid(format!("{}: {e}", path.display()))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&files.ca).map_err(|e| pem(&files.ca, e))? {
-        roots
-            .add(ca.map_err(|e| pem(&files.ca, e))?)
+    let webpki =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(files.roots()?), provider.clone())
+            .build()
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.ca.display())))?;
-    }
-    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.ca.display())))?;
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| pem(&files.cert, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(&files.cert, e))?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem(&files.key, e))?;
+    let (chain, key) = files.identity()?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid(e.to_string()))?

@@ -54,6 +54,39 @@ fn ctl(url: &str, args: &[&str]) -> std::process::Output {
         .expect("chaosctl")
 }
 
+/// A CA with agent n1 and user ci in `tls`.
+fn certs_init(tls: &Path) {
+    let out = Command::new(bin("chaosctl"))
+        .args(["certs", "init", "--node", "n1", "--user", "ci", "--dir"])
+        .arg(tls)
+        .output()
+        .expect("certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A chaos-controller serving mTLS on `url` with the certificates in `tls`; its log is
+/// `dir/controller.log`.
+fn tls_controller(url: &str, tls: &Path, dir: &Path) -> Proc {
+    Proc::spawn_host(
+        "chaos-controller",
+        &bin("chaos-controller"),
+        &[
+            "--listen".into(),
+            url.into(),
+            "--tls-dir".into(),
+            tls.display().to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+        ],
+        &[],
+        &dir.join("controller.log"),
+    )
+}
+
 /// Faults the agent on `socket` holds.
 fn held(dir: &Path, tag: &str) -> usize {
     let out = Command::new(bin("chaosctl"))
@@ -181,32 +214,10 @@ fn silent_connections_are_closed_and_do_not_lock_others_out() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let tls = dir.join("tls");
-    let out = Command::new(bin("chaosctl"))
-        .args(["certs", "init", "--node", "n1", "--user", "ci", "--dir"])
-        .arg(&tls)
-        .output()
-        .expect("certs init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    certs_init(&tls);
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let _controller = Proc::spawn_host(
-        "chaos-controller",
-        &bin("chaos-controller"),
-        &[
-            "--listen".into(),
-            url.clone(),
-            "--tls-dir".into(),
-            tls.display().to_string(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-        ],
-        &[],
-        &dir.join("controller.log"),
-    );
+    let _controller = tls_controller(&url, &tls, &dir);
     let agents = || {
         Command::new(bin("chaosctl"))
             .args(["--controller", &url, "--tls-dir"])
@@ -278,5 +289,155 @@ fn silent_connections_are_closed_and_do_not_lock_others_out() {
             "'{line}' not logged once:\n{log}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client certificate the CA in `tls` signed with the user role but whose validity ended a
+/// day ago: what a user with a year-old certificate holds.
+fn expired_user_cert(tls: &Path, user: &str) {
+    let read = |f: &str| std::fs::read_to_string(tls.join(f)).expect(f);
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.pem"), ca_key).expect("ca");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, user);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, "chaos-user");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2025, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(tls.join(format!("user-{user}.pem")), cert.pem()).expect("write");
+    std::fs::write(
+        tls.join(format!("user-{user}-key.pem")),
+        key.serialize_pem(),
+    )
+    .expect("write");
+}
+
+/// Expired, foreign-CA and wrong-role certificates are refused with the reason on both sides:
+/// chaosctl and the agent say which (with TLS 1.3 the refusal arrives after the client's
+/// handshake, where tonic says only "transport error"), and the controller logs each refused
+/// identity once however often it retries.
+#[test]
+fn refused_certificates_say_why_on_both_sides() {
+    let _g = serial();
+    let dir = std::env::temp_dir().join(format!("chaos-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (tls, foreign) = (dir.join("tls"), dir.join("foreign"));
+    certs_init(&tls);
+    certs_init(&foreign);
+    // The user's files: our CA (so the controller is trusted), someone else's certificates.
+    let mixed = dir.join("mixed");
+    std::fs::create_dir_all(&mixed).expect("dir");
+    std::fs::copy(tls.join("ca.pem"), mixed.join("ca.pem")).expect("copy");
+    for f in [
+        "user-ci.pem",
+        "user-ci-key.pem",
+        "agent-n1.pem",
+        "agent-n1-key.pem",
+    ] {
+        std::fs::copy(foreign.join(f), mixed.join(f)).expect("copy");
+    }
+    expired_user_cert(&tls, "old");
+    std::fs::copy(tls.join("agent-n1.pem"), tls.join("user-n1.pem")).expect("copy");
+    std::fs::copy(tls.join("agent-n1-key.pem"), tls.join("user-n1-key.pem")).expect("copy");
+
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let _controller = tls_controller(&url, &tls, &dir);
+    let agents = |tls_dir: &Path, user: &str| {
+        Command::new(bin("chaosctl"))
+            .args(["--controller", &url, "--tls-dir"])
+            .arg(tls_dir)
+            .args(["--as", user, "agents"])
+            .output()
+            .expect("chaosctl")
+    };
+    wait_for("the controller serves", Duration::from_secs(20), || {
+        agents(&tls, "ci").status.success()
+    });
+    let cases: [(&Path, &str, i32, &str, &str); 3] = [
+        (
+            &mixed,
+            "ci",
+            1,
+            "the peer refused our certificate: it is not signed by the peer's CA",
+            "refused the client certificate ci (role chaos-user): its signature does not verify",
+        ),
+        (
+            &tls,
+            "old",
+            1,
+            "the peer refused our certificate: it has expired",
+            "refused the client certificate old (role chaos-user): it expired",
+        ),
+        (
+            &tls,
+            "n1",
+            2,
+            "certificate n1 has role \"chaos-agent\"; this API needs \"chaos-user\"",
+            "refused a caller: certificate n1 has role \"chaos-agent\"",
+        ),
+    ];
+    for (tls_dir, user, code, says, logged) in cases {
+        for attempt in 0..2 {
+            let out = agents(tls_dir, user);
+            let err = String::from_utf8_lossy(&out.stderr);
+            println!("--as {user} (try {attempt}): {}", err.trim());
+            assert_eq!(out.status.code(), Some(code), "--as {user}: {err}");
+            assert!(err.contains(says), "--as {user}: `{says}` not in: {err}");
+            assert_eq!(err.lines().count(), 1, "--as {user}: not one line: {err}");
+        }
+        let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+        assert_eq!(
+            log.matches(logged).count(),
+            1,
+            "--as {user}: `{logged}` not logged exactly once over two tries:\n{log}"
+        );
+    }
+
+    // An agent with a foreign certificate says why in its log, and the controller once.
+    let agent_log = dir.join("agent.log");
+    let _agent = Proc::spawn_host(
+        "chaos-agent",
+        &bin("chaos-agent"),
+        &[
+            "--backend".into(),
+            "null".into(),
+            "--controller".into(),
+            url.clone(),
+            "--tls-dir".into(),
+            mixed.display().to_string(),
+            "--node-name".into(),
+            "n1".into(),
+            "--socket".into(),
+            dir.join("agent.sock").display().to_string(),
+            "--journal-dir".into(),
+            dir.join("agent-journal").display().to_string(),
+        ],
+        &[],
+        &agent_log,
+    );
+    let says = "controller unreachable: the peer refused our certificate: it is not signed by the peer's CA";
+    wait_for("the agent says why twice", Duration::from_secs(20), || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .matches(says)
+            .count()
+            >= 2
+    });
+    let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("refused the client certificate n1 (role chaos-agent)")
+            .count(),
+        1,
+        "the agent's refusal not logged once:\n{log}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
