@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
         ["."],
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Undecodable requests are the caller's fault: INVALID_ARGUMENT, not tonic's INTERNAL.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -441,3 +441,63 @@ fn refused_certificates_say_why_on_both_sides() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// RevertRequest with its `id` (tag 1) as raw bytes: what a hostile client sends instead of a
+/// UTF-8 string.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRevert {
+    #[prost(bytes = "vec", tag = "1")]
+    id: Vec<u8>,
+}
+
+/// A request that does not decode (a string that is not UTF-8) is INVALID_ARGUMENT naming the
+/// message and field: tonic's codec said INTERNAL, so chaosctl's exit was 1, not 2.
+#[test]
+fn undecodable_requests_are_invalid_argument() {
+    let _g = serial();
+    let dir = std::env::temp_dir().join(format!("chaos-undecodable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("a.sock");
+    let _agent = Proc::spawn_host(
+        "chaos-agent",
+        &bin("chaos-agent"),
+        &[
+            "--backend".into(),
+            "null".into(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--journal-dir".into(),
+            dir.join("journal").display().to_string(),
+        ],
+        &[],
+        &dir.join("agent.log"),
+    );
+    wait_for("the agent listens", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let status = rt.block_on(async {
+        let mut grpc = tonic::client::Grpc::new(chaos_tests::agent_channel(socket.clone()).await);
+        grpc.ready().await.expect("ready");
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/chaos.agent.v1.Agent/Revert");
+        grpc.unary::<RawRevert, chaos_proto::agent::v1::RevertResponse, _>(
+            tonic::Request::new(RawRevert {
+                id: vec![b'a', 0xff, 0xfe],
+            }),
+            path,
+            chaos_proto::codec::StrictCodec::default(),
+        )
+        .await
+        .expect_err("not UTF-8")
+    });
+    println!("{:?}: {}", status.code(), status.message());
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("RevertRequest.id") && status.message().contains("UTF-8"),
+        "the field is not named: {}",
+        status.message()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
