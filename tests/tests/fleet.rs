@@ -292,6 +292,7 @@ fn silent_connections_are_closed_and_do_not_lock_others_out() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[cfg(feature = "tls")]
 /// A client certificate the CA in `tls` signed with the user role but whose validity ended a
 /// day ago: what a user with a year-old certificate holds.
 fn expired_user_cert(tls: &Path, user: &str) {
@@ -323,6 +324,7 @@ fn expired_user_cert(tls: &Path, user: &str) {
 /// chaosctl and the agent say which (with TLS 1.3 the refusal arrives after the client's
 /// handshake, where tonic says only "transport error"), and the controller logs each refused
 /// identity once however often it retries.
+#[cfg(feature = "tls")]
 #[test]
 fn refused_certificates_say_why_on_both_sides() {
     let _g = serial();
