@@ -65,13 +65,7 @@ impl TlsFiles {
 impl TlsFiles {
     /// The CA certificates in `ca`, as a root store.
     pub fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in pem_certs(&self.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| TlsError::Invalid(format!("{}: {e}", self.ca.display())))?;
-        }
-        Ok(roots)
+        pem_roots(&self.ca)
     }
 
     /// Our certificate chain and its key.
@@ -109,6 +103,25 @@ impl TlsFiles {
 #[cfg(feature = "tls")]
 fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
     TlsError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// The CA certificates in the PEM file `path`, as a root store (ours, or a probe's `ca:`).
+#[cfg(feature = "tls")]
+pub fn pem_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = pem_certs(path)?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid(format!(
+            "{}: holds no PEM certificate",
+            path.display()
+        )));
+    }
+    for ca in certs {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
 }
 
 #[cfg(feature = "tls")]

@@ -7,6 +7,7 @@
 pub mod ctk;
 pub mod driver;
 pub mod history;
+pub mod http_client;
 pub mod load;
 pub mod model;
 pub mod probe;

@@ -344,6 +344,25 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         );
     }
 
+    #[test]
+    fn probe_urls_are_parsed_once_https_is_accepted_and_userinfo_refused() {
+        let url = r#"http: {url: "http://10.0.0.2/", rate: 20, window: 2s}"#;
+        assert!(GOOD.contains(url));
+        let with = |u: &str| GOOD.replace(url, u);
+        Experiment::parse(&with(r#"http: {url: "https://10.0.0.2/"}"#), "exp.yaml").unwrap();
+        let e = err(&with(r#"http: {url: "http://127.0.0.1:1@10.0.0.2/"}"#));
+        assert!(
+            e.contains("http.url: `http://127.0.0.1:1@10.0.0.2/` carries user information"),
+            "{e}"
+        );
+        let e = err(&with(r#"http: {url: "ftp://10.0.0.2/"}"#));
+        assert!(e.contains("must start with http:// or https://"), "{e}");
+        let e = err(&with(
+            r#"http: {url: "https://10.0.0.2/", ca: /nonexistent/ca.pem}"#,
+        ));
+        assert!(e.contains("http.ca: /nonexistent/ca.pem"), "{e}");
+    }
+
     /// A pod target: the spec carries the placeholder UID the controller fills in per pod.
     #[test]
     fn a_pod_target_reads_into_the_selector_and_a_pod_netns() {

@@ -707,12 +707,7 @@ impl TryFrom<RawProbe> for Probe {
     fn try_from(r: RawProbe) -> Result<Self, String> {
         let mut kinds = Vec::new();
         if let Some(p) = r.http {
-            if !p.url.starts_with("http://") {
-                return Err(format!(
-                    "http.url: `{}` must start with http:// (https probes are not supported yet)",
-                    p.url
-                ));
-            }
+            check_target("http", &p.url, p.ca.as_deref())?;
             if !(p.rate > 0.0 && p.rate <= 1000.0) {
                 return Err(format!(
                     "http.rate: must be in (0, 1000] requests/s (got {})",
@@ -722,12 +717,7 @@ impl TryFrom<RawProbe> for Probe {
             kinds.push(ProbeKind::Http(p));
         }
         if let Some(p) = r.prometheus {
-            if !p.url.starts_with("http://") {
-                return Err(format!(
-                    "prometheus.url: `{}` must start with http://",
-                    p.url
-                ));
-            }
+            check_target("prometheus", &p.url, p.ca.as_deref())?;
             kinds.push(ProbeKind::Prometheus(p));
         }
         if let Some(p) = r.tcp {
@@ -765,6 +755,15 @@ impl TryFrom<RawProbe> for Probe {
             tolerance: r.tolerance,
         })
     }
+}
+
+/// A probe's URL, and its CA file when it names one: refused at load, before any fault.
+fn check_target(kind: &str, url: &str, ca: Option<&std::path::Path>) -> Result<(), String> {
+    crate::http_client::check_url(&format!("{kind}.url"), url)?;
+    if let Some(ca) = ca {
+        chaos_agent::tls::pem_roots(ca).map_err(|e| format!("{kind}.ca: {e}"))?;
+    }
+    Ok(())
 }
 
 impl From<Probe> for RawProbe {
@@ -807,6 +806,9 @@ pub struct HttpProbe {
     pub expect_status: Vec<u16>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// For https: a PEM file of the CAs to trust instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn get() -> String {
@@ -822,7 +824,7 @@ fn two_seconds() -> Dur {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrometheusProbe {
-    /// The server, e.g. http://127.0.0.1:9090.
+    /// The server, e.g. http://127.0.0.1:9090 (or https://).
     pub url: String,
     pub query: String,
     /// A range query over this window ending now (measures the last value, min and max).
@@ -832,6 +834,9 @@ pub struct PrometheusProbe {
     pub step: Dur,
     #[serde(default = "two_seconds")]
     pub timeout: Dur,
+    /// For https: a PEM file of the CAs to trust instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn five_seconds() -> Dur {

@@ -1,16 +1,15 @@
 //! Probes: each measures the system once and returns a sample with its measures checked
 //! against the probe's tolerances.
 //!
-//! HTTP is spoken by hand (HTTP/1.1, one request per connection, as a new client would): it
-//! keeps the measurement honest (connect + request + full response) and the dependency tree
-//! small. Only plain http:// is supported; the model refuses https:// with one line.
+//! HTTP and Prometheus probes speak HTTP/1.1 through [`crate::http_client`]: a fresh connection
+//! per request, as a new client would, so a latency is connect + request + the whole response.
+use crate::http_client::Target;
 use crate::model::{
     CommandProbe, DnsProbe, HttpProbe, Probe, ProbeKind, PrometheusProbe, TcpProbe,
 };
 use crate::record::{Measure, Phase, ProbeSample};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 /// Runs `probe` once. `t0` is the run's start (sample times are relative to it).
@@ -76,78 +75,6 @@ fn text(name: &str, v: f64, t: String) -> Measure {
     }
 }
 
-/// A parsed http:// URL.
-struct Url {
-    host: String,
-    port: u16,
-    path: String,
-}
-
-fn parse_url(url: &str) -> Result<Url, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{url}` must start with http://"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or("bad IPv6 address")?;
-        (h.to_string(), p.strip_prefix(':').unwrap_or("80"))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p),
-            None => (authority.to_string(), "80"),
-        }
-    };
-    let port = port
-        .parse()
-        .map_err(|_| format!("`{url}`: bad port `{port}`"))?;
-    Ok(Url {
-        host,
-        port,
-        path: path.to_string(),
-    })
-}
-
-/// One HTTP/1.1 exchange: (status, body).
-async fn http_once(
-    url: &Url,
-    method: &str,
-    headers: &BTreeMap<String, String>,
-) -> Result<(u16, Vec<u8>), String> {
-    let mut s = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
-    let _ = s.set_nodelay(true);
-    let mut req = format!(
-        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: chaos-probe\r\nConnection: close\r\n",
-        url.path, url.host
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::with_capacity(4096);
-    s.read_to_end(&mut buf)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no HTTP response head")?;
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("no HTTP status")?;
-    Ok((status, buf[head_end + 4..].to_vec()))
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -159,7 +86,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Requests at a fixed rate over the window (open loop: a slow answer does not delay the next
 /// request, so latency under fault is not hidden by coordinated omission).
 async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
-    let url = std::sync::Arc::new(parse_url(&p.url)?);
+    let url = std::sync::Arc::new(Target::new(&p.url, p.ca.as_deref())?);
     let n = ((p.rate * p.window.0.as_secs_f64()).round() as usize).max(1);
     let gap = Duration::from_secs_f64(1.0 / p.rate);
     let mut set = tokio::task::JoinSet::new();
@@ -174,17 +101,19 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
         );
         set.spawn(async move {
             let t = Instant::now();
-            let r = tokio::time::timeout(timeout, http_once(&url, &method, &headers)).await;
+            let r = tokio::time::timeout(timeout, url.exchange(&method, &headers)).await;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             match r {
-                Ok(Ok((status, _))) => (ms, Some(status)),
-                _ => (ms, None),
+                Ok(Ok(answer)) => (ms, Ok(answer.status)),
+                Ok(Err(e)) => (ms, Err(e)),
+                Err(_) => (ms, Err(format!("no answer within {timeout:?}"))),
             }
         });
     }
     let mut lat = Vec::with_capacity(n);
     let mut errors = 0usize;
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut first_error: Option<String> = None;
     while let Some(r) = set.join_next().await {
         let Ok((ms, status)) = r else {
             errors += 1;
@@ -192,7 +121,7 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
         };
         lat.push(ms);
         match status {
-            Some(s) => {
+            Ok(s) => {
                 *statuses.entry(s).or_default() += 1;
                 let good = if p.expect_status.is_empty() {
                     (200..400).contains(&s)
@@ -203,7 +132,10 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
                     errors += 1;
                 }
             }
-            None => errors += 1,
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -216,6 +148,16 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
     ];
     if let Some((s, _)) = statuses.iter().max_by_key(|(_, c)| **c) {
         m.push(num("status", *s as f64));
+    }
+    // Why requests failed, when some did without an answer: what an SRE reads first.
+    if let Some(e) = first_error {
+        m.push(Measure {
+            name: "first-error".into(),
+            value: None,
+            text: Some(e),
+            tolerance: None,
+            ok: true,
+        });
     }
     Ok(m)
 }
@@ -233,8 +175,8 @@ fn urlencode(s: &str) -> String {
 
 /// An instant query (one series or a scalar), or a range query ending now.
 async fn prometheus(p: &PrometheusProbe) -> Result<Vec<Measure>, String> {
-    let base = parse_url(&p.url)?;
-    let prefix = base.path.trim_end_matches('/');
+    let base = Target::new(&p.url, p.ca.as_deref())?;
+    let prefix = base.path().trim_end_matches('/').to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -248,11 +190,10 @@ async fn prometheus(p: &PrometheusProbe) -> Result<Vec<Measure>, String> {
             p.step.0.as_secs_f64()
         ),
     };
-    let url = Url { path, ..base };
-    let (status, body) =
-        tokio::time::timeout(p.timeout.0, http_once(&url, "GET", &BTreeMap::new()))
-            .await
-            .map_err(|_| format!("no answer within {:?}", p.timeout.0))??;
+    let answer = tokio::time::timeout(p.timeout.0, base.at(path).exchange("GET", &BTreeMap::new()))
+        .await
+        .map_err(|_| format!("no answer within {:?}", p.timeout.0))??;
+    let (status, body) = (answer.status, answer.body);
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| format!("HTTP {status}: not JSON: {e}"))?;
     if v["status"] != "success" {
@@ -441,6 +382,7 @@ pub async fn run_command(
 mod tests {
     use super::*;
     use crate::tolerance::Tolerance;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn tol(pairs: &[(&str, &str)]) -> BTreeMap<String, Tolerance> {
@@ -485,6 +427,7 @@ mod tests {
                 timeout: crate::model::Dur(Duration::from_millis(500)),
                 expect_status: vec![],
                 headers: BTreeMap::new(),
+                ca: None,
             }),
             tolerance: tol(t),
         }
@@ -551,6 +494,7 @@ mod tests {
                 range: None,
                 step: crate::model::Dur(Duration::from_secs(1)),
                 timeout: crate::model::Dur(Duration::from_secs(1)),
+                ca: None,
             }),
             tolerance: tol(&[("value", ">= 2")]),
         };
@@ -565,6 +509,164 @@ mod tests {
         let s = run(&p2, Phase::Before, Instant::now()).await;
         assert!(!s.ok);
         assert!(s.error.unwrap().contains("returned 2 series"));
+    }
+
+    /// A server that answers every request with `head` (status line and headers) and `body`
+    /// written as given: raw framing, as a real server might send it.
+    async fn raw_server(answer: String) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn prom(url: String, ca: Option<std::path::PathBuf>) -> Probe {
+        Probe {
+            name: "prom".into(),
+            kind: ProbeKind::Prometheus(PrometheusProbe {
+                url,
+                query: "sum(up)".into(),
+                range: None,
+                step: crate::model::Dur(Duration::from_secs(1)),
+                timeout: crate::model::Dur(Duration::from_secs(2)),
+                ca,
+            }),
+            tolerance: tol(&[("value", "== 3")]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_read_as_its_body_and_a_huge_one_is_refused() {
+        // Prometheus sends bodies over a few KB chunked; the padding label makes this one big.
+        let json = format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"pad":"{}"}},"value":[1,"3"]}}]}}}}"#,
+            "x".repeat(20_000)
+        );
+        let mut chunked = String::from(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        for part in json.as_bytes().chunks(4096) {
+            chunked.push_str(&format!("{:x}\r\n", part.len()));
+            chunked.push_str(std::str::from_utf8(part).unwrap());
+            chunked.push_str("\r\n");
+        }
+        chunked.push_str("0\r\n\r\n");
+        let addr = raw_server(chunked).await;
+        let s = run(
+            &prom(format!("http://{addr}"), None),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.measure("value").unwrap().value, Some(3.0));
+
+        // A body over the limit is an error naming the limit, not memory.
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            crate::http_client::BODY_LIMIT + 1
+        );
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(huge.as_bytes()).await;
+            let zeros = vec![b'0'; 1 << 20];
+            for _ in 0..17 {
+                if s.write_all(&zeros).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let s = run(
+            &prom(format!("http://{addr}"), None),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        let e = s.error.unwrap();
+        assert!(e.contains("over 16 MiB"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_probes_ca_and_refused_without_it() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("chaos-probe-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    let body =
+                        r#"{"status":"success","data":{"resultType":"scalar","result":[1,"3"]}}"#;
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        let url = format!("https://{addr}");
+        let s = run(
+            &prom(url.clone(), Some(ca_pem)),
+            Phase::Before,
+            Instant::now(),
+        )
+        .await;
+        assert!(s.ok, "{s:?}");
+        // The system's roots do not know this CA: refused, and the error says what to do.
+        let s = run(&prom(url, None), Phase::Before, Instant::now()).await;
+        let e = s.error.unwrap();
+        assert!(e.contains("not signed by a trusted CA"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
