@@ -144,6 +144,36 @@ fn need(program: &str, package: &str) {
 
 /// nginx (Debian) in namespace `ns` on `addr`:80, single process. `/` answers 200 "ok".
 pub fn nginx(ns: &str, addr: &str, dir: &Path) -> Proc {
+    let p = nginx_serving(ns, &format!("listen {addr}:80;"), dir);
+    wait_http(ns, &format!("{addr}:80"), "/", Duration::from_secs(5));
+    p
+}
+
+/// nginx in namespace `ns` on `addr`:443 with TLS only (`cert` and `key`, PEM files): what an
+/// https probe meets. `/` answers 200 "ok".
+pub fn nginx_https(ns: &str, addr: &str, dir: &Path, cert: &Path, key: &Path) -> Proc {
+    let listen = format!(
+        "listen {addr}:443 ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};",
+        cert.display(),
+        key.display()
+    );
+    let p = nginx_serving(ns, &listen, dir);
+    let to: SocketAddr = format!("{addr}:443").parse().expect("nginx address");
+    let started = Instant::now();
+    while !crate::in_ns(ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_millis(200)).is_ok()
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "nginx on {to} in {ns} did not listen within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// One nginx process whose one server has the directives `listen` and answers `/` with "ok".
+fn nginx_serving(ns: &str, listen: &str, dir: &Path) -> Proc {
     need("nginx", "nginx");
     std::fs::create_dir_all(dir).expect("nginx dir");
     let d = dir.display();
@@ -152,11 +182,11 @@ pub fn nginx(ns: &str, addr: &str, dir: &Path) -> Proc {
          error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {addr}:80;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+           server {{\n    {listen}\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).expect("write nginx.conf");
-    let p = Proc::spawn_in(
+    Proc::spawn_in(
         ns,
         "nginx",
         Path::new("nginx"),
@@ -169,9 +199,7 @@ pub fn nginx(ns: &str, addr: &str, dir: &Path) -> Proc {
             path.display().to_string(),
         ],
         &dir.join("stderr.log"),
-    );
-    wait_http(ns, &format!("{addr}:80"), "/", Duration::from_secs(5));
-    p
+    )
 }
 
 /// Prometheus (Debian) in namespace `ns`, listening on `listen` (ip:port), scraping `targets`
@@ -208,6 +236,14 @@ pub fn prometheus(ns: &str, listen: &str, targets: &[String], dir: &Path) -> Pro
 
 /// A plain HTTP/1.1 GET from inside `ns`: (status, body).
 pub fn http_get(ns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    let text = http_get_raw(ns, addr, path)?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The whole answer to a plain HTTP/1.1 GET from inside `ns`, headers and framing as sent.
+pub fn http_get_raw(ns: &str, addr: &str, path: &str) -> Option<String> {
     let addr: SocketAddr = addr.parse().ok()?;
     let path = path.to_string();
     crate::in_ns(ns, move || {
@@ -220,9 +256,7 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
         .ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((status, body))
+        Some(text)
     })
 }
 

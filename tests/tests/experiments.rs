@@ -226,6 +226,21 @@ impl Bed {
     }
 }
 
+/// A server certificate for `ip`, signed by the CA `certs init` made in `tls`.
+fn server_cert(tls: &Path, ip: &str) -> (PathBuf, PathBuf) {
+    let read = |f: &str| std::fs::read_to_string(tls.join(f)).expect(f);
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.pem"), ca_key).expect("ca");
+    let mut params = rcgen::CertificateParams::new(vec![ip.to_string()]).expect("params");
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let (cp, kp) = (tls.join("nginx.pem"), tls.join("nginx-key.pem"));
+    std::fs::write(&cp, cert.pem()).expect("write");
+    std::fs::write(&kp, key.serialize_pem()).expect("write");
+    (cp, kp)
+}
+
 fn app(i: usize) -> String {
     format!("http://{}/", Site::app_ip(i))
 }
@@ -263,6 +278,30 @@ fn fault(name: &str, kind: &str, agent: usize, dest: &str, duration: &str) -> St
 fn a_latency_tolerant_hypothesis_holds_and_prometheus_sees_the_fleet() {
     let _g = serial();
     let bed = Bed::new("held", "15s", true);
+    // The shop also over https (a second nginx on app-1, certificate from the test's CA),
+    // probed with that CA as `ca:`: the handshake and the certificate check are rustls's.
+    let (cert, key) = server_cert(&bed.tls, &Site::app_ip(1));
+    let _https = apps::nginx_https(
+        &bed.site.apps[0],
+        &Site::app_ip(1),
+        &bed.site.tmp.join("nginx-https"),
+        &cert,
+        &key,
+    );
+    // A range query of 6,001 samples: Prometheus sends it chunked (checked here, so the probe
+    // below really reads a chunked body from the real server).
+    let range = "/api/v1/query_range?query=vector(1)&start=1700000000&end=1700000600&step=0.1";
+    let raw = apps::http_get_raw(&bed.site.hub, "127.0.0.1:9090", range).expect("range query");
+    let head = raw
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(
+        head.contains("transfer-encoding: chunked") && raw.len() > 50_000,
+        "Prometheus did not chunk a {} byte answer: {head}",
+        raw.len()
+    );
     let yaml = format!(
         "title: the shop tolerates 20% loss on one node\n{}method:\n{}",
         hypothesis_with(
@@ -270,10 +309,20 @@ fn a_latency_tolerant_hypothesis_holds_and_prometheus_sees_the_fleet() {
             // 20 % loss on the app's replies fails about 5 % of 2 s requests (a SYN-ACK lost
             // twice); 0.05 here failed in CI at 0.10. Half is far from both (p < 1e-8 per window).
             "{p99-ms: \"< 5000\", error-rate: \"<= 0.5\"}",
-            "    - name: fleet-connected
-      prometheus: {url: \"http://127.0.0.1:9090\", query: \"chaos_controller_agents_connected\"}
-      tolerance: {value: \"== 2\"}
-"
+            &format!(
+                "    - name: fleet-connected
+      prometheus: {{url: \"http://127.0.0.1:9090\", query: \"chaos_controller_agents_connected\"}}
+      tolerance: {{value: \"== 2\"}}
+    - name: range-chunked
+      prometheus: {{url: \"http://127.0.0.1:9090\", query: \"vector(1)\", range: 10m, step: 100ms}}
+      tolerance: {{min: \"== 1\", max: \"== 1\"}}
+    - name: shop-https
+      http: {{url: \"https://{}/\", rate: 5, window: 1s, timeout: 2s, ca: \"{}\"}}
+      tolerance: {{error-rate: \"<= 0.5\"}}
+",
+                Site::app_ip(1),
+                bed.tls.join("ca.pem").display()
+            )
         ),
         fault("lossy", "loss: {percent: 20}", 1, "10.214.1.1/32", "4s")
     );
@@ -288,14 +337,19 @@ fn a_latency_tolerant_hypothesis_holds_and_prometheus_sees_the_fleet() {
         affected > 0 && affected < seen,
         "seen {seen} affected {affected}"
     );
-    // The prometheus probe ran in every phase, against the real server.
-    let prom: Vec<&Value> = r["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["probe"] == "fleet-connected")
-        .collect();
-    assert!(prom.len() >= 3 && prom.iter().all(|p| p["ok"] == true));
+    // The prometheus probes and the https probe ran in every phase, against the real servers.
+    for name in ["fleet-connected", "range-chunked", "shop-https"] {
+        let runs: Vec<&Value> = r["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["probe"] == name)
+            .collect();
+        assert!(
+            runs.len() >= 3 && runs.iter().all(|p| p["ok"] == true),
+            "{name}: {runs:?}"
+        );
+    }
     // The agent's control link survived its own fault (the controller endpoint is excluded).
     assert_eq!(bed.agent_faults(1), 0);
     let audit = std::fs::read_to_string(bed.site.tmp.join("audit.jsonl")).unwrap();
