@@ -19,7 +19,7 @@ declare -A arch_of=([x86_64-unknown-linux-musl]=amd64 [aarch64-unknown-linux-mus
 for target in "${!arch_of[@]}"; do
   rustup target add "$target" >/dev/null 2>&1
   cargo build --release --locked --target "$target" --target-dir target/oci \
-    -p chaos-agent --bin chaos-agent -p chaos-controller --bin chaos-controller --bin chaosctl
+    -p chaos-agent --bin chaos-agent -p chaos-controller --bin chaos-controller -p chaosctl --bin chaosctl
 done
 
 # A buildah store of our own (vfs: no overlay mounts needed), removed afterwards.

@@ -1,24 +1,7 @@
 //! chaosctl: inject faults locally (`--local`, the engine in-process) or through a chaos-agent.
-mod agent_client;
-mod certs_cmd;
-mod cli;
-mod cluster_cmd;
-mod controller_client;
-mod fleet_cmd;
-mod local_engine;
-mod run_cmd;
-
-/// A new run id (time-ordered).
-pub fn run_id() -> String {
-    chaos_controller::experiments::new_run_id()
-}
-mod output;
-
+use chaosctl::{cli, controller_client, output};
 use clap::Parser;
 use std::process::ExitCode;
-
-/// Exit code for bad input: the command was refused and nothing was applied.
-pub const EXIT_INVALID: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
