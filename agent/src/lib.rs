@@ -6,6 +6,8 @@ pub mod datapath;
 pub mod dns;
 pub mod engine;
 pub mod fleet_client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod journal;
 pub mod metrics;

@@ -10,10 +10,35 @@ use std::time::Duration;
 
 /// Bad input: names the field and the rule it broke. Printed as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {rule}")]
+#[error("invalid {field}: {}", one_line(rule, ERROR_LINE_MAX))]
 pub struct InvalidInput {
     pub field: &'static str,
     pub rule: String,
+}
+
+/// The longest error line printed: the rules quote their input, and the input is anyone's.
+pub const ERROR_LINE_MAX: usize = 400;
+
+/// `text` as an error line may show it: control characters escaped (a newline in the input
+/// must not forge a second log line) and cut to `max` bytes, marked with `...`.
+pub fn one_line(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max && !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(max.min(text.len()) + 3);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() >= max {
+            out.truncate(out.floor_char_boundary(max));
+            out.push_str("...");
+            break;
+        }
+    }
+    out.into()
 }
 
 pub fn invalid(field: &'static str, rule: impl Into<String>) -> InvalidInput {
@@ -902,6 +927,22 @@ pub fn parse_ports(values: &[String]) -> Result<Vec<PortRange>, InvalidInput> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_lines_escape_control_characters_and_stop_at_the_limit() {
+        assert_eq!(one_line("plain", 10), "plain");
+        assert_eq!(one_line("a\nb\tc", 10), "a\\nb\\tc");
+        assert_eq!(one_line(&"é".repeat(300), 9), "éééé...");
+        let e = invalid(
+            "--pod-uid",
+            format!("`{}` must be a UUID", "x\n".repeat(100_000)),
+        );
+        let line = e.to_string();
+        assert!(
+            !line.contains('\n') && line.len() < ERROR_LINE_MAX + 40,
+            "{line}"
+        );
+    }
+
     use super::*;
 
     #[test]

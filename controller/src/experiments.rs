@@ -42,8 +42,8 @@ impl pb::experiments_server::Experiments for ExperimentsService {
         } else {
             req.source_name
         };
-        let exp =
-            Experiment::parse(&req.text, &source).map_err(|e| Status::invalid_argument(e.0))?;
+        let exp = Experiment::parse(&req.text, &source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = new_run_id();
         let (tx, rx) = mpsc::channel::<Result<pb::RunEvent, Status>>(1024);
         let (cancel_tx, cancel_rx) = watch::channel(false);

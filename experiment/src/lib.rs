@@ -6,6 +6,8 @@
 //! report format and of the controller's history.
 pub mod ctk;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod http_client;
 pub mod load;

@@ -2,11 +2,13 @@
 //! detected by its shape. Every error is one line: `file:line:col: path: rule`.
 use crate::ctk;
 use crate::model::{self, Experiment, Step};
+use chaos_agent::spec::{ERROR_LINE_MAX, one_line};
 use std::collections::BTreeSet;
 use std::path::Path;
 
+/// One line, however hostile the file: see [`one_line`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
+#[error("{}", one_line(.0, ERROR_LINE_MAX))]
 pub struct LoadError(pub String);
 
 impl Experiment {
@@ -67,9 +69,12 @@ fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
             dashes += 1;
             rest = r.trim_start_matches(' ');
         }
-        let (mut quote, mut deepest) = (None, flow);
+        let (mut quote, mut deepest, mut escaped) = (None, flow, false);
         for c in rest.chars() {
             match (quote, c) {
+                // `\"` inside a double-quoted string (how JSON writes a quote) ends nothing.
+                (Some('"'), _) if escaped => escaped = false,
+                (Some('"'), '\\') => escaped = true,
                 (None, '"' | '\'') => quote = Some(c),
                 (Some(q), c) if c == q => quote = None,
                 (None, '[' | '{') => {

@@ -1,4 +1,6 @@
 //! The command line: argument types, and what each command does.
+#[doc(hidden)]
+pub mod fuzzing;
 use crate::output::{self, event};
 use crate::{EXIT_INVALID, agent_client};
 use anyhow::{Context, Result};
@@ -789,9 +791,12 @@ fn inject_experiment(fault: RawFault, run: &Run) -> Result<Experiment, String> {
     }))
     .map_err(|e| e.to_string())?;
     // The loader's line and column point into text the user never saw: keep the rule.
-    Experiment::parse(&text, "inject").map_err(|e| match e.0.find("fault.") {
-        Some(i) => format!("invalid {}", &e.0[i..]),
-        None => e.0,
+    Experiment::parse(&text, "inject").map_err(|e| {
+        let line = e.to_string();
+        match line.find("fault.") {
+            Some(i) => format!("invalid {}", &line[i..]),
+            None => line,
+        }
     })
 }
 

@@ -1,7 +1,7 @@
 //! chaosctl, the command line: inject faults locally (`--local`, the engine in-process) or
 //! through a chaos-agent or the controller, run experiments, manage certificates and the fleet.
 //! A library beneath a thin `main` so the fuzz targets and tests reach the parser
-//! ([`fuzzing`]) without a process.
+//! ([`cli::fuzzing`]) without a process.
 mod agent_client;
 mod certs_cmd;
 pub mod cli;

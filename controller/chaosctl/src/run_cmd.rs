@@ -89,8 +89,10 @@ pub async fn run(a: RunArgs<'_>, controller: Option<&ControllerFlags>) -> Result
         (true, _) => run_local(&exp, &a).await?,
         (false, Some(ctl)) => {
             // The controller gets the validated model: a Chaos Toolkit file is imported here,
-            // where its `env` configuration is meant to be read.
-            let model = serde_yaml_ng::to_string(&exp).context("serialize the experiment")?;
+            // where its `env` configuration is meant to be read. As JSON: the loader counts
+            // its nesting one level per bracket, where YAML's block style would count more
+            // levels than the file had (and could pass the limit the file kept).
+            let model = serde_json::to_string(&exp).context("serialize the experiment")?;
             match run_remote(&model, &source, ctl, a.json).await? {
                 Ok(r) => r,
                 Err(code) => return Ok(code),

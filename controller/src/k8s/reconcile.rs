@@ -229,8 +229,8 @@ async fn start(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     let exp = match Experiment::parse(&text, &source) {
         Ok(e) => e,
         Err(e) => {
-            patch_status(&api, &name, failed(&e.0)).await?;
-            event(&ctx, &obj, true, "Invalid", e.0).await;
+            patch_status(&api, &name, failed(&e.to_string())).await?;
+            event(&ctx, &obj, true, "Invalid", e.to_string()).await;
             return Ok(Action::await_change());
         }
     };

@@ -156,7 +156,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
         let text = serde_yaml_ng::to_string(&experiment).unwrap_or_default();
         Experiment::parse(&text, &format!("{ns}/{name}.spec.experiment"))
             .map(|_| c)
-            .map_err(|e| e.0)
+            .map_err(|e| e.to_string())
     });
     let cron = match checked {
         Ok(c) => c,
