@@ -5,7 +5,8 @@ use crate::spec::{DEFAULT_MAX_DURATION, FaultSpec};
 use chaos_proto::agent::v1 as pb;
 use prost::Message;
 
-/// The longest refusal line: the field, the rule, and at most ~200 characters of the input.
+/// The longest refusal line the targets accept: [`crate::spec::ERROR_LINE_MAX`] and the
+/// field.
 pub const MAX_ERROR_LINE: usize = 512;
 
 /// Any bytes, as the body of an Apply request: decoded as the server's codec decodes it, then
@@ -32,7 +33,8 @@ pub fn apply(data: &[u8]) {
     }
 }
 
-fn one_bounded_line(line: &str) {
+/// Holds a refusal to one line of at most [`MAX_ERROR_LINE`] bytes.
+pub fn one_bounded_line(line: &str) {
     assert!(!line.contains('\n'), "a refusal on several lines: {line:?}");
     assert!(
         line.len() <= MAX_ERROR_LINE,
@@ -42,17 +44,23 @@ fn one_bounded_line(line: &str) {
     );
 }
 
+/// Runs `check` on every input of a committed corpus (`fuzz/corpus/NAME`), as the stable
+/// tests of each target do; a corpus of fewer than 10 inputs is a mistake.
+pub fn replay(corpus: &str, check: fn(&[u8])) {
+    let dir = format!("{}/../fuzz/corpus/{corpus}", env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("the committed corpus") {
+        let path = entry.expect("a corpus entry").path();
+        check(&std::fs::read(&path).expect("a corpus file"));
+        n += 1;
+    }
+    assert!(n >= 10, "{n} inputs in {dir}");
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_fuzz_corpus_replays() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/apply_request");
-        let mut n = 0;
-        for entry in std::fs::read_dir(dir).expect("the committed corpus") {
-            let path = entry.expect("a corpus entry").path();
-            super::apply(&std::fs::read(&path).expect("a corpus file"));
-            n += 1;
-        }
-        assert!(n >= 10, "{n} inputs in {dir}");
+        super::replay("apply_request", super::apply);
     }
 }

@@ -1,11 +1,9 @@
 //! What the `cli_args` fuzz target (fuzz/) holds chaosctl's parser to, here so a stable test
 //! replays its committed corpus in every CI run.
 use super::{Cli, Command};
+use chaos_agent::fuzzing::one_bounded_line;
 use chaos_agent::spec::DEFAULT_MAX_DURATION;
 use clap::Parser;
-
-/// The longest refusal line: the flag, the rule, and at most ~200 characters of the input.
-pub const MAX_ERROR_LINE: usize = 512;
 
 /// Any text, one argument per line, after `chaosctl`: clap parses it; an inject is turned
 /// into the fault spec a node applies and the experiment a cluster runs, as `dispatch` would,
@@ -39,28 +37,11 @@ pub fn args(data: &[u8]) {
     }
 }
 
-fn one_bounded_line(line: &str) {
-    assert!(!line.contains('\n'), "a refusal on several lines: {line:?}");
-    assert!(
-        line.len() <= MAX_ERROR_LINE,
-        "a refusal of {} bytes: {:?}...",
-        line.len(),
-        &line[..line.floor_char_boundary(300)]
-    );
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_fuzz_corpus_replays() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/cli_args");
-        let mut n = 0;
-        for entry in std::fs::read_dir(dir).expect("the committed corpus") {
-            let path = entry.expect("a corpus entry").path();
-            super::args(&std::fs::read(&path).expect("a corpus file"));
-            n += 1;
-        }
-        assert!(n >= 10, "{n} inputs in {dir}");
+        chaos_agent::fuzzing::replay("cli_args", super::args);
     }
 
     /// The seeds of the `apply_request` corpus: each inject of this corpus that parses, as
