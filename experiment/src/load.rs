@@ -40,6 +40,11 @@ impl Experiment {
 /// the controller's async worker), and a 50 MB title became 577 MB of reports.
 pub const MAX_BYTES: usize = 1 << 20;
 pub const MAX_NESTING: usize = 64;
+/// The longest title (the experiment's and the hypothesis's), description, tag and name.
+pub const MAX_TITLE: usize = 256;
+pub const MAX_DESCRIPTION: usize = 4096;
+pub const MAX_NAME: usize = 128;
+pub const MAX_TAGS: usize = 32;
 
 /// Refuses, in one line naming the limit, a text over [`MAX_BYTES`] or nested deeper than
 /// [`MAX_NESTING`] (flow brackets, block indentation and `- ` sequence markers, counted in one
@@ -143,6 +148,40 @@ fn at(source: &str, line: Option<usize>, path: &str, rule: &str) -> LoadError {
 fn check(exp: &Experiment, text: &str, source: &str) -> Result<(), LoadError> {
     if exp.title.trim().is_empty() {
         return Err(at(source, None, "title", "must not be empty"));
+    }
+    // Every report, event and history entry repeats these: a 50 MB title became 577 MB of
+    // reports. Bounded here, once, for every way an experiment arrives.
+    let hypothesis = exp.steady_state_hypothesis.as_ref();
+    let texts = [
+        ("title", exp.title.as_str(), MAX_TITLE),
+        ("description", exp.description.as_str(), MAX_DESCRIPTION),
+        (
+            "steady-state-hypothesis.title",
+            hypothesis.map_or("", |h| h.title.as_str()),
+            MAX_TITLE,
+        ),
+    ];
+    let probe_names = exp.hypothesis_probes().iter().chain(&exp.stop_conditions);
+    let too_long = texts
+        .into_iter()
+        .chain(exp.tags.iter().map(|t| ("tags", t.as_str(), MAX_NAME)))
+        .chain(probe_names.map(|p| ("name", p.name.as_str(), MAX_NAME)))
+        .find(|(_, value, max)| value.len() > *max);
+    if let Some((path, value, max)) = too_long {
+        return Err(at(
+            source,
+            None,
+            path,
+            &format!("{} bytes: must be at most {max}", value.len()),
+        ));
+    }
+    if exp.tags.len() > MAX_TAGS {
+        return Err(at(
+            source,
+            None,
+            "tags",
+            &format!("{} tags: at most {MAX_TAGS}", exp.tags.len()),
+        ));
     }
     if exp
         .steady_state_hypothesis
@@ -264,6 +303,35 @@ mod tests {
 
     /// Hostile sizes and nestings are refused before the parser sees them, in one line naming
     /// the limit, and fast: 100,000 levels took the parser 39 s.
+    #[test]
+    fn titles_descriptions_tags_and_names_are_bounded() {
+        let long = |n| "t".repeat(n);
+        let title = "method: [pause: 1s]\n";
+        let ok = format!("title: {}\ndescription: {}\n{title}", long(256), long(4096));
+        assert!(Experiment::parse(&ok, "exp.yaml").is_ok());
+        for (bad, rule) in [
+            (
+                format!("title: {}\n{title}", long(257)),
+                "title: 257 bytes: must be at most 256",
+            ),
+            (
+                format!("title: t\ndescription: {}\n{title}", long(4097)),
+                "description: 4097 bytes: must be at most 4096",
+            ),
+            (
+                format!("title: t\ntags: [{}]\n{title}", long(129)),
+                "tags: 129 bytes: must be at most 128",
+            ),
+            (
+                format!("title: t\ntags: [{}]\n{title}", vec!["a"; 33].join(", ")),
+                "tags: 33 tags: at most 32",
+            ),
+        ] {
+            let e = err(&bad);
+            assert!(e.ends_with(rule), "{e}");
+        }
+    }
+
     #[test]
     fn hostile_nesting_and_size_are_refused_at_once() {
         let started = std::time::Instant::now();

@@ -785,6 +785,8 @@ fn inject_experiment(fault: RawFault, run: &Run) -> Result<Experiment, String> {
     for (k, v) in &run.selector {
         title.push_str(&format!(" {k}={v}"));
     }
+    // A long selector is the user's right; a title is a label and stays within the limit.
+    title.truncate(title.floor_char_boundary(chaos_experiment::load::MAX_TITLE));
     let text = serde_json::to_string(&json!({
         "title": title,
         "method": [{"fault": fault}],
