@@ -78,46 +78,31 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
         named: BTreeMap::new(),
         used: Default::default(),
     };
-    if v.get("secrets").is_some() {
-        return Err(ctx.err(
-            "secrets",
-            "secrets are not supported: pass them to commands through the environment",
-        ));
-    }
     if let Some(Value::Object(c)) = v.get("configuration") {
         for (k, val) in c {
-            let s =
-                match val {
-                    Value::String(s) => s.clone(),
-                    Value::Number(n) => n.to_string(),
-                    Value::Bool(b) => b.to_string(),
-                    Value::Object(o) if o.get("type") == Some(&json!("env")) => {
-                        let key = o.get("key").and_then(Value::as_str).unwrap_or_default();
-                        match std::env::var(key) {
-                            Ok(s) => s,
-                            Err(_) => match o.get("default") {
-                                Some(d) => d
-                                    .as_str()
-                                    .map(str::to_string)
-                                    .unwrap_or_else(|| d.to_string()),
-                                None => return Err(ctx.err(
-                                    &format!("configuration.{k}"),
-                                    format!(
-                                        "environment variable {key} is not set and has no default"
-                                    ),
-                                )),
-                            },
-                        }
-                    }
-                    other => {
-                        return Err(ctx.err(
-                            &format!("configuration.{k}"),
-                            format!("{other} is not a plain value or an env lookup"),
-                        ));
-                    }
-                };
+            let s = plain(&ctx, &format!("configuration.{k}"), val)?;
             ctx.config.insert(k.clone(), s);
         }
+    }
+    // Secrets are substituted like configuration values (`${name}`), scope by scope; a
+    // configuration value of the same name wins.
+    match v.get("secrets") {
+        None => {}
+        Some(Value::Object(scopes)) => {
+            for (scope, entries) in scopes {
+                let Value::Object(entries) = entries else {
+                    return Err(ctx.err(
+                        &format!("secrets.{scope}"),
+                        "must be a map of names to values",
+                    ));
+                };
+                for (k, val) in entries {
+                    let s = plain(&ctx, &format!("secrets.{scope}.{k}"), val)?;
+                    ctx.config.entry(k.clone()).or_insert(s);
+                }
+            }
+        }
+        Some(other) => return Err(ctx.err("secrets", format!("{other} is not a map of scopes"))),
     }
     for key in v
         .as_object()
@@ -130,6 +115,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
             "description",
             "tags",
             "configuration",
+            "secrets",
             "contributions",
             "steady-state-hypothesis",
             "method",
@@ -180,7 +166,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
     {
         let path = format!("method[{i}]");
         let a = resolve(&mut ctx, &path, a)?;
-        method.extend(activity(&mut ctx, &path, &a)?);
+        method.extend(activity(&mut ctx, &path, &a, Place::Method)?);
     }
     let mut rollbacks = vec![];
     for (i, a) in v
@@ -193,7 +179,7 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
     {
         let path = format!("rollbacks[{i}]");
         let a = resolve(&mut ctx, &path, a)?;
-        for step in activity(&mut ctx, &path, &a)? {
+        for step in activity(&mut ctx, &path, &a, Place::Rollbacks)? {
             if let Some(c) = step.get("command") {
                 rollbacks.push(c.clone());
             }
@@ -209,9 +195,44 @@ pub fn import(v: &Value, source: &str) -> Result<Experiment, LoadError> {
         },
         "method": method,
         "rollbacks": rollbacks,
+        "semantics": "chaos-toolkit",
     });
     serde_json::from_value(exp)
         .map_err(|e| LoadError(format!("{source}: {e} (Chaos Toolkit import)")))
+}
+
+/// A configuration or secret value: a string, number or bool, or `{"type": "env", "key": K}`
+/// (with an optional `default`). Vault and other sources are refused.
+fn plain(ctx: &Ctx, path: &str, val: &Value) -> Result<String, LoadError> {
+    Ok(match val {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Object(o) if o.get("type") == Some(&json!("env")) => {
+            let key = o.get("key").and_then(Value::as_str).unwrap_or_default();
+            match std::env::var(key) {
+                Ok(s) => s,
+                Err(_) => match o.get("default") {
+                    Some(d) => d
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| d.to_string()),
+                    None => {
+                        return Err(ctx.err(
+                            path,
+                            format!("environment variable {key} is not set and has no default"),
+                        ));
+                    }
+                },
+            }
+        }
+        other => {
+            return Err(ctx.err(
+                path,
+                format!("{other} is not a plain value or an env lookup"),
+            ));
+        }
+    })
 }
 
 /// `{"ref": "name"}` → the activity declared earlier under that name.
@@ -284,10 +305,22 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
         return Err(ctx.err(path, "the hypothesis holds probes only"));
     }
     let name = ctx.str(path, a, "name")?;
-    let (p, kind) = provider(ctx, path, a)?;
     let tol = a
         .get("tolerance")
         .ok_or_else(|| ctx.err(path, "`tolerance` is required"))?;
+    measured(ctx, path, a, name, Some(tol))
+}
+
+/// A probe of our model from a Chaos Toolkit activity with an http or process provider; its
+/// tolerance (none for an action, or a probe in the method without one) says what is checked.
+fn measured(
+    ctx: &Ctx,
+    path: &str,
+    a: &Value,
+    name: String,
+    tol: Option<&Value>,
+) -> Result<Value, LoadError> {
+    let (p, kind) = provider(ctx, path, a)?;
     let tpath = format!("{path}.tolerance");
     if kind == "http" {
         let mut out = json!({
@@ -301,6 +334,10 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
         if let Some(Value::Object(h)) = p.get("headers") {
             out["http"]["headers"] = Value::Object(h.clone());
         }
+        let Some(tol) = tol else {
+            // An action: one request, measured; with no tolerance nothing it answers fails it.
+            return Ok(out);
+        };
         match tol {
             Value::Number(n) => {
                 out["http"]["expect-status"] = json!([n]);
@@ -319,6 +356,8 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
         return Ok(out);
     }
     let tolerance = match tol {
+        None => json!({}),
+        Some(tol) => match tol {
         Value::Number(n) => json!({"exit-code": format!("== {n}")}),
         Value::Bool(true) => json!({"exit-code": "== 0"}),
         Value::Object(o) => match (o.get("type").and_then(Value::as_str), o.get("target").and_then(Value::as_str)) {
@@ -330,6 +369,7 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
             _ => return Err(ctx.err(&tpath, format!("{tol} is not supported for a process probe (an exit code, regex on stdout, or a range on status)"))),
         },
         other => return Err(ctx.err(&tpath, format!("{other} is not supported for a process probe"))),
+        },
     };
     Ok(json!({
         "name": name,
@@ -338,26 +378,49 @@ fn probe(ctx: &Ctx, path: &str, a: &Value) -> Result<Value, LoadError> {
     }))
 }
 
-/// A method activity: pauses before/after around a command.
-fn activity(ctx: &mut Ctx, path: &str, a: &Value) -> Result<Vec<Value>, LoadError> {
+#[derive(Clone, Copy, PartialEq)]
+enum Place {
+    Method,
+    Rollbacks,
+}
+
+/// A method or rollback activity: a process action is a command; a probe, or an http action,
+/// is a probe step (measured once, recorded, deciding nothing). Pauses go before and after,
+/// and a background activity runs beside the ones after it.
+fn activity(ctx: &mut Ctx, path: &str, a: &Value, place: Place) -> Result<Vec<Value>, LoadError> {
     let mut name = ctx.str(path, a, "name")?;
     if ctx.used.contains(&name) {
         name = format!("{name} ({path})");
     }
     ctx.used.insert(name.clone());
     let (p, kind) = provider(ctx, path, a)?;
-    if kind != "process" {
-        return Err(ctx.err(path, "http actions are not supported in the method: use a process provider (e.g. curl) or a fault action"));
-    }
-    if a.get("background").and_then(Value::as_bool) == Some(true) {
-        return Err(ctx.err(path, "background activities are not supported: use parallel steps in a chaos experiment file"));
-    }
+    let is_probe = a.get("type").and_then(Value::as_str) == Some("probe");
+    let step = if kind == "process" && (!is_probe || place == Place::Rollbacks) {
+        json!({"command": {"name": name, "run": argv(ctx, &format!("{path}.provider"), p)?, "timeout": timeout(p, 60.0)}})
+    } else if place == Place::Rollbacks {
+        return Err(ctx.err(
+            path,
+            "http activities are not supported in rollbacks: use a process provider (e.g. curl)",
+        ));
+    } else {
+        let tol = a.get("tolerance").filter(|_| is_probe);
+        json!({"probe": measured(ctx, path, a, name, tol)?})
+    };
     let pause = |key: &str| -> Option<Value> {
         let s = a.get("pauses")?.get(key)?.as_f64().filter(|s| *s > 0.0)?;
         Some(json!({"pause": format!("{}ms", (s * 1000.0).round() as u64)}))
     };
+    if a.get("background").and_then(Value::as_bool) == Some(true) {
+        if place == Place::Rollbacks {
+            return Err(ctx.err(path, "background activities are not supported in rollbacks"));
+        }
+        if pause("before").is_some() || pause("after").is_some() {
+            return Err(ctx.err(path, "pauses on a background activity are not supported: put a pause action of its own before or after it"));
+        }
+        return Ok(vec![json!({"background": step})]);
+    }
     let mut steps: Vec<Value> = pause("before").into_iter().collect();
-    steps.push(json!({"command": {"name": name, "run": argv(ctx, &format!("{path}.provider"), p)?, "timeout": timeout(p, 60.0)}}));
+    steps.push(step);
     steps.extend(pause("after"));
     Ok(steps)
 }
@@ -392,6 +455,44 @@ mod tests {
     }
 
     #[test]
+    fn probes_http_actions_background_and_secrets_map_onto_steps() {
+        // cargo sets CARGO_PKG_NAME for the tests it runs: an environment variable that is set.
+        let file = json!({
+            "title": "t",
+            "secrets": {"api": {"token": {"type": "env", "key": "CARGO_PKG_NAME"}, "user": "bob"}},
+            "steady-state-hypothesis": {"title": "h", "probes": [
+                {"type": "probe", "name": "up", "tolerance": 200,
+                 "provider": {"type": "http", "url": "http://127.0.0.1:9/"}}]},
+            "method": [
+                {"type": "action", "name": "load", "background": true,
+                 "provider": {"type": "process", "path": "sh", "arguments": ["-c", "echo ${user}"]}},
+                {"type": "action", "name": "poke",
+                 "provider": {"type": "http", "url": "http://127.0.0.1:9/${token}", "method": "POST"}},
+                {"type": "probe", "name": "count", "tolerance": 0,
+                 "provider": {"type": "process", "path": "true"}},
+                {"ref": "up"}
+            ],
+        });
+        let e = Experiment::parse(&file.to_string(), "x.json").unwrap();
+        assert_eq!(e.semantics, crate::model::Semantics::ChaosToolkit);
+        assert!(matches!(&e.method[0], Step::Background(b)
+            if matches!(&**b, Step::Command(c) if c.run == ["sh", "-c", "echo bob"])));
+        let Step::Probe(poke) = &e.method[1] else {
+            panic!("{:?}", e.method[1])
+        };
+        // An action has no tolerance: measured and recorded, it fails nothing.
+        assert!(poke.tolerance.is_empty());
+        assert!(
+            matches!(&poke.kind, ProbeKind::Http(h) if h.url == "http://127.0.0.1:9/chaos-experiment" && h.method == "POST")
+        );
+        assert!(
+            matches!(&e.method[2], Step::Probe(p) if p.tolerance["exit-code"].as_str() == "== 0")
+        );
+        // A ref to a hypothesis probe runs it again, under a name of its own.
+        assert!(matches!(&e.method[3], Step::Probe(p) if p.name == "up (method[3])"));
+    }
+
+    #[test]
     fn what_does_not_map_is_refused_with_the_element() {
         let v: Value = serde_json::from_str(FIXTURE).unwrap();
         let refuse = |edit: &dyn Fn(&mut Value), want: &str| {
@@ -412,8 +513,19 @@ mod tests {
             "steady-state-hypothesis.probes[0].tolerance: {\"path\":\"$.x\",\"type\":\"jsonpath\"} is not supported for an http probe",
         );
         refuse(
-            &|v| v["secrets"] = json!({}),
-            "x.json: secrets: secrets are not supported",
+            &|v| v["secrets"] = json!({"k8s": {"token": {"type": "vault", "path": "x"}}}),
+            "x.json: secrets.k8s.token: {\"path\":\"x\",\"type\":\"vault\"} is not a plain value or an env lookup",
+        );
+        refuse(
+            &|v| v["rollbacks"] = json!([{"type": "action", "name": "r", "provider": {"type": "http", "url": "http://127.0.0.1:9/"}}]),
+            "x.json: rollbacks[0]: http activities are not supported in rollbacks",
+        );
+        refuse(
+            &|v| {
+                v["method"][0]["background"] = json!(true);
+                v["method"][0]["pauses"] = json!({"after": 1});
+            },
+            "x.json: method[0]: pauses on a background activity are not supported",
         );
         refuse(
             &|v| v["method"][1] = json!({"ref": "nope"}),

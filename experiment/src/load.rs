@@ -237,6 +237,17 @@ fn check(exp: &Experiment, text: &str, source: &str) -> Result<(), LoadError> {
                     walk(p, &format!("{here}.parallel"), names, text, source)?;
                     None
                 }
+                Step::Background(b) => {
+                    walk(
+                        std::slice::from_ref(b),
+                        &format!("{here}.background"),
+                        names,
+                        text,
+                        source,
+                    )?;
+                    None
+                }
+                Step::Probe(p) => Some(&p.name),
                 Step::Pause(_) => None,
             };
             if let Some(n) = name
@@ -551,7 +562,7 @@ blast-radius: {max-faults: 2, max-duration: 1m}
             (
                 "  - pause: 1s",
                 "  - pause: 1s\n    command: {name: x, run: [a]}",
-                "exp.yaml:9:3: method: a step has exactly one of fault, pause, parallel, command (this one has 2)",
+                "exp.yaml:9:3: method: a step has exactly one of fault, pause, parallel, command, probe, background (this one has 2)",
             ),
         ];
         for (from, to, want) in cases {

@@ -58,6 +58,30 @@ pub struct Experiment {
     pub stop_conditions: Vec<Probe>,
     #[serde(default)]
     pub blast_radius: BlastRadius,
+    /// Whose run order and verdicts: ours, or Chaos Toolkit's for a file imported from it.
+    #[serde(default, skip_serializing_if = "Semantics::is_ours")]
+    pub semantics: Semantics,
+}
+
+/// How a run proceeds and what its outcome is called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Semantics {
+    /// before; the method with the hypothesis probed during it; rollbacks; recovery; after. A
+    /// steady state that does not hold before the method makes the run inconclusive (exit 3).
+    #[default]
+    Chaos,
+    /// `chaos run`'s: before; the method, unprobed; after; rollbacks; no recovery phase. A
+    /// steady state that does not hold before the method makes the run "failed" (exit 1; chaos
+    /// run 1.19 exits 0 there, which would let a CI gate pass a run that tested nothing); the
+    /// rollbacks still run unless a probe could not measure at all, as in `chaos run`.
+    ChaosToolkit,
+}
+
+impl Semantics {
+    fn is_ours(&self) -> bool {
+        *self == Semantics::Chaos
+    }
 }
 
 impl Experiment {
@@ -140,8 +164,8 @@ pub struct BlastRadius {
     pub max_duration: Option<Dur>,
 }
 
-/// One step of the method: `- fault: {...}`, `- pause: 5s`, `- parallel: [...]` or
-/// `- command: {...}`.
+/// One step of the method: `- fault: {...}`, `- pause: 5s`, `- parallel: [...]`,
+/// `- command: {...}`, `- probe: {...}` or `- background: {STEP}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawStep", into = "RawStep")]
 pub enum Step {
@@ -149,6 +173,10 @@ pub enum Step {
     Pause(Dur),
     Parallel(Vec<Step>),
     Command(Command),
+    /// Measured once and recorded; its tolerance (if any) is reported but decides nothing.
+    Probe(Box<Probe>),
+    /// Starts the step and goes on with the next at once; the method ends when it has.
+    Background(Box<Step>),
 }
 
 /// YAML has no one-key-map enums in serde_yaml 0.9's model (it uses tags), so a step is read
@@ -167,6 +195,11 @@ pub struct RawStep {
     pub parallel: Option<Vec<Step>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Command>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Box<Probe>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "nested_step")]
+    pub background: Option<Box<Step>>,
 }
 
 impl TryFrom<RawStep> for Step {
@@ -188,10 +221,16 @@ impl TryFrom<RawStep> for Step {
         if let Some(c) = r.command {
             steps.push(Step::Command(c));
         }
+        if let Some(p) = r.probe {
+            steps.push(Step::Probe(p));
+        }
+        if let Some(b) = r.background {
+            steps.push(Step::Background(b));
+        }
         match steps.len() {
             1 => Ok(steps.remove(0)),
             n => Err(format!(
-                "a step has exactly one of fault, pause, parallel, command (this one has {n})"
+                "a step has exactly one of fault, pause, parallel, command, probe, background (this one has {n})"
             )),
         }
     }
@@ -205,9 +244,15 @@ impl From<Step> for RawStep {
             Step::Pause(d) => r.pause = Some(d),
             Step::Parallel(p) => r.parallel = Some(p),
             Step::Command(c) => r.command = Some(c),
+            Step::Probe(p) => r.probe = Some(p),
+            Step::Background(b) => r.background = Some(b),
         }
         r
     }
+}
+
+fn nested_step(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 fn nested_steps(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -884,25 +929,28 @@ pub fn faults(steps: &[Step]) -> Vec<&Fault> {
         match s {
             Step::Fault(f) => out.push(&**f),
             Step::Parallel(p) => out.extend(faults(p)),
-            _ => {}
+            Step::Background(b) => out.extend(faults(std::slice::from_ref(b))),
+            Step::Pause(_) | Step::Command(_) | Step::Probe(_) => {}
         }
     }
     out
 }
 
-/// How long the steps take at least: sequence adds, parallel takes the longest branch.
+/// How long the steps take at least: sequence adds, parallel takes the longest branch, a
+/// background step overlaps the steps after it.
 pub fn min_duration(steps: &[Step]) -> Duration {
-    steps
-        .iter()
-        .map(|s| match s {
-            Step::Fault(f) => f.duration.unwrap_or_default(),
-            Step::Pause(d) => d.0,
-            Step::Parallel(p) => p
-                .iter()
-                .map(|s| min_duration(std::slice::from_ref(s)))
-                .max()
-                .unwrap_or_default(),
-            Step::Command(_) => Duration::ZERO,
-        })
-        .fold(Duration::ZERO, Duration::saturating_add)
+    let one = |s: &Step| min_duration(std::slice::from_ref(s));
+    // From the end, so that a background step can take the longer of itself and what follows.
+    steps.iter().rev().fold(Duration::ZERO, |after, s| match s {
+        Step::Fault(f) => f.duration.unwrap_or_default().saturating_add(after),
+        Step::Pause(d) => d.0.saturating_add(after),
+        Step::Parallel(p) => p
+            .iter()
+            .map(one)
+            .max()
+            .unwrap_or_default()
+            .saturating_add(after),
+        Step::Command(_) | Step::Probe(_) => after,
+        Step::Background(b) => one(b).max(after),
+    })
 }

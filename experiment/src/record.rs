@@ -18,13 +18,16 @@ pub enum Verdict {
     /// The run could not decide: an error, a steady state that did not hold before the method,
     /// or a fault that affected nothing. Exit 3.
     Inconclusive,
+    /// Chaos Toolkit semantics: the steady state did not hold, or could not be measured,
+    /// before the method, so nothing was tested (`chaos run`'s "failed"). Exit 1, as there.
+    Failed,
 }
 
 impl Verdict {
     pub fn exit_code(self) -> u8 {
         match self {
             Verdict::Held | Verdict::Completed => 0,
-            Verdict::Violated => 1,
+            Verdict::Violated | Verdict::Failed => 1,
             Verdict::Aborted => 2,
             Verdict::Inconclusive => 3,
         }
@@ -42,6 +45,8 @@ pub enum Phase {
     Recovery,
     /// A stop condition's probe.
     StopCondition,
+    /// A probe step of the method: recorded, decides nothing.
+    Method,
 }
 
 /// One measurement a probe produced, e.g. `p99_ms` = 212.4 or `status` = 200.

@@ -31,6 +31,7 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::After => "after",
         Phase::Recovery => "recovery",
         Phase::StopCondition => "stop-condition",
+        Phase::Method => "method",
     }
 }
 
@@ -41,6 +42,7 @@ fn verdict_name(v: Verdict) -> &'static str {
         Verdict::Violated => "violated",
         Verdict::Aborted => "aborted",
         Verdict::Inconclusive => "inconclusive",
+        Verdict::Failed => "failed",
     }
 }
 
@@ -158,7 +160,7 @@ pub fn junit(r: &RunRecord) -> String {
             failures += 1;
             let _ = write!(cases, "\n      <failure message=\"{}\"/>", esc(&r.reason));
         }
-        Verdict::Aborted | Verdict::Inconclusive => {
+        Verdict::Aborted | Verdict::Inconclusive | Verdict::Failed => {
             errors += 1;
             let _ = write!(
                 cases,
@@ -585,7 +587,7 @@ pub fn html(r: &RunRecord) -> String {
         Verdict::Held | Verdict::Completed => "#2e7d32",
         Verdict::Violated => "#c62828",
         Verdict::Aborted => "#ef6c00",
-        Verdict::Inconclusive => "#616161",
+        Verdict::Inconclusive | Verdict::Failed => "#616161",
     };
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{}</title>\n<style>\nbody {{ font-family: sans-serif; max-width: 960px; margin: 2em auto; color: #222; }}\ntable {{ border-collapse: collapse; margin: 1em 0; }}\ntd {{ border: 1px solid #ccc; padding: 3px 6px; font-size: 13px; }}\ntr:first-child td {{ font-weight: bold; background: #f3f3f3; }}\nstrong {{ color: {color}; }}\ncode {{ background: #f3f3f3; padding: 0 3px; }}\n</style>\n</head>\n<body>\n{body}</body>\n</html>\n",

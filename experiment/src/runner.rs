@@ -5,7 +5,7 @@
 //! stop condition, an error, the user's interrupt), and a violation or stop condition reverts
 //! everything as soon as the probe that saw it ends, not when the method would have.
 use crate::driver::{AppliedFault, FaultDriver};
-use crate::model::{self, Experiment, Probe, Step};
+use crate::model::{self, Experiment, Probe, Semantics, Step};
 use crate::probe;
 use crate::record::{Event, FaultRecord, Phase, ProbeSample, RunRecord, StepRecord, Verdict};
 use futures_util::future::join_all;
@@ -227,16 +227,23 @@ async fn drive<D: FaultDriver>(
     progress: Progress<'_>,
 ) -> (Verdict, String) {
     let hyp = exp.hypothesis_probes();
+    let ctk = exp.semantics == Semantics::ChaosToolkit;
     phase(st, "before", progress);
     let before = probe_all(st, hyp, Phase::Before, progress).await;
     if let Some(bad) = before.iter().find(|s| !s.ok) {
-        return (
-            Verdict::Inconclusive,
-            format!(
-                "the steady state did not hold before the method: {}",
-                failed_measures(bad)
-            ),
+        let why = format!(
+            "the steady state did not hold before the method: {}",
+            failed_measures(bad)
         );
+        if !ctk {
+            return (Verdict::Inconclusive, why);
+        }
+        // `chaos run` rolls back after a steady state out of tolerance, not after a probe
+        // that could not measure.
+        if before.iter().all(|s| s.error.is_none()) {
+            rollbacks(exp, st, progress).await;
+        }
+        return (Verdict::Failed, why);
     }
     if *cancel.borrow() {
         return (Verdict::Aborted, "interrupted before the method".into());
@@ -244,6 +251,7 @@ async fn drive<D: FaultDriver>(
 
     phase(st, "method", progress);
     let method_done = watch::channel(false);
+    let during = if ctk { &[] } else { hyp };
     let violated: Mutex<Option<String>> = Mutex::new(None);
     let watcher = async {
         let mut done = method_done.1.clone();
@@ -258,7 +266,7 @@ async fn drive<D: FaultDriver>(
             }
             next = tokio::time::Instant::now() + exp.during.interval.0;
             let (samples, stops) = tokio::join!(
-                probe_all(st, hyp, Phase::During, progress),
+                probe_all(st, during, Phase::During, progress),
                 probe_all(st, &exp.stop_conditions, Phase::StopCondition, progress),
             );
             if let Some(bad) = stops.iter().find(|s| !s.ok) {
@@ -317,20 +325,15 @@ async fn drive<D: FaultDriver>(
     };
     tokio::join!(method, watcher);
 
-    // Rollbacks run once the method has started: its commands may have changed the system
-    // even where no fault of ours was applied (Chaos Toolkit semantics).
     let applied_any = st.rec().faults.iter().any(|f| !f.id.is_empty());
-    if !exp.rollbacks.is_empty() {
-        phase(st, "rollbacks", progress);
-        for c in &exp.rollbacks {
-            run_command_step(c, "rollback", st, progress).await;
-        }
+    if !ctk {
+        rollbacks(exp, st, progress).await;
     }
 
     let halt = st.halt.borrow().clone();
     let interrupted = matches!(&halt, Some((Verdict::Aborted, r)) if r.starts_with("interrupted"));
     // Recovery is the hypothesis holding again: without one there is nothing to measure.
-    if applied_any && !interrupted && !hyp.is_empty() {
+    if applied_any && !interrupted && !hyp.is_empty() && !ctk {
         phase(st, "recovery", progress);
         let from = st
             .last_revert_ms
@@ -370,6 +373,9 @@ async fn drive<D: FaultDriver>(
 
     phase(st, "after", progress);
     let after = probe_all(st, hyp, Phase::After, progress).await;
+    if ctk {
+        rollbacks(exp, st, progress).await;
+    }
 
     // The verdict, most decisive first.
     if let Some((v, reason)) = halt.filter(|(v, _)| *v == Verdict::Aborted) {
@@ -420,10 +426,27 @@ async fn drive<D: FaultDriver>(
             "no hypothesis: every fault was applied, affected traffic or processes, and was reverted; nothing was measured of the system's health".into(),
         );
     }
+    let when = if ctk {
+        "before and after"
+    } else {
+        "before, during and after"
+    };
     (
         Verdict::Held,
-        "the hypothesis held before, during and after the method".into(),
+        format!("the hypothesis held {when} the method"),
     )
+}
+
+/// Rollbacks run once the method has started (or, in Chaos Toolkit semantics, once the
+/// steady state was measured): its commands may have changed the system even where no fault
+/// of ours was applied.
+async fn rollbacks(exp: &Experiment, st: &State, progress: Progress<'_>) {
+    if !exp.rollbacks.is_empty() {
+        phase(st, "rollbacks", progress);
+        for c in &exp.rollbacks {
+            run_command_step(c, "rollback", st, progress).await;
+        }
+    }
 }
 
 /// Runs steps in order; stops early when the run is halted.
@@ -434,7 +457,7 @@ fn exec<'a, D: FaultDriver>(
     progress: Progress<'a>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
-        for s in steps {
+        for (i, s) in steps.iter().enumerate() {
             if st.halted() {
                 return;
             }
@@ -461,6 +484,28 @@ fn exec<'a, D: FaultDriver>(
                     .await;
                 }
                 Step::Command(c) => run_command_step(c, "command", st, progress).await,
+                Step::Probe(p) => {
+                    let start = st.ms();
+                    let samples =
+                        probe_all(st, std::slice::from_ref(&**p), Phase::Method, progress).await;
+                    let bad = samples.iter().find(|s| !s.ok);
+                    st.rec().steps.push(StepRecord {
+                        name: p.name.clone(),
+                        kind: "probe".into(),
+                        start_ms: start,
+                        end_ms: st.ms(),
+                        ok: bad.is_none(),
+                        detail: bad.map(failed_measures),
+                    });
+                }
+                Step::Background(b) => {
+                    let rest = &steps[i + 1..];
+                    tokio::join!(
+                        exec(std::slice::from_ref(&**b), driver, st, progress),
+                        exec(rest, driver, st, progress)
+                    );
+                    return;
+                }
             }
         }
     })
