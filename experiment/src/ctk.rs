@@ -265,6 +265,23 @@ fn provider<'a>(ctx: &Ctx, path: &str, a: &'a Value) -> Result<(&'a Value, Strin
     }
 }
 
+/// A jsonpath tolerance's path into the body. With `target: body` it is one already; without
+/// a target chaos run applies it to the whole answer (`{status, headers, body}`), of which we
+/// measure the body: `$.body...` is taken, anything else refused.
+fn body_path(ctx: &Ctx, path: &str, targets_body: bool, jp: &str) -> Result<String, LoadError> {
+    if targets_body {
+        return Ok(jp.to_string());
+    }
+    match jp.strip_prefix("$.body") {
+        Some("") => Ok("$".into()),
+        Some(rest) if rest.starts_with(['.', '[']) => Ok(format!("${rest}")),
+        _ => Err(ctx.err(
+            path,
+            format!("jsonpath `{jp}` without `target: body` must start with $.body (the status and headers are measured otherwise)"),
+        )),
+    }
+}
+
 fn timeout(p: &Value, default_s: f64) -> String {
     let s = p
         .get("timeout")
@@ -334,6 +351,27 @@ fn measured(
         if let Some(Value::Object(h)) = p.get("headers") {
             out["http"]["headers"] = Value::Object(h.clone());
         }
+        // `arguments` is the request's body: a map is sent as JSON, a string as it is.
+        match p.get("arguments") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(b)) => {
+                out["http"]["body"] = json!(ctx.subst(&format!("{path}.provider.arguments"), b)?)
+            }
+            Some(doc @ (Value::Object(_) | Value::Array(_))) => {
+                out["http"]["body"] = json!(doc.to_string());
+                if out["http"]["headers"].get("Content-Type").is_none()
+                    && out["http"]["headers"].get("content-type").is_none()
+                {
+                    out["http"]["headers"]["Content-Type"] = json!("application/json");
+                }
+            }
+            Some(other) => {
+                return Err(ctx.err(
+                    &format!("{path}.provider.arguments"),
+                    format!("{other} is not a request body (a map or a string)"),
+                ));
+            }
+        }
         let Some(tol) = tol else {
             // An action: one request, measured; with no tolerance nothing it answers fails it.
             return Ok(out);
@@ -351,7 +389,26 @@ fn measured(
                 let r = o.get("range").and_then(Value::as_array).filter(|r| r.len() == 2).ok_or_else(|| ctx.err(&tpath, "range needs [low, high]"))?;
                 out["tolerance"] = json!({"status": format!("{}..{}", r[0], r[1])});
             }
-            other => return Err(ctx.err(&tpath, format!("{other} is not supported for an http probe (a status code, a list of them, or a status range)"))),
+            Value::Object(o) if o.get("type") == Some(&json!("regex")) && matches!(o.get("target").and_then(Value::as_str), None | Some("body")) => {
+                let re = o.get("pattern").and_then(Value::as_str).ok_or_else(|| ctx.err(&tpath, "regex needs a `pattern`"))?;
+                out["tolerance"] = json!({"body": format!("~ {re}")});
+            }
+            Value::Object(o) if o.get("type") == Some(&json!("jsonpath")) && matches!(o.get("target").and_then(Value::as_str), None | Some("body")) => {
+                let jp = ctx.str(&tpath, tol, "path")?;
+                out["http"]["json-path"] = json!(body_path(ctx, &tpath, o.get("target").is_some(), &jp)?);
+                // chaos run: `expect` means exactly one match, equal to it (whatever `count`
+                // says); else `count` matches; else at least one.
+                let t = match (o.get("expect"), o.get("count")) {
+                    (Some(e @ (Value::Number(_) | Value::Bool(_))), _) => json!({"json": format!("== {e}"), "json-count": "== 1"}),
+                    (Some(Value::String(e)), _) if !e.trim().is_empty() && !e.contains(char::is_whitespace) => json!({"json": format!("== {e}"), "json-count": "== 1"}),
+                    (Some(other), _) => return Err(ctx.err(&tpath, format!("expect {other}: only a number, a word or a bool is supported"))),
+                    (None, Some(Value::Number(n))) => json!({"json-count": format!("== {n}")}),
+                    (None, Some(other)) => return Err(ctx.err(&tpath, format!("count {other} must be a number"))),
+                    (None, None) => json!({"json-count": ">= 1"}),
+                };
+                out["tolerance"] = t;
+            }
+            other => return Err(ctx.err(&tpath, format!("{other} is not supported for an http probe (a status code, a list of them, a status range, a regex or a jsonpath on the body)"))),
         }
         return Ok(out);
     }
@@ -508,9 +565,30 @@ mod tests {
         refuse(
             &|v| {
                 v["steady-state-hypothesis"]["probes"][0]["tolerance"] =
-                    json!({"type": "jsonpath", "path": "$.x"})
+                    json!({"type": "jsonpath", "path": "$.body.x", "expect": [1]})
             },
-            "steady-state-hypothesis.probes[0].tolerance: {\"path\":\"$.x\",\"type\":\"jsonpath\"} is not supported for an http probe",
+            "steady-state-hypothesis.probes[0].tolerance: expect [1]: only a number, a word or a bool is supported",
+        );
+        refuse(
+            &|v| {
+                v["steady-state-hypothesis"]["probes"][0]["tolerance"] =
+                    json!({"type": "jsonpath", "path": "$[", "target": "body", "count": 1})
+            },
+            "http.json-path: `$[` is not a JSONPath",
+        );
+        refuse(
+            &|v| {
+                v["steady-state-hypothesis"]["probes"][0]["tolerance"] =
+                    json!({"type": "jsonpath", "path": "$.status"})
+            },
+            "jsonpath `$.status` without `target: body` must start with $.body",
+        );
+        refuse(
+            &|v| {
+                v["steady-state-hypothesis"]["probes"][0]["tolerance"] =
+                    json!({"type": "probe", "name": "x"})
+            },
+            "steady-state-hypothesis.probes[0].tolerance: {\"name\":\"x\",\"type\":\"probe\"} is not supported for an http probe",
         );
         refuse(
             &|v| v["secrets"] = json!({"k8s": {"token": {"type": "vault", "path": "x"}}}),

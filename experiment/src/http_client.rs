@@ -5,7 +5,7 @@
 //! queue one request behind another's slow answer. hyper reads the body as the server framed it
 //! (Content-Length, chunked, or until close); the size is bounded so a hostile or runaway server
 //! costs at most [`BODY_LIMIT`].
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::collections::BTreeMap;
@@ -123,19 +123,20 @@ impl Target {
         &self,
         method: &str,
         headers: &BTreeMap<String, String>,
+        body: &str,
     ) -> Result<Answer, String> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => self.over(tcp, method, headers).await,
+            None => self.over(tcp, method, headers, body).await,
             Some((config, name)) => {
                 let stream = tokio_rustls::TlsConnector::from(config.clone())
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| format!("TLS with {}: {}", self.host, tls_reason(&e)))?;
-                self.over(stream, method, headers).await
+                self.over(stream, method, headers, body).await
             }
         }
     }
@@ -145,6 +146,7 @@ impl Target {
         stream: S,
         method: &str,
         headers: &BTreeMap<String, String>,
+        body: &str,
     ) -> Result<Answer, String>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -159,7 +161,9 @@ impl Target {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req
-            .body(Empty::<hyper::body::Bytes>::new())
+            .body(Full::new(hyper::body::Bytes::copy_from_slice(
+                body.as_bytes(),
+            )))
             .map_err(|e| format!("request: {e}"))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -720,6 +720,9 @@ impl ProbeKind {
                 "error-rate",
                 "status",
                 "requests",
+                "body",
+                "json",
+                "json-count",
             ],
             ProbeKind::Prometheus(_) => &["value", "min", "max"],
             ProbeKind::Tcp(_) => &["ok", "connect-ms"],
@@ -757,6 +760,17 @@ impl TryFrom<RawProbe> for Probe {
                 return Err(format!(
                     "http.rate: must be in (0, 1000] requests/s (got {})",
                     p.rate
+                ));
+            }
+            if let Some(path) = &p.json_path {
+                serde_json_path::JsonPath::parse(path)
+                    .map_err(|e| format!("http.json-path: `{path}` is not a JSONPath: {e}"))?;
+            } else if let Some(m) = ["json", "json-count"]
+                .into_iter()
+                .find(|m| r.tolerance.contains_key(*m))
+            {
+                return Err(format!(
+                    "tolerance.{m}: needs http.json-path, the JSONPath it measures"
                 ));
             }
             kinds.push(ProbeKind::Http(p));
@@ -854,6 +868,13 @@ pub struct HttpProbe {
     /// For https: a PEM file of the CAs to trust instead of the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<std::path::PathBuf>,
+    /// Sent with every request (e.g. a JSON document for a POST).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+    /// A JSONPath (RFC 9535) into the answer's body: its first match is the `json` measure and
+    /// the number of matches `json-count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_path: Option<String>,
 }
 
 fn get() -> String {

@@ -16,7 +16,7 @@ use tokio::net::{TcpStream, UdpSocket};
 pub async fn run(probe: &Probe, phase: Phase, t0: Instant) -> ProbeSample {
     let start_ms = t0.elapsed().as_millis() as u64;
     let result = match &probe.kind {
-        ProbeKind::Http(p) => http(p).await,
+        ProbeKind::Http(p) => http(p, probe.tolerance.contains_key("body")).await,
         ProbeKind::Prometheus(p) => prometheus(p).await,
         ProbeKind::Tcp(p) => tcp(p).await,
         ProbeKind::Dns(p) => dns(p).await,
@@ -29,6 +29,12 @@ pub async fn run(probe: &Probe, phase: Phase, t0: Instant) -> ProbeSample {
     for m in &mut measures {
         if let Some(t) = probe.tolerance.get(&m.name) {
             t.check(m);
+        }
+        // A body is checked whole and recorded as one short line: reports are read by people.
+        if m.name == "body"
+            && let Some(t) = &mut m.text
+        {
+            *t = chaos_agent::spec::one_line(t, RECORDED_BODY).into_owned();
         }
     }
     // A tolerance on a measure the probe could not produce is a violation, not a pass.
@@ -54,6 +60,9 @@ pub async fn run(probe: &Probe, phase: Phase, t0: Instant) -> ProbeSample {
         error,
     }
 }
+
+/// How much of an answer's body a record keeps.
+const RECORDED_BODY: usize = 256;
 
 fn num(name: &str, v: f64) -> Measure {
     Measure {
@@ -85,7 +94,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Requests at a fixed rate over the window (open loop: a slow answer does not delay the next
 /// request, so latency under fault is not hidden by coordinated omission).
-async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
+///
+/// The last answer's body is kept only when something measures it (`keep_body`, or a
+/// JSONPath).
+async fn http(p: &HttpProbe, keep_body: bool) -> Result<Vec<Measure>, String> {
+    let keep_body = keep_body || p.json_path.is_some();
     let url = std::sync::Arc::new(Target::new(&p.url, p.ca.as_deref())?);
     let n = ((p.rate * p.window.0.as_secs_f64()).round() as usize).max(1);
     let gap = Duration::from_secs_f64(1.0 / p.rate);
@@ -93,20 +106,21 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
     let start = tokio::time::Instant::now();
     for i in 0..n {
         tokio::time::sleep_until(start + gap * i as u32).await;
-        let (url, method, headers, timeout) = (
+        let (url, method, headers, body, timeout) = (
             url.clone(),
             p.method.clone(),
             p.headers.clone(),
+            p.body.clone(),
             p.timeout.0,
         );
         set.spawn(async move {
             let t = Instant::now();
-            let r = tokio::time::timeout(timeout, url.exchange(&method, &headers)).await;
+            let r = tokio::time::timeout(timeout, url.exchange(&method, &headers, &body)).await;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             match r {
-                Ok(Ok(answer)) => (ms, Ok(answer.status)),
-                Ok(Err(e)) => (ms, Err(e)),
-                Err(_) => (ms, Err(format!("no answer within {timeout:?}"))),
+                Ok(Ok(answer)) => (i, ms, Ok((answer.status, answer.body))),
+                Ok(Err(e)) => (i, ms, Err(e)),
+                Err(_) => (i, ms, Err(format!("no answer within {timeout:?}"))),
             }
         });
     }
@@ -114,12 +128,20 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
     let mut errors = 0usize;
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
     let mut first_error: Option<String> = None;
+    // The body of the last request (in the order they were sent) that was answered.
+    let mut last_body: Option<(usize, Vec<u8>)> = None;
     while let Some(r) = set.join_next().await {
-        let Ok((ms, status)) = r else {
+        let Ok((i, ms, answer)) = r else {
             errors += 1;
             continue;
         };
         lat.push(ms);
+        let status = answer.map(|(s, body)| {
+            if keep_body && last_body.as_ref().is_none_or(|(j, _)| *j < i) {
+                last_body = Some((i, body));
+            }
+            s
+        });
         match status {
             Ok(s) => {
                 *statuses.entry(s).or_default() += 1;
@@ -149,6 +171,9 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
     if let Some((s, _)) = statuses.iter().max_by_key(|(_, c)| **c) {
         m.push(num("status", *s as f64));
     }
+    if let Some((_, body)) = last_body {
+        m.extend(body_measures(p, &body));
+    }
     // Why requests failed, when some did without an answer: what an SRE reads first.
     if let Some(e) = first_error {
         m.push(Measure {
@@ -160,6 +185,49 @@ async fn http(p: &HttpProbe) -> Result<Vec<Measure>, String> {
         });
     }
     Ok(m)
+}
+
+/// `body` (the text), and with a JSONPath `json` (its first match) and `json-count`. A body
+/// that is not JSON has no `json-count`, so a tolerance on it fails.
+fn body_measures(p: &HttpProbe, body: &[u8]) -> Vec<Measure> {
+    let mut m = vec![Measure {
+        name: "body".into(),
+        value: None,
+        text: Some(String::from_utf8_lossy(body).into_owned()),
+        tolerance: None,
+        ok: true,
+    }];
+    let Some(path) = p
+        .json_path
+        .as_deref()
+        .and_then(|s| serde_json_path::JsonPath::parse(s).ok())
+    else {
+        return m;
+    };
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return m;
+    };
+    let found = path.query(&doc).all();
+    m.push(num("json-count", found.len() as f64));
+    match found.first() {
+        Some(serde_json::Value::Number(n)) => m.push(num("json", n.as_f64().unwrap_or(f64::NAN))),
+        Some(serde_json::Value::String(s)) => m.push(Measure {
+            name: "json".into(),
+            value: s.parse().ok(),
+            text: Some(s.clone()),
+            tolerance: None,
+            ok: true,
+        }),
+        Some(other) => m.push(Measure {
+            name: "json".into(),
+            value: None,
+            text: Some(other.to_string()),
+            tolerance: None,
+            ok: true,
+        }),
+        None => {}
+    }
+    m
 }
 
 fn urlencode(s: &str) -> String {
@@ -190,9 +258,12 @@ async fn prometheus(p: &PrometheusProbe) -> Result<Vec<Measure>, String> {
             p.step.0.as_secs_f64()
         ),
     };
-    let answer = tokio::time::timeout(p.timeout.0, base.at(path).exchange("GET", &BTreeMap::new()))
-        .await
-        .map_err(|_| format!("no answer within {:?}", p.timeout.0))??;
+    let answer = tokio::time::timeout(
+        p.timeout.0,
+        base.at(path).exchange("GET", &BTreeMap::new(), ""),
+    )
+    .await
+    .map_err(|_| format!("no answer within {:?}", p.timeout.0))??;
     let (status, body) = (answer.status, answer.body);
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| format!("HTTP {status}: not JSON: {e}"))?;
@@ -428,6 +499,8 @@ mod tests {
                 expect_status: vec![],
                 headers: BTreeMap::new(),
                 ca: None,
+                body: String::new(),
+                json_path: None,
             }),
             tolerance: tol(t),
         }
@@ -479,6 +552,99 @@ mod tests {
         .await;
         assert_eq!(s.measure("error-rate").unwrap().value, Some(1.0));
         assert!(!s.ok);
+    }
+
+    /// Answers every request, chunked, with `{"echo": REQUEST BODY, "items": [{"v": 1}, {"v": 2}]}`.
+    async fn echo_server() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 2048];
+                    let body = loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&req).into_owned();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break body.to_string();
+                        }
+                    };
+                    let doc = serde_json::json!({"echo": body, "items": [{"v": 1}, {"v": 2}]})
+                        .to_string();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{doc}\r\n0\r\n\r\n",
+                        doc.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_http_probe_sends_its_body_and_measures_the_answers_by_regex_and_jsonpath() {
+        let addr = echo_server().await;
+        let probe = |json_path: &str, t: &[(&str, &str)]| {
+            let mut p = http_probe(addr, t);
+            let ProbeKind::Http(h) = &mut p.kind else {
+                unreachable!()
+            };
+            (h.method, h.body, h.rate) = ("POST".into(), r#"{"drain": true}"#.into(), 5.0);
+            h.json_path = Some(json_path.into());
+            p
+        };
+        let t0 = Instant::now();
+        let s = run(
+            &probe(
+                "$.items[*].v",
+                &[
+                    ("body", r#"~ "echo":"\{\\"drain\\": true\}""#),
+                    ("json", "== 1"),
+                    ("json-count", "== 2"),
+                ],
+            ),
+            Phase::Before,
+            t0,
+        )
+        .await;
+        assert!(s.ok, "{s:?}");
+        let m = |s: &ProbeSample, n: &str| s.measures.iter().find(|m| m.name == n).cloned();
+        assert_eq!(m(&s, "json").and_then(|m| m.value), Some(1.0));
+        // A string that reads as a number compares as one; out of tolerance fails the sample.
+        let s = run(&probe("$.echo", &[("json", "== 2")]), Phase::Before, t0).await;
+        assert!(!s.ok, "{s:?}");
+        assert_eq!(
+            m(&s, "json").and_then(|m| m.text).as_deref(),
+            Some(r#"{"drain": true}"#)
+        );
+        // No match: json-count 0, and no `json` measure, so a tolerance on it fails.
+        let s = run(
+            &probe("$.nope", &[("json-count", ">= 1")]),
+            Phase::Before,
+            t0,
+        )
+        .await;
+        assert!(!s.ok);
+        assert_eq!(m(&s, "json-count").and_then(|m| m.value), Some(0.0));
     }
 
     #[tokio::test]
