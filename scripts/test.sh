@@ -66,6 +66,10 @@ for f in d["fanout"]:
     print(f"  fleet {f['agents']:>5} agents: apply p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; revert p50 {r['p50']:.1f} p99 {r['p99']:.1f} ms; controller {f['controller_rss_kib']/1024:.1f} MiB")
 b = d["baseline_direct_unix_socket"]["apply_ms"]
 print(f"  fleet baseline (one agent, unix socket): apply p50 {b['p50']:.2f} p99 {b['p99']:.2f} ms; agent RSS {d['agent_rss_kib']/1024:.1f} MiB")
+h = d["hostile_experiments"]
+worst = max(h["cases"], key=lambda c: c["controller_cpu_ms_per_request"])
+q, f = h["list_agents_ms_quiet"], h["list_agents_ms_during_floods"]
+print(f"  hostile experiments: worst {worst['case']} {worst['controller_cpu_ms_per_request']:.1f} ms controller CPU per request (small invalid {h['baseline_small_invalid_cpu_ms_per_request']:.2f}); ListAgents p99 {f['p99']:.1f} ms during, {q['p99']:.1f} quiet; {h['agents_rejoined']} agents re-joined, {h['agents_that_lost_their_fault']} lost their fault")
 PY
 env -u RUST_BACKTRACE ./target/release/chaos-bench-owner --trials "${CHAOS_BENCH_OWNER_TRIALS:-100}" --out bench-out/owner.json >/dev/null
 python3 - <<'PY'

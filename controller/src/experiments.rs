@@ -42,7 +42,12 @@ impl pb::experiments_server::Experiments for ExperimentsService {
         } else {
             req.source_name
         };
-        let exp = Experiment::parse(&req.text, &source)
+        // Parsing is bounded (size, nesting) but still CPU work: it runs on a blocking thread so
+        // a hostile file never delays the fleet's streams and leases on the async workers.
+        let name = source.clone();
+        let exp = tokio::task::spawn_blocking(move || Experiment::parse(&req.text, &name))
+            .await
+            .map_err(|e| Status::internal(format!("parsing {source}: {e}")))?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = new_run_id();
         let (tx, rx) = mpsc::channel::<Result<pb::RunEvent, Status>>(1024);

@@ -40,6 +40,10 @@ impl Experiment {
 /// the controller's async worker), and a 50 MB title became 577 MB of reports.
 pub const MAX_BYTES: usize = 1 << 20;
 pub const MAX_NESTING: usize = 64;
+/// The most keys and items: the parser loads every node before the first check (about half
+/// a microsecond each, twice: 100,000 one-line keys in 1 MiB cost 125 ms of CPU per request),
+/// and a real experiment of a few hundred steps has a few thousand.
+pub const MAX_NODES: usize = 20_000;
 /// The longest title (the experiment's and the hypothesis's), description, tag and name.
 pub const MAX_TITLE: usize = 256;
 pub const MAX_DESCRIPTION: usize = 4096;
@@ -47,8 +51,9 @@ pub const MAX_NAME: usize = 128;
 pub const MAX_TAGS: usize = 32;
 
 /// Refuses, in one line naming the limit, a text over [`MAX_BYTES`] or nested deeper than
-/// [`MAX_NESTING`] (flow brackets, block indentation and `- ` sequence markers, counted in one
-/// pass before any parsing).
+/// [`MAX_NESTING`] (flow brackets, block indentation and `- ` sequence markers), or with more
+/// than [`MAX_NODES`] keys and items (`key:`, `- `, flow commas), counted in one pass before
+/// any parsing.
 fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
     if text.len() > MAX_BYTES {
         return Err(LoadError(format!(
@@ -57,7 +62,7 @@ fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
         )));
     }
     let mut indents: Vec<usize> = Vec::new();
-    let mut flow = 0usize;
+    let (mut flow, mut nodes) = (0usize, 0usize);
     for (n, line) in text.lines().enumerate() {
         let body = line.trim_start_matches(' ');
         if body.is_empty() || body.starts_with('#') {
@@ -75,7 +80,9 @@ fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
             rest = r.trim_start_matches(' ');
         }
         let (mut quote, mut deepest, mut escaped) = (None, flow, false);
-        for c in rest.chars() {
+        nodes += dashes;
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
             match (quote, c) {
                 // `\"` inside a double-quoted string (how JSON writes a quote) ends nothing.
                 (Some('"'), _) if escaped => escaped = false,
@@ -87,6 +94,8 @@ fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
                     deepest = deepest.max(flow);
                 }
                 (None, ']' | '}') => flow = flow.saturating_sub(1),
+                (None, ',') if flow > 0 => nodes += 1,
+                (None, ':') if chars.peek().is_none_or(|c| *c == ' ') => nodes += 1,
                 (None, '#') => break,
                 _ => {}
             }
@@ -95,6 +104,12 @@ fn bounded(text: &str, source: &str) -> Result<(), LoadError> {
         if depth > MAX_NESTING {
             return Err(LoadError(format!(
                 "{source}:{}: nested {depth} levels deep: an experiment nests at most {MAX_NESTING}",
+                n + 1
+            )));
+        }
+        if nodes > MAX_NODES {
+            return Err(LoadError(format!(
+                "{source}:{}: over {MAX_NODES} keys and items: an experiment has at most {MAX_NODES} keys and items",
                 n + 1
             )));
         }
@@ -358,6 +373,17 @@ mod tests {
             assert!(e.contains("nests at most 64"), "{what}: {e}");
             assert_eq!(e.lines().count(), 1, "{what}");
         }
+        // Many small nodes: the parser's cost is per node, whatever the nesting.
+        let keys: String = (0..=MAX_NODES).map(|i| format!("k{i}: v\n")).collect();
+        let items = format!("title: t\ntags: [{}]\n", vec!["a"; MAX_NODES + 1].join(","));
+        for (what, text) in [("keys", keys), ("flow items", items)] {
+            let e = Experiment::parse(&text, "x.yaml").unwrap_err().0;
+            assert!(e.contains("at most 20000 keys and items"), "{what}: {e}");
+        }
+        // Colons inside values (URLs, times) and quoted text are not keys.
+        let mut fine = GOOD.to_string();
+        fine.push_str(&"# http://a:1/b 'k: v'\n".repeat(MAX_NODES));
+        assert!(Experiment::parse(&fine, "x.yaml").is_ok());
         let big = format!("title: {}\n", "t".repeat(MAX_BYTES));
         let e = Experiment::parse(&big, "x.yaml").unwrap_err().0;
         assert!(e.contains("at most 1048576 bytes"), "{e}");

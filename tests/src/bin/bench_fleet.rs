@@ -60,7 +60,7 @@ fn loss_spec() -> pb::FaultSpec {
     }
 }
 
-async fn controller_client(dir: &Path, port: u16) -> ControllerClient<Channel> {
+async fn controller_channel(dir: &Path, port: u16) -> Channel {
     let read = |n: &str| std::fs::read(dir.join(n)).expect("read cert");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
@@ -69,14 +69,13 @@ async fn controller_client(dir: &Path, port: u16) -> ControllerClient<Channel> {
             read("user-bench-key.pem"),
         ))
         .domain_name("localhost");
-    let ch = Endpoint::from_shared(format!("https://localhost:{port}"))
+    Endpoint::from_shared(format!("https://localhost:{port}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .expect("connect to the controller");
-    ControllerClient::new(ch)
+        .expect("connect to the controller")
 }
 
 #[tokio::main]
@@ -127,7 +126,8 @@ async fn main() {
             .env("RUST_LOG", "warn"),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let mut client = controller_client(&tls, port).await;
+    let channel = controller_channel(&tls, port).await;
+    let mut client = ControllerClient::new(channel.clone());
     let mut agents: Vec<Child> = vec![];
     let spawn_agent = |i: usize, socket: Option<&Path>| {
         let mut c = Command::new(bin_dir.join("chaos-agent"));
@@ -180,10 +180,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let join_s = started.elapsed().as_secs_f64();
-        let sel = fleet::Selector {
-            agents: vec![],
-            labels: [("bench".to_string(), "yes".to_string())].into(),
-        };
+        let sel = sel_all();
         let (mut apply, mut revert) = (vec![], vec![]);
         for _ in 0..rounds {
             let t = Instant::now();
@@ -247,6 +244,7 @@ async fn main() {
         revert.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let agent_rss = rss_kib(agents[agents.len() - 1].id());
+    let hostile = hostile_experiments(&channel, controller.id(), &sel_all()).await;
     let doc = json!({
         "what": "fan-out: Apply through the controller until every agent acknowledged (null backend, mTLS, loopback)",
         "rounds": rounds,
@@ -254,7 +252,8 @@ async fn main() {
         "baseline_direct_unix_socket": {"apply_ms": stats(apply), "revert_ms": stats(revert)},
         "controller_rss_kib_at_largest": controller_rss,
         "agent_rss_kib": agent_rss,
-        "targets": {"p99_ms_at_100": 100, "p99_ms_at_1000": 1000},
+        "hostile_experiments": hostile,
+        "targets": {"p99_ms_at_100": 100, "p99_ms_at_1000": 1000, "hostile_controller_cpu_ms_per_request_max": 100},
     });
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d).unwrap();
@@ -275,4 +274,227 @@ fn sorted(v: &[f64]) -> Vec<f64> {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v
+}
+
+fn sel_all() -> fleet::Selector {
+    fleet::Selector {
+        agents: vec![],
+        labels: [("bench".to_string(), "yes".to_string())].into(),
+    }
+}
+
+/// The controller's CPU time so far (all threads, exited ones included), in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("controller stat");
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Experiment texts an attacker holding a user certificate can send, each as large as the
+/// transport lets through (tonic's 4 MiB) or as the loader's own bound (1 MiB) at its worst.
+fn hostile_texts() -> Vec<(&'static str, String)> {
+    const WIRE: usize = 4 * 1024 * 1024 - 1024;
+    const FILE: usize = 1024 * 1024 - 64;
+    let laughs = {
+        // Aliases that would expand to 10^9 nodes, inside both bounds.
+        let mut t = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            t += &format!("a{i}: &a{i} [{refs}]\n");
+        }
+        t
+    };
+    let keys: String = (0..)
+        .map(|i| format!("k{i}: v\n"))
+        .scan(0usize, |n, l| {
+            *n += l.len();
+            (*n < FILE).then_some(l)
+        })
+        .collect();
+    // The most nodes the loader parses: every one goes through the YAML parser, twice.
+    let under = (0..chaos_experiment::load::MAX_NODES)
+        .map(|i| format!("k{i}: v\n"))
+        .collect();
+    vec![
+        ("keys_under_node_limit", under),
+        ("nesting_4mib", "[".repeat(WIRE)),
+        ("nesting_1mib", "[".repeat(FILE)),
+        (
+            "indent",
+            (0..1000)
+                .map(|i| format!("{}- a\n", " ".repeat(i)))
+                .collect(),
+        ),
+        (
+            "title_4mib",
+            format!("title: '{}'\n", "A".repeat(WIRE - 16)),
+        ),
+        (
+            "title_1mib",
+            format!("title: '{}'\n", "A".repeat(FILE - 16)),
+        ),
+        ("aliases", laughs),
+        ("keys_1mib", keys),
+        (
+            "binary_4mib",
+            String::from_utf8_lossy(&vec![0xff; WIRE / 3]).into_owned(),
+        ),
+    ]
+}
+
+/// Each hostile text sent `ROUNDS` times by 4 clients at once while 1,000 agents hold a fault:
+/// the controller's CPU time per request, its ListAgents latency meanwhile beside the same
+/// measured before the flood, and whether any agent lost its lease (re-joined, or its fault
+/// is gone). The baseline in the same run: a small experiment refused for one bad field.
+async fn hostile_experiments(ch: &Channel, pid: u32, sel: &fleet::Selector) -> serde_json::Value {
+    use chaos_proto::experiments::v1 as exp;
+    use chaos_proto::experiments::v1::experiments_client::ExperimentsClient;
+    const ROUNDS: usize = 10;
+    const CLIENTS: usize = 4;
+    let mut control = ControllerClient::new(ch.clone());
+    control
+        .apply(fleet::FleetApplyRequest {
+            selector: Some(sel.clone()),
+            spec: Some(loss_spec()),
+        })
+        .await
+        .expect("apply before the flood");
+    let agents = |r: fleet::ListAgentsResponse| {
+        let mut v: Vec<(String, i64, u32)> = r
+            .agents
+            .into_iter()
+            .map(|a| (a.node_name, a.connected_unix_ms, a.faults))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = agents(
+        control
+            .list_agents(fleet::ListAgentsRequest {})
+            .await
+            .expect("list")
+            .into_inner(),
+    );
+    // ListAgents round trips, every 20 ms, for as long as `flooding` holds.
+    let probe = |flooding: std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        let mut c = ControllerClient::new(ch.clone());
+        tokio::spawn(async move {
+            let mut ms = vec![];
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                c.list_agents(fleet::ListAgentsRequest {})
+                    .await
+                    .expect("list during the flood");
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ms
+        })
+    };
+    let flood = |text: String| {
+        let ch = ch.clone();
+        async move {
+            let text = std::sync::Arc::new(text);
+            let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let listing = probe(on.clone());
+            let cpu0 = cpu_ms(pid);
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for _ in 0..CLIENTS {
+                let (mut c, text) = (
+                    ExperimentsClient::new(ch.clone()).max_encoding_message_size(8 << 20),
+                    text.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut codes = vec![];
+                    for _ in 0..ROUNDS {
+                        let r = c
+                            .run(exp::RunRequest {
+                                source_name: "hostile.yaml".into(),
+                                text: (*text).clone(),
+                            })
+                            .await;
+                        codes.push(match r {
+                            Ok(_) => "accepted".to_string(),
+                            Err(s) => format!("{:?}", s.code()),
+                        });
+                    }
+                    codes
+                }));
+            }
+            let mut codes = std::collections::BTreeMap::<String, usize>::new();
+            for t in tasks {
+                for c in t.await.expect("client") {
+                    *codes.entry(c).or_default() += 1;
+                }
+            }
+            let wall = t.elapsed().as_secs_f64() * 1000.0;
+            // Let blocking threads and the probe settle before reading the CPU clock.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let cpu = cpu_ms(pid) - cpu0;
+            on.store(false, std::sync::atomic::Ordering::Relaxed);
+            let list = listing.await.expect("probe");
+            (cpu / (ROUNDS * CLIENTS) as f64, wall, codes, list)
+        }
+    };
+    let quiet = {
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let listing = probe(on.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        on.store(false, std::sync::atomic::Ordering::Relaxed);
+        listing.await.expect("probe")
+    };
+    let (base_cpu, _, _, _) = flood("title: t\nmethod: [{fault: {nonsense: 1}}]\n".into()).await;
+    let mut cases = vec![];
+    let mut worst_cpu: f64 = 0.0;
+    let mut worst_list = vec![];
+    for (name, text) in hostile_texts() {
+        let bytes = text.len();
+        let (cpu, wall, codes, list) = flood(text).await;
+        eprintln!(
+            "hostile {name} ({bytes} B): controller CPU {cpu:.2} ms/request, {codes:?}, ListAgents p99 {:.1} ms meanwhile",
+            percentile(&sorted(&list), 0.99)
+        );
+        worst_cpu = worst_cpu.max(cpu);
+        worst_list.extend(list.iter().copied());
+        cases.push(
+            json!({"case": name, "bytes": bytes, "requests": ROUNDS * CLIENTS,
+            "controller_cpu_ms_per_request": cpu, "wall_ms": wall, "answers": codes,
+            "list_agents_ms_meanwhile": stats(list)}),
+        );
+    }
+    let after = agents(
+        control
+            .list_agents(fleet::ListAgentsRequest {})
+            .await
+            .expect("list")
+            .into_inner(),
+    );
+    let rejoined = before
+        .iter()
+        .filter(|b| !after.iter().any(|a| a.0 == b.0 && a.1 == b.1))
+        .count();
+    let lost_fault = after.iter().filter(|a| a.2 == 0).count();
+    control
+        .revert(fleet::FleetRevertRequest {
+            node_name: String::new(),
+            id: String::new(),
+            all: true,
+        })
+        .await
+        .expect("revert after the flood");
+    json!({
+        "what": format!("each text {ROUNDS}x by {CLIENTS} clients at once, {} agents joined holding a fault", before.len()),
+        "baseline_small_invalid_cpu_ms_per_request": base_cpu,
+        "cases": cases,
+        "worst_controller_cpu_ms_per_request": worst_cpu,
+        "list_agents_ms_quiet": stats(quiet),
+        "list_agents_ms_during_floods": stats(worst_list),
+        "agents_rejoined": rejoined,
+        "agents_that_lost_their_fault": lost_fault,
+    })
 }
