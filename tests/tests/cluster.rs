@@ -303,6 +303,12 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
         );
     }
 
+    // The API server compacts its history, as etcd does every few minutes: every watch ends
+    // and one from before the compaction is 410 Gone, so the controller sees the next
+    // experiment only if it re-lists.
+    let expired = api.expired_watches();
+    api.compact();
+
     // 2. Ctrl-C while the fault is on: the object is deleted, the controller reverts the
     // fault before letting the finalizer go, and chaosctl returns once it is gone.
     let c = partition(&kubeconfig, "5m");
@@ -314,6 +320,10 @@ fn chaosctl_faults_a_pod_through_the_clusters_controller_and_its_nodes_agent() {
                 o["status"]["phase"] == "Running" && o["status"]["faults"][0]["id"].is_string()
             })
         },
+    );
+    assert!(
+        api.expired_watches() > expired,
+        "no watch resumed from before the compaction"
     );
     assert_eq!(probe(), 0, "the second partition did not reach the pod");
     let t0 = Instant::now();
