@@ -397,23 +397,7 @@ pub fn shape_for(kind: &FaultKind) -> Result<Option<Shape>, DatapathError> {
     })
 }
 
-/// A fault's counters. Packets are counted as segments (a GSO/TSO super-packet of n segments
-/// counts n, as the wire and the receiver see it); bytes as the hook sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub seen: u64,
-    pub matched: u64,
-    pub affected: u64,
-    /// CPU faults: CPU time (user + system) the workers have consumed, in microseconds.
-    #[serde(default)]
-    pub cpu_time_us: u64,
-    #[serde(default)]
-    pub seen_bytes: u64,
-    #[serde(default)]
-    pub matched_bytes: u64,
-    #[serde(default)]
-    pub affected_bytes: u64,
-}
+pub use chaos_spec::Counters;
 
 /// Translate a spec into the rule the datapath evaluates, given the shaping chosen for it and
 /// its deadline on the kernel's clock (CLOCK_MONOTONIC ns).

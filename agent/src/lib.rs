@@ -3,7 +3,6 @@
 pub mod caps;
 pub mod cgroup;
 pub mod datapath;
-pub mod dns;
 pub mod engine;
 pub mod fleet_client;
 #[doc(hidden)]
@@ -11,7 +10,6 @@ pub mod fuzzing;
 pub mod heartbeat;
 pub mod journal;
 pub mod metrics;
-pub mod netem_dist;
 pub mod netlink;
 pub mod netns;
 pub mod null_backend;
@@ -20,12 +18,13 @@ pub mod qdisc;
 pub mod registry;
 pub mod rules;
 pub mod server;
-pub mod spec;
 pub mod stress;
 pub mod sweep;
 pub mod table;
 pub mod tc_snapshot;
 pub mod tls;
 
+pub use chaos_spec as spec;
+pub use chaos_spec::{dns, netem_dist};
 pub use engine::{Engine, EngineConfig, EngineError, FaultStatus};
 pub use spec::{FaultKind, FaultSpec, InvalidInput, Target};

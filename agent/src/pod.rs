@@ -13,44 +13,7 @@ use crate::spec::{FaultSpec, InvalidInput, NetnsRef, invalid};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum PodError {
-    #[error("invalid pod uid: `{0}` must be a UUID like 6f1c2a3b-0d4e-4f5a-8b6c-7d8e9f0a1b2c")]
-    BadUid(String),
-    #[error("pod {0}: no process of it runs on this node (no /proc/*/cgroup names it)")]
-    NotFound(String),
-    #[error("{0}: {1}")]
-    Io(String, String),
-}
-
-/// A pod UID in its canonical form (lowercase, with dashes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodUid(String);
-
-impl std::str::FromStr for PodUid {
-    type Err = PodError;
-    fn from_str(s: &str) -> Result<Self, PodError> {
-        let canon = s.trim().to_ascii_lowercase().replace('_', "-");
-        let groups: Vec<&str> = canon.split('-').collect();
-        let shape = [8, 4, 4, 4, 12];
-        let ok = groups.len() == 5
-            && groups
-                .iter()
-                .zip(shape)
-                .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
-        if ok {
-            Ok(PodUid(canon))
-        } else {
-            Err(PodError::BadUid(s.to_string()))
-        }
-    }
-}
-
-impl std::fmt::Display for PodUid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use chaos_spec::pod::{PodError, PodUid};
 
 /// Where a cgroup path puts a process relative to a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +26,8 @@ pub struct PodPath {
 
 /// Whether `path` (one line's path of /proc/PID/cgroup) is inside pod `uid`'s cgroup.
 pub fn match_path(path: &str, uid: &PodUid) -> Option<PodPath> {
-    let dashed = format!("pod{}", uid.0);
-    let underscored = format!("pod{}.slice", uid.0.replace('-', "_"));
+    let dashed = format!("pod{}", uid.as_str());
+    let underscored = format!("pod{}.slice", uid.as_str().replace('-', "_"));
     let segments: Vec<&str> = path.split('/').collect();
     let i = segments.iter().position(|s| {
         *s == dashed || (s.contains("kubepods") && s.ends_with(&format!("-{underscored}")))

@@ -1,7 +1,7 @@
 //! `chaosctl run --local`: the experiment's faults run in this process's own engine, on this
 //! machine, with no agent or controller. Selecting agents makes no sense here, so it is refused.
 use chaos_agent::engine::{Engine, EngineError};
-use chaos_agent::server::counters_pb;
+
 use chaos_agent::spec::FaultSpec;
 use chaos_experiment::driver::{AgentSelector, AppliedFault, DriverError, FaultDriver};
 use chaos_proto::agent::v1 as pb;
@@ -58,7 +58,7 @@ impl FaultDriver for LocalDriver {
     async fn counters(&self, fault: &AppliedFault) -> Result<pb::Counters, DriverError> {
         self.engine
             .status(&fault.id)
-            .map(|s| counters_pb(s.counters))
+            .map(|s| s.counters.into())
             .ok_or_else(|| DriverError(format!("fault {} is unknown to the engine", fault.id)))
     }
 
@@ -66,11 +66,11 @@ impl FaultDriver for LocalDriver {
         let engine = self.engine.clone();
         let id = fault.id.clone();
         tokio::task::spawn_blocking(move || match engine.revert(&id) {
-            Ok(s) => Ok(counters_pb(s.counters)),
+            Ok(s) => Ok(s.counters.into()),
             // Already ended (its deadline): reverting again is a success with its last counters.
             Err(EngineError::NotFound(_)) => engine
                 .status(&id)
-                .map(|s| counters_pb(s.counters))
+                .map(|s| s.counters.into())
                 .ok_or_else(|| DriverError(format!("fault {id} is unknown to the engine"))),
             Err(e) => Err(err(e)),
         })

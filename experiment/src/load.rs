@@ -2,7 +2,7 @@
 //! detected by its shape. Every error is one line: `file:line:col: path: rule`.
 use crate::ctk;
 use crate::model::{self, Experiment, Step};
-use chaos_agent::spec::{ERROR_LINE_MAX, one_line};
+use chaos_spec::{ERROR_LINE_MAX, one_line};
 use std::collections::BTreeSet;
 use std::path::Path;
 

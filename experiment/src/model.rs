@@ -6,8 +6,8 @@
 //! errors everywhere: a typo must never silently drop a stop condition.
 use crate::driver::{AgentSelector, PodSelector};
 use crate::tolerance::Tolerance;
-use chaos_agent::spec::FaultSpec;
 use chaos_proto::agent::v1 as pb;
+use chaos_spec::FaultSpec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ pub struct Dur(pub Duration);
 impl TryFrom<String> for Dur {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let d = chaos_agent::spec::parse_duration(&s).map_err(|e| e.rule)?;
+        let d = chaos_spec::parse_duration(&s).map_err(|e| e.rule)?;
         if d.is_zero() {
             return Err(format!("`{s}` must be greater than 0"));
         }
@@ -658,7 +658,7 @@ impl Fault {
             let parsed = FaultSpec::try_from(spec.clone())
                 .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
             parsed
-                .validate(chaos_agent::spec::DEFAULT_MAX_DURATION)
+                .validate(chaos_spec::DEFAULT_MAX_DURATION)
                 .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
         }
         Ok(Fault {

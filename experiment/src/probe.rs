@@ -34,7 +34,7 @@ pub async fn run(probe: &Probe, phase: Phase, t0: Instant) -> ProbeSample {
         if m.name == "body"
             && let Some(t) = &mut m.text
         {
-            *t = chaos_agent::spec::one_line(t, RECORDED_BODY).into_owned();
+            *t = chaos_spec::one_line(t, RECORDED_BODY).into_owned();
         }
     }
     // A tolerance on a measure the probe could not produce is a violation, not a pass.

@@ -1,6 +1,7 @@
 //! Generated gRPC code for the `chaos.*.v1` packages. Protobuf types stay at the edges: the
 //! agent converts them to its own spec types (validating once) at the service boundary.
 pub mod codec;
+pub mod convert;
 
 pub mod agent {
     pub mod v1 {

@@ -1,5 +1,12 @@
-//! What a fault is, independent of how it is applied: kind, target, duration. Parsing and
-//! validation of user input live here, once, for the CLI and the gRPC boundary alike.
+//! chaos-spec: what a fault is, independent of how it is applied: kind, target, duration,
+//! counters. Parsing and validation of user input live here, once, for the CLI, experiment
+//! files and the gRPC boundary alike. Deliberately light (serde, thiserror and the map ABI's
+//! constants; no aya, tokio or tonic), so the experiment model and the CLI need not link the
+//! engine to speak about faults.
+pub mod dns;
+pub mod netem_dist;
+pub mod pod;
+
 pub use crate::netem_dist::Distribution;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -222,6 +229,24 @@ impl fmt::Display for CgroupRef {
             CgroupRef::Pod(uid) => write!(f, "cgroup of pod {uid}"),
         }
     }
+}
+
+/// A fault's counters. Packets are counted as segments (a GSO/TSO super-packet of n segments
+/// counts n, as the wire and the receiver see it); bytes as the hook sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub seen: u64,
+    pub matched: u64,
+    pub affected: u64,
+    /// CPU faults: CPU time (user + system) the workers have consumed, in microseconds.
+    #[serde(default)]
+    pub cpu_time_us: u64,
+    #[serde(default)]
+    pub seen_bytes: u64,
+    #[serde(default)]
+    pub matched_bytes: u64,
+    #[serde(default)]
+    pub affected_bytes: u64,
 }
 
 /// Most CPU stress workers one fault may start.

@@ -17,13 +17,13 @@ pub enum Distribution {
 }
 
 impl std::str::FromStr for Distribution {
-    type Err = crate::spec::InvalidInput;
+    type Err = crate::InvalidInput;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "normal" => Ok(Distribution::Normal),
             "pareto" => Ok(Distribution::Pareto),
             "paretonormal" => Ok(Distribution::ParetoNormal),
-            _ => Err(crate::spec::invalid(
+            _ => Err(crate::invalid(
                 "--distribution",
                 format!("`{s}` must be normal, pareto or paretonormal"),
             )),

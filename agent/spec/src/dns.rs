@@ -1,7 +1,7 @@
 //! DNS faults in user space: the mode, the name patterns users give (`--domain`), their wire
 //! form and the keys the datapath looks them up by, and a reference of the datapath's query
 //! matcher (for tests that hold the eBPF program to it, and for fuzzing).
-use crate::spec::{InvalidInput, invalid};
+use crate::{InvalidInput, invalid};
 use chaos_abi::{DNS_EXACT, DNS_NAME_MAX, DNS_WILDCARD, DnsKey, FNV_OFFSET, dns_hash_step};
 use serde::{Deserialize, Serialize};
 use std::fmt;
