@@ -423,7 +423,12 @@ impl Engine {
     /// Validates `spec`, applies it and returns once it is live in the kernel.
     pub fn apply(self: &Arc<Self>, spec: FaultSpec) -> Result<FaultStatus, EngineError> {
         spec.validate(self.config.max_duration)?;
-        let spec = crate::pod::resolve(spec, Path::new("/proc"))?;
+        let mut spec = crate::pod::resolve(spec, Path::new("/proc"))?;
+        if spec.kind.is_network() && spec.target.interface.is_empty() {
+            let ns = Netns::open(&spec.target.netns)?;
+            spec.target.interface = ns.run(crate::netns::default_route_interface)??;
+            tracing::info!(interface = %spec.target.interface, "no --interface: the default route's");
+        }
         match &spec.kind {
             // A cgroup that exists nowhere is bad input, refused before anything starts.
             FaultKind::Cpu { cgroup, .. } => {

@@ -141,3 +141,76 @@ impl Netns {
             .unwrap_or_else(|| PathBuf::from("(current)"))
     }
 }
+
+/// The interface of the calling thread's network namespace's default route (IPv4 first, then
+/// IPv6; the lowest metric wins), for a network fault that names none. Call it inside the
+/// target namespace ([`Netns::run`]): /proc/thread-self/net is the thread's own namespace.
+/// Without a default route, one line names the candidates.
+pub fn default_route_interface() -> Result<String, crate::spec::InvalidInput> {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{f}"));
+    let v4 = read("route").unwrap_or_default();
+    let v6 = read("ipv6_route").unwrap_or_default();
+    if let Some(i) = default_route(&v4, &v6) {
+        return Ok(i);
+    }
+    let candidates: Vec<String> = read("dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
+        .filter(|n| n != "lo")
+        .collect();
+    Err(crate::spec::invalid(
+        "--interface",
+        if candidates.is_empty() {
+            "is required: the target's network namespace has no default route and no interface but lo".to_string()
+        } else {
+            format!(
+                "is required: the target's network namespace has no default route; one of: lo, {}",
+                candidates.join(", ")
+            )
+        },
+    ))
+}
+
+/// The default route's interface in /proc/net/route and /proc/net/ipv6_route text.
+fn default_route(v4: &str, v6: &str) -> Option<String> {
+    // Iface Destination Gateway Flags RefCnt Use Metric Mask ... (hex, host order); RTF_UP = 1.
+    let ipv4 = v4.lines().skip(1).filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let up = u32::from_str_radix(f.get(3)?, 16).ok()? & 1 == 1;
+        (up && f.get(1)? == &"00000000" && f.get(7)? == &"00000000")
+            .then(|| Some((u32::from_str_radix(f.get(6)?, 16).ok()?, f[0].to_string())))?
+    });
+    // dest prefixlen src srclen nexthop metric refcnt use flags iface; RTF_REJECT = 0x200 marks
+    // the kernel's unreachable entries on lo.
+    let ipv6 = v6.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+        let default = f.first()?.bytes().all(|b| b == b'0') && f.get(1)? == &"00";
+        (default && flags & 0x200 == 0 && flags & 1 == 1 && f.get(9)? != &"lo")
+            .then(|| Some((u32::from_str_radix(f.get(5)?, 16).ok()?, f[9].to_string())))?
+    });
+    ipv4.min().or_else(|| ipv6.min()).map(|(_, iface)| iface)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_route;
+
+    #[test]
+    fn the_default_route_names_the_interface() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth1\t000A0A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                  wlan0\t00000000\t010A0A0A\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
+                  eth0\t00000000\t010B0A0A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route(v4, "").as_deref(), Some("eth0"));
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     veth6\n";
+        assert_eq!(default_route("Iface\n", v6).as_deref(), Some("veth6"));
+        // Only a link route and the unreachable entry on lo: no default.
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                  eth1\t000A0A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        assert_eq!(default_route(v4, &v6[..v6.find('\n').unwrap()]), None);
+    }
+}

@@ -618,9 +618,6 @@ impl Fault {
                 return Err("target.netns: a pod target uses each pod's own netns".into());
             }
         }
-        if network && t.interface.is_empty() {
-            return Err("target.interface: is required".into());
-        }
         // The agent holds the fault a little longer than the action: the runner reverts it on
         // time, and the agent's own deadline only backs that up.
         let spec = pb::FaultSpec {

@@ -903,3 +903,59 @@ fn the_classifier_matches_exactly_what_the_reference_matches() {
         "{dropped}/{checked}: too one-sided to tell"
     );
 }
+
+/// No --interface: the fault lands on the target namespace's default-route interface and the
+/// applied line says which; without a default route it is refused in one line naming the
+/// candidates, and nothing is applied.
+#[test]
+fn a_network_fault_without_interface_takes_the_default_route() {
+    let _g = serial();
+    let net = TestNet::new("defrt");
+    // A second interface the default route does not use, listed first, so picking the first
+    // interface rather than the route's would show.
+    sh_ok(&format!(
+        "set -e; ip -n {a} link add vx type veth peer name vy; ip -n {a} link set vx up",
+        a = net.a
+    ));
+    let journal = net.tmp.join("journal");
+    let none = chaosctl(&[
+        "inject",
+        "partition",
+        "--local",
+        "--netns",
+        &net.a,
+        "--duration",
+        "5s",
+    ]);
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert_eq!(none.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no default route") && err.contains("va") && err.contains("vx"),
+        "{err}"
+    );
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+
+    sh_ok(&format!(
+        "ip -n {} route add default via {B4} dev va",
+        net.a
+    ));
+    let child = LocalFault::start(
+        &["inject", "partition", "--netns", &net.a, "--interval", "0"],
+        &journal,
+    );
+    let applied: serde_json::Value = serde_json::from_str(&child.applied).expect("json");
+    assert_eq!(applied["interface"], "va", "{applied}");
+    assert!(
+        applied["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("partition on va (netns ")),
+        "{applied}"
+    );
+    let (_, got) = udp_probe(&net.a, &net.b, addr(B4, 5031), 200);
+    assert_eq!(got, 0, "the default route's interface was not cut");
+    assert!(stop(child).success());
+    assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
+    let (_, after) = udp_probe(&net.a, &net.b, addr(B4, 5032), 200);
+    assert_eq!(after, 200, "traffic still blocked after revert");
+}

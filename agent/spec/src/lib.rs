@@ -563,6 +563,7 @@ impl FromStr for Direction {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
     pub netns: NetnsRef,
+    /// Empty until the engine resolves it: the interface of the namespace's default route.
     pub interface: String,
     pub remote: Vec<Cidr>,
     pub local: Vec<Cidr>,
@@ -602,6 +603,151 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
 /// The longest delay (and jitter) a fault may ask for, in milliseconds: ten minutes.
 pub const MAX_DELAY_MS: f64 = 600_000.0;
+
+/// What a fault does and to what, for the lines a person reads during an incident:
+/// `loss 5% on eth0 (netns /run/netns/web) to 10.0.0.1/32 port 443 egress`. Every kind is
+/// matched here, so a new one cannot be printed as something else.
+impl fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |p: f64| format!("{}%", p);
+        match &self.kind {
+            FaultKind::Loss {
+                percent,
+                correlation,
+            } => {
+                write!(f, "loss {}", pct(*percent))?;
+                if *correlation > 0.0 {
+                    write!(f, " (correlation {})", pct(*correlation))?;
+                }
+            }
+            FaultKind::Corrupt { percent } => write!(f, "corrupt {}", pct(*percent))?,
+            FaultKind::Partition => write!(f, "partition")?,
+            FaultKind::Latency {
+                ms,
+                jitter_ms,
+                per_destination,
+                ..
+            } => {
+                write!(f, "latency {ms} ms")?;
+                if *jitter_ms > 0.0 {
+                    write!(f, " ± {jitter_ms} ms")?;
+                }
+                if !per_destination.is_empty() {
+                    write!(f, " (+{} per-destination delays)", per_destination.len())?;
+                }
+            }
+            FaultKind::Reorder { percent, ms, .. } => {
+                write!(f, "reorder {} (the rest delayed {ms} ms)", pct(*percent))?
+            }
+            FaultKind::Duplicate { percent } => write!(f, "duplicate {}", pct(*percent))?,
+            FaultKind::Bandwidth { bytes_per_sec } => {
+                write!(f, "bandwidth {}", format_rate(*bytes_per_sec))?
+            }
+            FaultKind::Dns { mode, domains } => {
+                write!(f, "dns {}", mode.name())?;
+                if !domains.is_empty() {
+                    let names: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+                    write!(f, " for {}", names.join(","))?;
+                }
+            }
+            FaultKind::Cpu {
+                workers,
+                load_percent,
+                cgroup,
+            } => return write!(f, "cpu {workers} x {} in {cgroup}", pct(*load_percent)),
+            FaultKind::ContainerKill {
+                pod,
+                container,
+                signal,
+            } => {
+                let which = if container.is_empty() {
+                    "every container"
+                } else {
+                    container
+                };
+                return write!(
+                    f,
+                    "container-kill SIG{} to {which} of pod {pod}",
+                    signal.name()
+                );
+            }
+        }
+        let t = &self.target;
+        write!(
+            f,
+            " on {}",
+            if t.interface.is_empty() {
+                "the default route's interface"
+            } else {
+                &t.interface
+            }
+        )?;
+        if t.netns != NetnsRef::Current {
+            write!(f, " ({})", t.netns)?;
+        }
+        let list = |v: &[Cidr]| {
+            v.iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !t.remote.is_empty() {
+            write!(f, " to {}", list(&t.remote))?;
+        }
+        if !t.local.is_empty() {
+            write!(f, " from {}", list(&t.local))?;
+        }
+        if t.protocol != Protocol::All {
+            write!(f, " {}", format!("{:?}", t.protocol).to_lowercase())?;
+        }
+        if !t.ports.is_empty() {
+            let ports: Vec<String> = t.ports.iter().map(|p| p.to_string()).collect();
+            write!(f, " port {}", ports.join(","))?;
+        }
+        write!(f, " {}", format!("{:?}", t.direction).to_lowercase())
+    }
+}
+
+/// `--ms`: milliseconds as a number, or with a unit people type anyway (`500ms`, `0.5s`).
+pub fn parse_millis(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (t, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .map(|v| v * scale)
+        .ok_or_else(|| format!("`{s}` is not a number of milliseconds (500, 500ms or 0.5s)"))
+}
+
+/// `--percent`: a number, with or without `%`.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    t.strip_suffix('%')
+        .unwrap_or(t)
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("`{s}` is not a percentage (5 or 5%)"))
+}
+
+/// A rate as people say it, in bits: 125000 bytes/s is `1 Mbit/s`.
+pub fn format_rate(bytes_per_sec: u64) -> String {
+    let bits = bytes_per_sec as f64 * 8.0;
+    let (v, unit) = [(1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")]
+        .into_iter()
+        .find(|(scale, _)| bits >= *scale)
+        .map_or((bits, "bit/s"), |(scale, u)| (bits / scale, u));
+    let v = (v * 100.0).round() / 100.0;
+    format!("{v} {unit}")
+}
 
 impl FaultSpec {
     /// Checks everything that can be checked without the kernel.
@@ -770,7 +916,8 @@ impl FaultSpec {
             ));
         }
         let iface = &self.target.interface;
-        if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
+        // Empty: the engine picks the default route's interface in the target namespace.
+        if iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
             return Err(invalid(
                 "--interface",
                 format!("`{iface}` is not an interface name"),
@@ -1089,6 +1236,24 @@ mod tests {
         let mut s = spec(FaultKind::Partition, DEFAULT_DURATION);
         s.target.interface = "a-very-long-interface-name".into();
         assert_eq!(s.validate(max).unwrap_err().field, "--interface");
+    }
+
+    #[test]
+    fn numbers_take_the_units_people_type() {
+        assert_eq!(parse_millis("500"), Ok(500.0));
+        assert_eq!(parse_millis("500ms"), Ok(500.0));
+        assert_eq!(parse_millis("0.5s"), Ok(500.0));
+        assert!(
+            parse_millis("5m")
+                .unwrap_err()
+                .contains("number of milliseconds")
+        );
+        assert!(parse_millis("inf").is_err());
+        assert_eq!(parse_percent("5%"), Ok(5.0));
+        assert_eq!(parse_percent("12.5"), Ok(12.5));
+        assert!(parse_percent("five").unwrap_err().contains("percentage"));
+        assert_eq!(format_rate(parse_rate("1mbps").unwrap()), "8 Mbit/s");
+        assert_eq!(format_rate(parse_rate("500kbit").unwrap()), "500 kbit/s");
     }
 
     #[test]

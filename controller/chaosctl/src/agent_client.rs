@@ -11,6 +11,17 @@ pub async fn connect(url: &str) -> Result<AgentClient<Channel>> {
         bail!("invalid --agent: `{url}` must be unix:///path/to/agent.sock");
     };
     let path = path.to_string();
+    // Dialled once first for a plain answer: tonic's error repeats the OS error and says nothing
+    // of what to do.
+    if let Err(e) = tokio::net::UnixStream::connect(&path).await {
+        let why = e.to_string();
+        let why = why
+            .split(" (os error")
+            .next()
+            .unwrap_or(&why)
+            .to_lowercase();
+        bail!("no chaos-agent at {url} ({why}): start chaos-agent, or add --local");
+    }
     // The URI is required by tonic but unused: the connector dials the socket.
     let channel = Endpoint::try_from("http://agent.local")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {

@@ -158,17 +158,17 @@ enum ExperimentsCommand {
 enum FaultArgs {
     /// Drop a percentage of matched packets, invisibly to the sender.
     Loss {
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_percent)]
         percent: f64,
         /// Lag-1 correlation of losses in percent (bursty loss).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = spec::parse_percent)]
         correlation: f64,
         #[command(flatten)]
         common: Common,
     },
     /// Flip one payload bit in a percentage of matched packets.
     Corrupt {
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_percent)]
         percent: f64,
         #[command(flatten)]
         common: Common,
@@ -181,13 +181,13 @@ enum FaultArgs {
     /// Delay matched packets (netem, egress).
     Latency {
         /// Added delay in milliseconds.
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_millis)]
         ms: f64,
         /// Random variation of the delay, plus or minus, in milliseconds.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = spec::parse_millis)]
         jitter_ms: f64,
         /// Correlation between successive delays, percent.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = spec::parse_percent)]
         correlation: f64,
         /// Shape of the jitter: normal, pareto or paretonormal (default: uniform).
         #[arg(long)]
@@ -204,19 +204,19 @@ enum FaultArgs {
     },
     /// Reorder: send a percentage of matched packets at once and delay the rest (netem, egress).
     Reorder {
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_percent)]
         percent: f64,
         /// The delay of the packets that are not sent at once.
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_millis)]
         ms: f64,
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = spec::parse_percent)]
         correlation: f64,
         #[command(flatten)]
         common: Common,
     },
     /// Send a percentage of matched packets twice (netem, egress).
     Duplicate {
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_percent)]
         percent: f64,
         #[command(flatten)]
         common: Common,
@@ -250,7 +250,7 @@ enum FaultArgs {
         #[arg(long, default_value_t = 1)]
         workers: u32,
         /// Percent of one CPU each worker holds (1-100).
-        #[arg(long)]
+        #[arg(long, value_parser = spec::parse_percent)]
         load: f64,
         /// The cgroup to run in, relative to the hierarchies' roots (e.g. /chaos/pod1).
         #[arg(long)]
@@ -297,7 +297,8 @@ enum FaultArgs {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Interface inside the target network namespace (with --namespace: eth0 unless given).
+    /// Interface inside the target network namespace (default: its default route's; with
+    /// --namespace: eth0 unless given).
     #[arg(long)]
     interface: Option<String>,
     /// Target netns by name (/run/netns/NAME) or path.
@@ -534,10 +535,8 @@ fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
         kind,
         target: Target {
             netns,
-            interface: c
-                .interface
-                .clone()
-                .ok_or_else(|| spec::invalid("--interface", "is required"))?,
+            // None: the engine picks the target namespace's default-route interface.
+            interface: c.interface.clone().unwrap_or_default(),
             remote: spec::parse_cidrs("--dest", &c.dest)?,
             local: spec::parse_cidrs("--source", &c.source)?,
             ports: spec::parse_ports(&c.port)?,
@@ -1003,6 +1002,7 @@ async fn inject_local(spec: FaultSpec, common: &Run, json: bool) -> Result<ExitC
         None,
         json!({
             "kind": fault.spec.kind.name(),
+            "summary": format!("{}, for {}", fault.spec, spec::format_duration(duration)),
             "interface": fault.spec.target.interface,
             "target": target_label(&(&fault.spec).into()),
             "backend": fault.backend,
@@ -1068,12 +1068,18 @@ async fn inject_remote(spec: FaultSpec, agent: &str, json: bool) -> Result<ExitC
     match client.apply(req).await {
         Ok(resp) => {
             let fault = resp.into_inner().fault.context("agent returned no fault")?;
+            // The agent's spec: what it chose (the default route's interface) included.
+            let summary = fault
+                .spec
+                .clone()
+                .and_then(|s| FaultSpec::try_from(s).ok())
+                .map(|s| format!("{s}, for {}", spec::format_duration(s.duration)));
             event(
                 json,
                 "applied",
                 &fault.id,
                 None,
-                json!({ "backend": fault.backend, "deadline_unix_ms": fault.deadline_unix_ms }),
+                json!({ "backend": fault.backend, "deadline_unix_ms": fault.deadline_unix_ms, "summary": summary }),
             );
             Ok(ExitCode::SUCCESS)
         }

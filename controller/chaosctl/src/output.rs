@@ -51,9 +51,15 @@ pub fn event(
         }
         println!("{v}");
     } else {
+        // What matters during an incident, restated: what the fault does, to what, how long.
+        let what = extra
+            .get("summary")
+            .and_then(|s| s.as_str())
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
         match counters {
-            Some(c) => println!("fault {id} {event} {}", counters_line(c)),
-            None => println!("fault {id} {event}"),
+            Some(c) => println!("fault {id} {event}{what} {}", counters_line(c)),
+            None => println!("fault {id} {event}{what}"),
         }
     }
 }
