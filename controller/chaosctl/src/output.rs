@@ -52,14 +52,28 @@ pub fn event(
         println!("{v}");
     } else {
         // What matters during an incident, restated: what the fault does, to what, how long.
-        let what = extra
-            .get("summary")
-            .and_then(|s| s.as_str())
-            .map(|s| format!(": {s}"))
-            .unwrap_or_default();
+        let text = |k: &str| extra.get(k).and_then(|s| s.as_str());
+        let what = match (text("summary"), text("reason")) {
+            (Some(s), _) => format!(": {s}"),
+            (None, Some(r)) => format!(" ({})", reason_words(r)),
+            (None, None) => String::new(),
+        };
         match counters {
             Some(c) => println!("fault {id} {event}{what} {}", counters_line(c)),
             None => println!("fault {id} {event}{what}"),
         }
+    }
+}
+
+/// Why a fault ended, as a person reads it.
+fn reason_words(reason: &str) -> &str {
+    match reason {
+        "deadline" => "its deadline",
+        "duration" => "its --duration",
+        "sigint" => "Ctrl-C",
+        "sigterm" => "SIGTERM",
+        "revert" => "reverted",
+        "lease" => "the controller's lease ran out",
+        other => other,
     }
 }
