@@ -418,7 +418,14 @@ fn the_cidr_limit_is_named_and_a_full_table_refuses_cleanly() {
     assert_eq!(list(&agent).len(), 1, "the refused fault is listed");
     let o = agent.chaosctl(&["revert", "--all"]);
     assert!(o.status.success(), "revert: {}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // The reverted line restates what went.
+    assert!(out.contains(" reverted: ") && out.contains(" on "), "{out}");
     assert!(list(&agent).is_empty());
+    let o = agent.chaosctl(&["revert", "--all"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "revert: {}", stderr(&o));
+    assert_eq!(out.trim(), "no active faults: nothing to revert");
     assert!(net.residue().is_empty(), "residue: {:?}", net.residue());
 }
 

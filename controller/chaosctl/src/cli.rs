@@ -1169,13 +1169,22 @@ async fn revert(agent: &str, id: Option<String>, all: bool, json: bool) -> Resul
     };
     match client.revert(req).await {
         Ok(resp) => {
-            for f in resp.into_inner().reverted {
+            let reverted = resp.into_inner().reverted;
+            if reverted.is_empty() && !json {
+                println!("no active faults: nothing to revert");
+            }
+            for f in reverted {
+                let summary = f
+                    .spec
+                    .clone()
+                    .and_then(|s| FaultSpec::try_from(s).ok())
+                    .map(|s| s.to_string());
                 event(
                     json,
                     "reverted",
                     &f.id,
                     Some(&fault_counters(&f)),
-                    json!({}),
+                    json!({ "summary": summary }),
                 );
             }
             Ok(ExitCode::SUCCESS)
