@@ -1121,13 +1121,24 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
     } else if faults.is_empty() {
         println!("no active faults");
     } else {
+        let now = chaos_agent::engine::unix_ms(std::time::SystemTime::now()) as i64;
         for f in &faults {
-            let target = f.spec.as_ref().map_or("?".into(), target_label);
+            // The whole fault as the spec says it; the terse label if it does not convert.
+            let what = f
+                .spec
+                .clone()
+                .and_then(|s| FaultSpec::try_from(s).ok())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| {
+                    let target = f.spec.as_ref().map_or("?".into(), target_label);
+                    format!("{} on {target}", kind_name(f))
+                });
+            let left = Duration::from_millis(f.deadline_unix_ms.saturating_sub(now).max(0) as u64);
             println!(
-                "{} {} on {target} ({}) {}",
+                "{} {what} ({}), {} left, {}",
                 f.id,
-                kind_name(f),
                 f.backend,
+                spec::format_duration(Duration::from_secs(left.as_secs())),
                 output::counters_line(&fault_counters(f))
             );
         }
