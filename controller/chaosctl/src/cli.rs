@@ -30,27 +30,43 @@ use tokio::signal::unix::{SignalKind, signal};
 )]
 pub struct Cli {
     /// The chaos-agent to talk to.
-    #[arg(long, global = true, env = "CHAOS_AGENT")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CHAOS_AGENT"
+    )]
     agent: Option<String>,
     /// Print machine-readable JSON (one object per line).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// A chaos-controller to go through (https://HOST:PORT), instead of one agent.
-    #[arg(long, global = true, env = "CHAOS_CONTROLLER")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CHAOS_CONTROLLER"
+    )]
     controller: Option<String>,
     /// Directory with ca.pem and user-<user>.pem / -key.pem for the controller.
-    #[arg(long, global = true, env = "CHAOS_TLS_DIR")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CHAOS_TLS_DIR"
+    )]
     tls_dir: Option<PathBuf>,
     /// Whose certificate to use (user-<NAME>.pem in --tls-dir); the audit log names it.
     #[arg(
         long = "as",
         global = true,
+        help_heading = "Global options",
         env = "CHAOS_USER",
         default_value = "admin"
     )]
     user: String,
     /// Talk to the controller without TLS; allowed only on loopback.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
