@@ -433,6 +433,11 @@ blast-radius: {max-faults: 2, max-duration: 1m}
         assert_eq!(f[0].selector.agents, vec!["a1".to_string()]);
         assert_eq!(f[0].duration, Some(std::time::Duration::from_secs(5)));
         assert!(e.during.stop_on_violation);
+        // No interface: the agent takes its namespace's default-route interface.
+        let text = GOOD.replace("interface: eth0, ", "");
+        let e = Experiment::parse(&text, "exp.yaml").unwrap();
+        let t = model::faults(&e.method)[0].spec.target.clone().unwrap();
+        assert_eq!(t.interface, "");
     }
 
     #[test]
@@ -529,11 +534,6 @@ blast-radius: {max-faults: 2, max-duration: 1m}
                 "p99-ms:",
                 "p99ms:",
                 "exp.yaml:5:5: steady-state-hypothesis.probes: tolerance.p99ms: unknown measure for a http probe; it has p50-ms",
-            ),
-            (
-                "      target: {agents: [a1], interface: eth0, dest: [10.0.0.1/32]}",
-                "      target: {agents: [a1], dest: [10.0.0.1/32]}",
-                "exp.yaml:9:5: method[0]: fault.target.interface: is required",
             ),
             (
                 "dest: [10.0.0.1/32]",
