@@ -1,5 +1,6 @@
 //! The chaos fault engine, used in-process by `chaosctl --local` and served by the `chaos-agent`
 //! daemon. See ARCHITECTURE.md for the map.
+pub mod admin;
 pub mod caps;
 pub mod cgroup;
 pub mod datapath;
@@ -9,7 +10,6 @@ pub mod fleet_client;
 pub mod fuzzing;
 pub mod heartbeat;
 pub mod journal;
-pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod null_backend;

@@ -1,9 +1,9 @@
 //! chaos-agent: serves the fault engine over gRPC on a unix socket and, with --controller, joins
 //! a controller's fleet.
 use anyhow::{Context, Result, bail};
+use chaos_agent::admin::{self, Admin, Text};
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::fleet_client::{self, FleetConfig, FleetState};
-use chaos_agent::metrics::{self, Text};
 use chaos_agent::null_backend::NullAgent;
 use chaos_agent::server::AgentService;
 use chaos_agent::tls::{self, TlsFiles};
@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -63,7 +64,8 @@ struct Args {
     /// Talk to the controller without TLS; allowed only on loopback.
     #[arg(long)]
     insecure_plaintext: bool,
-    /// Serve Prometheus metrics on this address (ip:port).
+    /// Serve the admin endpoint on this address (ip:port): /metrics (Prometheus), /live and
+    /// /ready (the probes' reasons in the body).
     #[arg(long)]
     metrics: Option<SocketAddr>,
 }
@@ -209,11 +211,17 @@ async fn serve<A: Agent>(
         tracing::info!(controller = %cfg.url, node = %cfg.node_name, "joining the controller");
         fleet_client::spawn(agent.clone(), cfg)
     });
+    let serving = Arc::new(AtomicBool::new(false));
     if let Some(addr) = args.metrics {
-        let local = metrics::serve(addr, render(agent.clone(), state.clone()))
+        let admin = Admin {
+            metrics: render(agent.clone(), state.clone()),
+            live: live(agent.clone()),
+            ready: ready(serving.clone(), state.clone()),
+        };
+        let local = admin::serve(addr, admin)
             .await
             .with_context(|| format!("--metrics {addr}"))?;
-        tracing::info!(%local, "metrics");
+        tracing::info!(%local, "admin endpoint: /metrics, /live, /ready");
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -228,6 +236,7 @@ async fn serve<A: Agent>(
     };
     let Some(socket) = socket else {
         tracing::info!(backend = %args.backend, "chaos-agent ready (no unix socket)");
+        serving.store(true, Ordering::SeqCst);
         shutdown.await;
         return Ok(());
     };
@@ -243,6 +252,7 @@ async fn serve<A: Agent>(
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("bind {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), attach = attach.unwrap_or("none"), backend = %args.backend, "chaos-agent ready");
+    serving.store(true, Ordering::SeqCst);
     let served = tonic::transport::Server::builder()
         .add_service(AgentServer::from_arc(agent))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
@@ -252,8 +262,41 @@ async fn serve<A: Agent>(
     served
 }
 
+/// /live: the engine answers (its state lock is not wedged). A kubelet that restarts a wedged
+/// agent ends its faults: the kernel voids them when the heartbeat stops.
+fn live<A: Agent>(agent: Arc<A>) -> admin::Check {
+    Arc::new(move || {
+        let agent = agent.clone();
+        Box::pin(async move {
+            match agent.list(tonic::Request::new(pb::ListRequest {})).await {
+                Ok(r) => Ok(format!(
+                    "live: {} faults active",
+                    r.into_inner().faults.len()
+                )),
+                Err(e) => Err(format!("the engine does not answer: {}", e.message())),
+            }
+        })
+    })
+}
+
+/// /ready: the engine has started (leftovers reclaimed) and the agent serves its API. The
+/// controller link is reported, not required: an agent that cannot reach its controller still
+/// serves the node's socket, and a controller outage must not stall a DaemonSet rollout.
+fn ready(serving: Arc<AtomicBool>, state: Option<Arc<FleetState>>) -> admin::Check {
+    Arc::new(move || {
+        let up = serving.load(Ordering::SeqCst);
+        let link = match state.as_deref() {
+            Some(s) if s.connected() => "; controller connected",
+            Some(_) => "; controller not connected",
+            None => "",
+        };
+        let text = format!("{}{link}", if up { "ready" } else { "starting" });
+        Box::pin(async move { if up { Ok(text) } else { Err(text) } })
+    })
+}
+
 /// /metrics: faults and their counters as the Agent API lists them, and the controller link.
-fn render<A: Agent>(agent: Arc<A>, state: Option<Arc<FleetState>>) -> metrics::Render {
+fn render<A: Agent>(agent: Arc<A>, state: Option<Arc<FleetState>>) -> admin::Render {
     Arc::new(move || {
         let (agent, state) = (agent.clone(), state.clone());
         Box::pin(async move {

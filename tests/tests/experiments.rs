@@ -92,6 +92,31 @@ impl Bed {
             bed.agents.push(p);
         }
         bed.wait_agents(2);
+        // The probes a kubelet would run, with their reasons.
+        for i in 1..=2 {
+            let addr = format!("{}:9464", Site::app_ip(i));
+            let ns = &bed.site.apps[i - 1];
+            // The controller lists an agent a moment before the agent reads the Join's answer.
+            let started = Instant::now();
+            let want = Some((200, "ready; controller connected\n".to_string()));
+            let mut ready = apps::http_get(ns, &addr, "/ready");
+            while ready != want && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(100));
+                ready = apps::http_get(ns, &addr, "/ready");
+            }
+            assert_eq!(ready, want, "agent {i} /ready");
+            let live = apps::http_get(ns, &addr, "/live");
+            assert!(
+                live.as_ref()
+                    .is_some_and(|(s, b)| *s == 200 && b.starts_with("live: ")),
+                "agent {i} /live: {live:?}"
+            );
+        }
+        assert_eq!(
+            apps::http_get(&bed.site.hub, "127.0.0.1:9470", "/ready"),
+            Some((200, "ready: listening\n".to_string())),
+            "controller /ready"
+        );
         if prometheus {
             let targets = vec![
                 "127.0.0.1:9470".to_string(),

@@ -1,6 +1,6 @@
 //! chaos-controller: agents join it, chaosctl drives it, experiments run on it.
 use anyhow::{Context, Result, bail};
-use chaos_agent::metrics::{self, Text};
+use chaos_agent::admin::{self, Admin, Text};
 use chaos_agent::tls::{self, TlsFiles};
 use chaos_controller::audit::Audit;
 use chaos_controller::experiments::ExperimentsService;
@@ -15,7 +15,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
 
@@ -41,7 +41,8 @@ struct Args {
     /// Append one JSON line per apply and revert here.
     #[arg(long)]
     audit_log: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (ip:port).
+    /// Serve the admin endpoint on this address (ip:port): /metrics (Prometheus), /live and
+    /// /ready (ready once this process leads and listens; a standby is live, not ready).
     #[arg(long)]
     metrics: Option<SocketAddr>,
     /// Where the history of experiment runs is kept.
@@ -115,14 +116,20 @@ async fn run(args: Args) -> Result<()> {
     let runs = args.state_dir.join("runs");
     let history =
         Arc::new(History::open(&runs).with_context(|| format!("--state-dir: {}", runs.display()))?);
+    let listening = Arc::new(AtomicBool::new(false));
     if let Some(m) = args.metrics {
-        let local = metrics::serve(m, render(fleet.clone()))
+        let admin = Admin {
+            metrics: render(fleet.clone()),
+            live: admin::always("live"),
+            ready: ready(listening.clone()),
+        };
+        let local = admin::serve(m, admin)
             .await
             .with_context(|| format!("--metrics {m}"))?;
-        tracing::info!(%local, "metrics");
+        tracing::info!(%local, "admin endpoint: /metrics, /live, /ready");
     }
     // Only the leader listens: a Service (and the agents behind it) reach no one else. Metrics
-    // (the liveness probe) are served before, so a standby stays alive while it waits.
+    // (and /live) are served before, so a standby stays alive while it waits.
     let kube = match args.kubernetes {
         true => Some(kubernetes::lead().await?),
         false => None,
@@ -138,6 +145,7 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
     tracing::info!(listen = %args.listen, local = %listener.local_addr()?, lease = ?args.lease, nofile, "chaos-controller ready");
+    listening.store(true, Ordering::SeqCst);
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -228,7 +236,21 @@ fn listen_config(args: &Args) -> Result<(SocketAddr, Option<Arc<rustls::ServerCo
     Ok((addr, tls))
 }
 
-fn render(fleet: Arc<Fleet>) -> metrics::Render {
+/// /ready: this process leads (on Kubernetes) and listens, so a Service sends agents and users
+/// to it and to no standby.
+fn ready(listening: Arc<AtomicBool>) -> admin::Check {
+    Arc::new(move || {
+        let up = listening.load(Ordering::SeqCst);
+        Box::pin(async move {
+            match up {
+                true => Ok("ready: listening".to_string()),
+                false => Err("not listening: waiting to lead, or starting".to_string()),
+            }
+        })
+    })
+}
+
+fn render(fleet: Arc<Fleet>) -> admin::Render {
     Arc::new(move || {
         let fleet = fleet.clone();
         Box::pin(async move {
