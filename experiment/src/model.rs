@@ -8,6 +8,7 @@ use crate::driver::{AgentSelector, PodSelector};
 use crate::tolerance::Tolerance;
 use chaos_proto::agent::v1 as pb;
 use chaos_spec::FaultSpec;
+use chaos_spec::params::{self, Kind, Params};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -304,136 +305,55 @@ pub struct Fault {
     raw: Box<RawFault>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawFault {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss: Option<Loss>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub corrupt: Option<Percent>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition: Option<Empty>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency: Option<Latency>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<Bandwidth>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reorder: Option<Reorder>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate: Option<Percent>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns: Option<Dns>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<Cpu>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_kill: Option<PodKill>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_kill: Option<ContainerKill>,
-    #[serde(default)]
-    pub target: RawTarget,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration: Option<Dur>,
+/// Declares the fault kinds an action may name, once: the file's keys, [`RawFault::kinds`] and
+/// [`RawFault::KIND_NAMES`] all come from this list, and each kind's parameters are the type
+/// `chaosctl inject KIND` takes its flags from.
+macro_rules! raw_fault {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct RawFault {
+            pub name: String,
+            $(
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+            #[serde(default)]
+            pub target: RawTarget,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub duration: Option<Dur>,
+        }
+
+        impl RawFault {
+            /// Every kind's name, as a file spells it.
+            pub const KIND_NAMES: &'static [&'static str] = &[$(<$ty as Kind>::NAME),*];
+
+            /// The kinds this action names, with their parameters (one, when it is valid).
+            pub fn kinds(&self) -> Vec<(&'static str, &dyn Params)> {
+                let mut named: Vec<(&'static str, &dyn Params)> = Vec::new();
+                $(
+                    if let Some(k) = &self.$field {
+                        named.push((<$ty as Kind>::NAME, k));
+                    }
+                )*
+                named
+            }
+        }
+    };
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Empty {}
-
-/// `{}`. Kubernetes refuses `additionalProperties: false` in a CRD (it prunes unknown fields
-/// instead), which is what schemars says for a struct with no fields that denies unknown ones.
-impl JsonSchema for Empty {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Empty".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "object"})
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Loss {
-    pub percent: f64,
-    #[serde(default)]
-    pub correlation: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Percent {
-    pub percent: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Latency {
-    pub ms: f64,
-    #[serde(default)]
-    pub jitter_ms: f64,
-    #[serde(default)]
-    pub correlation: f64,
-    #[serde(default)]
-    pub distribution: String,
-    #[serde(default)]
-    pub backend: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Bandwidth {
-    pub rate: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Reorder {
-    pub percent: f64,
-    pub ms: f64,
-    #[serde(default)]
-    pub correlation: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Dns {
-    pub mode: String,
-    #[serde(default)]
-    pub domains: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Cpu {
-    pub workers: u32,
-    pub load: f64,
-    #[serde(default)]
-    pub cgroup: Option<String>,
-    #[serde(default)]
-    pub pid: Option<u32>,
-}
-
-/// Deletes the chosen pods through the API (Kubernetes mode); the action's duration is how
-/// long the run waits for them to be replaced and Ready (measured as the fault's `ready_ms`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct PodKill {
-    /// Unset: each pod's own terminationGracePeriodSeconds; 0: force.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grace_period_seconds: Option<u32>,
-}
-
-/// Signals a container's processes in each chosen pod, through the agent on its node; the
-/// pod stays (its sandbox is spared), so the container restarts under its restartPolicy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ContainerKill {
-    /// The container's name in the pod; every container when omitted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-    /// KILL (default), TERM, INT or HUP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
+raw_fault! {
+    loss: params::Loss,
+    corrupt: params::Corrupt,
+    partition: params::Partition,
+    latency: params::Latency,
+    bandwidth: params::Bandwidth,
+    reorder: params::Reorder,
+    duplicate: params::Duplicate,
+    dns: params::Dns,
+    cpu: params::Cpu,
+    pod_kill: params::PodKill,
+    container_kill: params::ContainerKill,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -484,128 +404,92 @@ impl TryFrom<RawFault> for Fault {
 
 impl Fault {
     fn from_raw(r: RawFault) -> Result<Self, String> {
-        use pb::fault_spec::Kind;
-        let mut kinds: Vec<(&str, Kind)> = Vec::new();
-        if let Some(l) = &r.loss {
-            kinds.push((
-                "loss",
-                Kind::Loss(pb::Loss {
-                    percent: l.percent,
-                    correlation: l.correlation,
-                }),
-            ));
+        let t = &r.target;
+        // With a pod target, "each chosen pod" stands where a node-level fault names one.
+        let mut placed = r.clone();
+        if t.pods.is_some() {
+            if let Some(c) = &mut placed.cpu {
+                if !c.target.is_empty() {
+                    return Err("cpu: cgroup, pid and pod-uid exclude target.pods".into());
+                }
+                c.target.pod_uid = Some(ANY_POD.into());
+            }
+            if let Some(c) = &mut placed.container_kill {
+                if c.pod_uid.is_some() || c.container_id.is_some() {
+                    return Err(
+                        "container-kill: pod-uid and container-id are for a node; target.pods chooses the pods"
+                            .into(),
+                    );
+                }
+                c.pod_uid = Some(ANY_POD.into());
+            }
         }
-        if let Some(c) = &r.corrupt {
-            kinds.push(("corrupt", Kind::Corrupt(pb::Corrupt { percent: c.percent })));
-        }
-        if r.partition.is_some() {
-            kinds.push(("partition", Kind::Partition(pb::Partition {})));
-        }
-        if let Some(l) = &r.latency {
-            kinds.push((
-                "latency",
-                Kind::Latency(pb::Latency {
-                    ms: l.ms,
-                    jitter_ms: l.jitter_ms,
-                    correlation: l.correlation,
-                    distribution: l.distribution.clone(),
-                    backend: l.backend.clone(),
-                    dest_ms: vec![],
-                }),
-            ));
-        }
-        if let Some(b) = &r.bandwidth {
-            kinds.push((
-                "bandwidth",
-                Kind::Bandwidth(pb::Bandwidth {
-                    rate: b.rate.clone(),
-                }),
-            ));
-        }
-        if let Some(o) = &r.reorder {
-            kinds.push((
-                "reorder",
-                Kind::Reorder(pb::Reorder {
-                    percent: o.percent,
-                    ms: o.ms,
-                    correlation: o.correlation,
-                }),
-            ));
-        }
-        if let Some(d) = &r.duplicate {
-            kinds.push((
-                "duplicate",
-                Kind::Duplicate(pb::Duplicate { percent: d.percent }),
-            ));
-        }
-        if let Some(d) = &r.dns {
-            kinds.push((
-                "dns",
-                Kind::Dns(pb::Dns {
-                    mode: d.mode.clone(),
-                    domains: d.domains.clone(),
-                }),
-            ));
-        }
-        if let Some(c) = &r.cpu {
-            kinds.push((
-                "cpu",
-                Kind::Cpu(pb::Cpu {
-                    workers: c.workers,
-                    load_percent: c.load,
-                    cgroup_target: match (&c.cgroup, c.pid, &r.target.pods) {
-                        (Some(p), None, None) => Some(pb::cpu::CgroupTarget::Cgroup(p.clone())),
-                        (None, Some(pid), None) => Some(pb::cpu::CgroupTarget::Pid(pid)),
-                        (None, None, Some(_)) => {
-                            Some(pb::cpu::CgroupTarget::PodUid(ANY_POD.into()))
-                        }
-                        (None, None, None) => {
-                            return Err("cpu: needs cgroup, pid or target.pods".into());
-                        }
-                        _ => {
-                            return Err(
-                                "cpu: cgroup, pid and target.pods exclude each other".into()
-                            );
-                        }
-                    },
-                }),
-            ));
-        }
-        if let Some(p) = &r.pod_kill {
-            kinds.push((
-                "pod-kill",
-                Kind::PodKill(pb::PodKill {
-                    grace_period_seconds: p.grace_period_seconds.map(i64::from),
-                }),
-            ));
-        }
-        if let Some(c) = &r.container_kill {
-            kinds.push((
-                "container-kill",
-                Kind::ContainerKill(pb::ContainerKill {
-                    pod_uid: ANY_POD.into(),
-                    container_id: String::new(),
-                    signal: c.signal.clone().unwrap_or_default(),
-                    container_name: c.container.clone().unwrap_or_default(),
-                }),
-            ));
-        }
-        let (kind, k) = match kinds.len() {
-            1 => kinds.remove(0),
-            0 => return Err("needs one fault kind: loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu, pod-kill or container-kill".into()),
-            _ => {
+        let named = placed.kinds();
+        let (kind, params) = match named.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(format!(
+                    "needs one fault kind: {}",
+                    RawFault::KIND_NAMES.join(", ")
+                ));
+            }
+            many => {
                 return Err(format!(
                     "has {} fault kinds ({}); one action applies one kind",
-                    kinds.len(),
-                    kinds.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    many.len(),
+                    many.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 ));
             }
         };
-        let t = &r.target;
-        let network = !matches!(kind, "cpu" | "pod-kill" | "container-kill");
-        if matches!(kind, "pod-kill" | "container-kill") && t.pods.is_none() {
-            return Err(format!("target.pods: {kind} needs a pod target"));
-        }
+        // The agent's errors name its flags; say where that is in this file instead.
+        let place = |field: &str| {
+            let f = field.trim_start_matches("--");
+            match f {
+                "dest" | "source" | "port" | "ports" | "protocol" | "direction" | "interface"
+                | "netns" | "force" => format!("target.{f}"),
+                "duration" => "duration".to_string(),
+                _ => format!("{kind}.{f}"),
+            }
+        };
+        let needs_pods = || format!("target.pods: {kind} needs a pod target");
+        // pod-kill never reaches an agent: the controller does it through the API.
+        let (k, network) = match &placed.pod_kill {
+            Some(p) => {
+                if t.pods.is_none() {
+                    return Err(needs_pods());
+                }
+                let k = pb::fault_spec::Kind::PodKill(pb::PodKill {
+                    grace_period_seconds: p.grace_period_seconds.map(i64::from),
+                });
+                (k, false)
+            }
+            None => {
+                let domain = params
+                    .kind()
+                    .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
+                let network = domain.is_network();
+                let mut k = pb::FaultSpec::from(&FaultSpec {
+                    kind: domain,
+                    target: chaos_spec::Target::none(),
+                    duration: Duration::ZERO,
+                })
+                .kind
+                .ok_or_else(|| format!("{kind}: has no wire form"))?;
+                // On a cluster the controller finds the container by name in each pod.
+                if let (pb::fault_spec::Kind::ContainerKill(ck), Some(c)) =
+                    (&mut k, &placed.container_kill)
+                {
+                    if t.pods.is_none() && c.container.is_some() {
+                        return Err(
+                            "container-kill.container: names a container in a chosen pod; needs target.pods (on a node give container-id)"
+                                .into(),
+                        );
+                    }
+                    ck.container_name = c.container.clone().unwrap_or_default();
+                }
+                (k, network)
+            }
+        };
         if let Some(p) = &t.pods {
             p.check().map_err(|e| format!("target.{e}"))?;
             if !t.agents.is_empty() || !t.labels.is_empty() {
@@ -640,18 +524,7 @@ impl Fault {
                 .map(|d| d.0.as_millis() as u64 + AGENT_DEADLINE_SLACK.as_millis() as u64)
                 .unwrap_or(0),
         };
-        // The agent's errors name its flags; say where that is in this file instead.
-        let place = |field: &str| {
-            let f = field.trim_start_matches("--");
-            match f {
-                "dest" | "source" | "port" | "ports" | "protocol" | "direction" | "interface"
-                | "netns" | "force" => format!("target.{f}"),
-                "duration" => "duration".to_string(),
-                _ => format!("{kind}.{f}"),
-            }
-        };
-        // pod-kill never reaches an agent: the controller does it through the API.
-        if kind != "pod-kill" {
+        if placed.pod_kill.is_none() {
             let parsed = FaultSpec::try_from(spec.clone())
                 .map_err(|e| format!("{}: {}", place(e.field), e.rule))?;
             parsed

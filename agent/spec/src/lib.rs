@@ -1,10 +1,11 @@
 //! chaos-spec: what a fault is, independent of how it is applied: kind, target, duration,
 //! counters. Parsing and validation of user input live here, once, for the CLI, experiment
 //! files and the gRPC boundary alike. Deliberately light (serde, thiserror and the map ABI's
-//! constants; no aya, tokio or tonic), so the experiment model and the CLI need not link the
+//! constants, clap and schemars for [`params`]; no aya, tokio or tonic), so the experiment model and the CLI need not link the
 //! engine to speak about faults.
 pub mod dns;
 pub mod netem_dist;
+pub mod params;
 pub mod pod;
 
 pub use crate::netem_dist::Distribution;
