@@ -33,8 +33,14 @@ impl Capabilities {
     }
 }
 
-/// The fault kinds this build serves through the eBPF datapath.
-pub const EBPF_KINDS: &[&str] = &["loss", "corrupt", "partition", "dns"];
+/// The kinds a backend runs, from the table of kinds.
+fn kinds_on(backend: &str) -> Vec<&'static str> {
+    crate::spec::KINDS
+        .iter()
+        .filter(|k| k.backends.contains(&backend))
+        .map(|k| k.name)
+        .collect()
+}
 
 /// Whether the kernel has a qdisc (or clsact) kind, probed in a throwaway namespace of its own:
 /// a kind that exists leaves its qdisc on that namespace's `lo`, which would make the next
@@ -148,7 +154,7 @@ pub fn detect() -> Capabilities {
     let ebpf = |name, present: bool, missing: &str| Backend {
         name,
         available: present,
-        fault_kinds: EBPF_KINDS.to_vec(),
+        fault_kinds: kinds_on(name),
         reason: if present {
             String::new()
         } else {
@@ -175,7 +181,7 @@ pub fn detect() -> Capabilities {
     caps.backends.push(Backend {
         name: "htb+netem",
         available: has_netem && has_htb,
-        fault_kinds: vec!["latency"],
+        fault_kinds: kinds_on("htb+netem"),
         reason: if !has_htb {
             missing("sch_htb")
         } else if !has_netem {
@@ -187,7 +193,7 @@ pub fn detect() -> Capabilities {
     caps.backends.push(Backend {
         name: "htb",
         available: has_htb,
-        fault_kinds: vec!["bandwidth"],
+        fault_kinds: kinds_on("htb"),
         reason: if has_htb {
             String::new()
         } else {
@@ -198,7 +204,7 @@ pub fn detect() -> Capabilities {
     caps.backends.push(Backend {
         name: "edt/fq",
         available: has_fq,
-        fault_kinds: vec!["latency (constant, per destination)"],
+        fault_kinds: kinds_on("edt/fq"),
         reason: if has_fq {
             String::new()
         } else {
@@ -207,14 +213,26 @@ pub fn detect() -> Capabilities {
     });
     // CPU stress needs somewhere to put its workers: any mounted cgroup hierarchy.
     let cgroups = caps.has("cgroup-v1") || caps.has("cgroup-v2");
+    let no_cgroups = "no cgroup hierarchy is mounted (mount cgroup2 on /sys/fs/cgroup)";
     caps.backends.push(Backend {
         name: "stress",
         available: cgroups,
-        fault_kinds: vec!["cpu"],
+        fault_kinds: kinds_on("stress"),
         reason: if cgroups {
             String::new()
         } else {
-            "no cgroup hierarchy is mounted (mount cgroup2 on /sys/fs/cgroup)".to_string()
+            no_cgroups.to_string()
+        },
+    });
+    // Signals reach a pod's containers through the pod's cgroup.
+    caps.backends.push(Backend {
+        name: "signal",
+        available: cgroups,
+        fault_kinds: kinds_on("signal"),
+        reason: if cgroups {
+            String::new()
+        } else {
+            no_cgroups.to_string()
         },
     });
     caps

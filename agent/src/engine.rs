@@ -743,11 +743,19 @@ impl Engine {
         let (spec, deadline, slot) = (d.spec.clone(), d.deadline, d.slot);
         let started = std::time::Instant::now();
         let netns = Netns::open(&spec.target.netns)?;
-        if let FaultKind::ContainerKill { .. } = spec.kind {
-            return self.install_kill(st, id, spec, deadline, netns);
-        }
-        if !spec.kind.is_network() {
-            return self.install_cpu(st, id, spec, deadline, netns);
+        match spec.kind {
+            FaultKind::ContainerKill { .. } => {
+                return self.install_kill(st, id, spec, deadline, netns);
+            }
+            FaultKind::Cpu { .. } => return self.install_cpu(st, id, spec, deadline, netns),
+            FaultKind::Loss { .. }
+            | FaultKind::Corrupt { .. }
+            | FaultKind::Partition
+            | FaultKind::Latency { .. }
+            | FaultKind::Bandwidth { .. }
+            | FaultKind::Reorder { .. }
+            | FaultKind::Duplicate { .. }
+            | FaultKind::Dns { .. } => {}
         }
         let sites = self.plan_sites(st, id, &spec, &netns)?;
         // The interface's table if this engine has one there already: then the fault is a row

@@ -73,7 +73,7 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
             None => {
                 return Err(invalid(
                     "kind",
-                    "must be one of loss, corrupt, partition, latency, bandwidth, reorder, duplicate, dns, cpu",
+                    format!("must be one of {}", chaos_spec::kind_names()),
                 ));
             }
         };

@@ -307,39 +307,114 @@ impl FromStr for DestDelay {
     }
 }
 
-impl FaultKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            FaultKind::Loss { .. } => "loss",
-            FaultKind::Corrupt { .. } => "corrupt",
-            FaultKind::Partition => "partition",
-            FaultKind::Latency { .. } => "latency",
-            FaultKind::Bandwidth { .. } => "bandwidth",
-            FaultKind::Reorder { .. } => "reorder",
-            FaultKind::Duplicate { .. } => "duplicate",
-            FaultKind::Dns { .. } => "dns",
-            FaultKind::Cpu { .. } => "cpu",
-            FaultKind::ContainerKill { .. } => "container-kill",
+/// One row of the table of kinds: what `doctor`, error texts, the model and the CLI say about a
+/// kind, declared once. [`FaultKind::info`] maps every variant to its row (an exhaustive
+/// match), and [`KINDS`] lists the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KindInfo {
+    pub name: &'static str,
+    /// Acts on an interface's traffic (takes a [`Target`]), or on the host.
+    pub network: bool,
+    /// Needs a qdisc tree on the interface (the others act in the classifier or on the host).
+    pub shapes: bool,
+    /// The backends, as `doctor` names them, that can run it; any one available will do.
+    pub backends: &'static [&'static str],
+}
+
+const EBPF: &[&str] = &["ebpf/tcx", "ebpf/clsact"];
+
+pub mod kinds {
+    use super::{EBPF, KindInfo};
+    const fn net(name: &'static str, backends: &'static [&'static str]) -> KindInfo {
+        KindInfo {
+            name,
+            network: true,
+            shapes: false,
+            backends,
         }
+    }
+    const fn shaping(name: &'static str, backends: &'static [&'static str]) -> KindInfo {
+        KindInfo {
+            name,
+            network: true,
+            shapes: true,
+            backends,
+        }
+    }
+    const fn host(name: &'static str, backends: &'static [&'static str]) -> KindInfo {
+        KindInfo {
+            name,
+            network: false,
+            shapes: false,
+            backends,
+        }
+    }
+    pub const LOSS: KindInfo = net("loss", EBPF);
+    pub const CORRUPT: KindInfo = net("corrupt", EBPF);
+    pub const PARTITION: KindInfo = net("partition", EBPF);
+    pub const DNS: KindInfo = net("dns", EBPF);
+    pub const LATENCY: KindInfo = shaping("latency", &["htb+netem", "edt/fq"]);
+    pub const REORDER: KindInfo = shaping("reorder", &["htb+netem"]);
+    pub const DUPLICATE: KindInfo = shaping("duplicate", &["htb+netem"]);
+    pub const BANDWIDTH: KindInfo = shaping("bandwidth", &["htb"]);
+    pub const CPU: KindInfo = host("cpu", &["stress"]);
+    pub const CONTAINER_KILL: KindInfo = host("container-kill", &["signal"]);
+    /// Not an agent's: chaos-controller deletes pods through the Kubernetes API.
+    pub const POD_KILL: KindInfo = host("pod-kill", &["kubernetes"]);
+}
+
+/// Every kind an agent runs, in the order help and `doctor` list them.
+pub const KINDS: &[KindInfo] = &[
+    kinds::LOSS,
+    kinds::CORRUPT,
+    kinds::PARTITION,
+    kinds::LATENCY,
+    kinds::REORDER,
+    kinds::DUPLICATE,
+    kinds::BANDWIDTH,
+    kinds::DNS,
+    kinds::CPU,
+    kinds::CONTAINER_KILL,
+];
+
+/// The names in [`KINDS`], for error texts: "loss, corrupt, ... or container-kill".
+pub fn kind_names() -> String {
+    let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
+impl FaultKind {
+    /// This kind's row in the table of kinds.
+    pub fn info(&self) -> &'static KindInfo {
+        match self {
+            FaultKind::Loss { .. } => &kinds::LOSS,
+            FaultKind::Corrupt { .. } => &kinds::CORRUPT,
+            FaultKind::Partition => &kinds::PARTITION,
+            FaultKind::Latency { .. } => &kinds::LATENCY,
+            FaultKind::Bandwidth { .. } => &kinds::BANDWIDTH,
+            FaultKind::Reorder { .. } => &kinds::REORDER,
+            FaultKind::Duplicate { .. } => &kinds::DUPLICATE,
+            FaultKind::Dns { .. } => &kinds::DNS,
+            FaultKind::Cpu { .. } => &kinds::CPU,
+            FaultKind::ContainerKill { .. } => &kinds::CONTAINER_KILL,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.info().name
     }
 
     /// Network kinds act on an interface (`FaultSpec::target`); the others do not.
     pub fn is_network(&self) -> bool {
-        !matches!(
-            self,
-            FaultKind::Cpu { .. } | FaultKind::ContainerKill { .. }
-        )
+        self.info().network
     }
 
     /// Shaping kinds need a qdisc tree on the interface; the others act in the classifier.
     pub fn shapes(&self) -> bool {
-        matches!(
-            self,
-            FaultKind::Latency { .. }
-                | FaultKind::Bandwidth { .. }
-                | FaultKind::Reorder { .. }
-                | FaultKind::Duplicate { .. }
-        )
+        self.info().shapes
     }
 }
 

@@ -3,7 +3,7 @@
 //! schema through schemars) from the same struct, and [`Params::kind`] turns either into the
 //! [`FaultKind`] the engine runs. A flag and its file key may be spelled differently
 //! (`--domain` repeated, `domains:` a list); the value and its parser are the same.
-use crate::{CgroupRef, FaultKind, InvalidInput, parse_millis, parse_percent, parse_rate};
+use crate::{CgroupRef, FaultKind, InvalidInput, kinds, parse_millis, parse_percent, parse_rate};
 use clap::Args;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ pub struct Loss {
 }
 
 impl Kind for Loss {
-    const NAME: &'static str = "loss";
+    const NAME: &'static str = kinds::LOSS.name;
 }
 
 impl Params for Loss {
@@ -64,7 +64,7 @@ pub struct Duplicate {
 }
 
 impl Kind for Corrupt {
-    const NAME: &'static str = "corrupt";
+    const NAME: &'static str = kinds::CORRUPT.name;
 }
 
 impl Params for Corrupt {
@@ -76,7 +76,7 @@ impl Params for Corrupt {
 }
 
 impl Kind for Duplicate {
-    const NAME: &'static str = "duplicate";
+    const NAME: &'static str = kinds::DUPLICATE.name;
 }
 
 impl Params for Duplicate {
@@ -104,7 +104,7 @@ impl JsonSchema for Partition {
 }
 
 impl Kind for Partition {
-    const NAME: &'static str = "partition";
+    const NAME: &'static str = kinds::PARTITION.name;
 }
 
 impl Params for Partition {
@@ -144,7 +144,7 @@ pub struct Latency {
 }
 
 impl Kind for Latency {
-    const NAME: &'static str = "latency";
+    const NAME: &'static str = kinds::LATENCY.name;
 }
 
 impl Params for Latency {
@@ -184,7 +184,7 @@ pub struct Reorder {
 }
 
 impl Kind for Reorder {
-    const NAME: &'static str = "reorder";
+    const NAME: &'static str = kinds::REORDER.name;
 }
 
 impl Params for Reorder {
@@ -207,7 +207,7 @@ pub struct Bandwidth {
 }
 
 impl Kind for Bandwidth {
-    const NAME: &'static str = "bandwidth";
+    const NAME: &'static str = kinds::BANDWIDTH.name;
 }
 
 impl Params for Bandwidth {
@@ -233,7 +233,7 @@ pub struct Dns {
 }
 
 impl Kind for Dns {
-    const NAME: &'static str = "dns";
+    const NAME: &'static str = kinds::DNS.name;
 }
 
 impl Params for Dns {
@@ -301,7 +301,7 @@ fn one() -> u32 {
 }
 
 impl Kind for Cpu {
-    const NAME: &'static str = "cpu";
+    const NAME: &'static str = kinds::CPU.name;
 }
 
 impl Params for Cpu {
@@ -339,7 +339,7 @@ pub struct ContainerKill {
 }
 
 impl Kind for ContainerKill {
-    const NAME: &'static str = "container-kill";
+    const NAME: &'static str = kinds::CONTAINER_KILL.name;
 }
 
 impl Params for ContainerKill {
@@ -372,7 +372,7 @@ pub struct PodKill {
 }
 
 impl Kind for PodKill {
-    const NAME: &'static str = "pod-kill";
+    const NAME: &'static str = kinds::POD_KILL.name;
 }
 
 impl Params for PodKill {

@@ -1063,12 +1063,35 @@ async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {
         }
         None => capabilities_pb(&tokio::task::spawn_blocking(caps::detect).await?),
     };
+    // Each kind with the backends that can run it, and whether one of them works here.
+    let kinds: Vec<(&str, Vec<(&str, bool)>)> = chaos_spec::KINDS
+        .iter()
+        .map(|k| {
+            let on: Vec<(&str, bool)> = k
+                .backends
+                .iter()
+                .map(|b| {
+                    let up = caps
+                        .backends
+                        .iter()
+                        .any(|have| have.name == *b && have.available);
+                    (*b, up)
+                })
+                .collect();
+            (k.name, on)
+        })
+        .collect();
     if json {
         let v = json!({
             "arch": caps.arch,
             "kernel": caps.kernel,
             "features": caps.features.iter().map(|f| json!({"name": f.name, "present": f.present, "detail": f.detail})).collect::<Vec<_>>(),
             "backends": caps.backends.iter().map(|b| json!({"name": b.name, "available": b.available, "fault_kinds": b.fault_kinds, "reason": b.reason})).collect::<Vec<_>>(),
+            "kinds": kinds.iter().map(|(name, on)| json!({
+                "name": name,
+                "works": on.iter().any(|(_, up)| *up),
+                "backends": on.iter().map(|(b, up)| json!({"name": b, "available": up})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(ExitCode::SUCCESS);
@@ -1091,6 +1114,19 @@ async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {
             format!("unavailable: {}", b.reason)
         };
         println!("  {:<12} {:<34} {state}", b.name, b.fault_kinds.join(", "));
+    }
+    println!("fault kinds:");
+    for (name, on) in &kinds {
+        let works = if on.iter().any(|(_, up)| *up) {
+            "works"
+        } else {
+            "unavailable"
+        };
+        let via: Vec<String> = on
+            .iter()
+            .map(|(b, up)| format!("{b}{}", if *up { "" } else { " (unavailable)" }))
+            .collect();
+        println!("  {name:<15} {works:<12} {}", via.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1226,6 +1262,10 @@ mod tests {
             let wire = FaultSpec::try_from(super::pb::FaultSpec::from(&from_cli))
                 .unwrap_or_else(|e| panic!("{kind} (wire): {e}"));
             assert_eq!(from_cli, wire, "{kind}: the protobuf changes it");
+            assert!(
+                chaos_spec::KINDS.contains(from_cli.kind.info()) && from_cli.kind.name() == *kind,
+                "{kind}: not in the table of kinds"
+            );
         }
         // pod-kill lives only on a cluster: the CLI builds the file's action.
         let exp = cluster_inject(&[
@@ -1250,6 +1290,16 @@ mod tests {
         for kind in RawFault::KIND_NAMES {
             assert!(tried.contains(kind), "{kind} has no row in this test");
         }
+        // The file's kinds are the table's (doctor, error texts), and pod-kill.
+        let mut table: Vec<&str> = chaos_spec::KINDS.iter().map(|k| k.name).collect();
+        table.push(chaos_spec::kinds::POD_KILL.name);
+        let mut file = RawFault::KIND_NAMES.to_vec();
+        table.sort_unstable();
+        file.sort_unstable();
+        assert_eq!(
+            table, file,
+            "the table of kinds and the experiment file disagree"
+        );
     }
 
     /// The experiment an inject on a cluster creates, from the flags alone.

@@ -30,11 +30,14 @@ pub async fn agents(ctl: &ControllerFlags, json: bool) -> Result<ExitCode> {
     };
     for a in &agents {
         let caps = a.capabilities.clone().unwrap_or_default();
+        // A kind two backends run (latency: netem and EDT) is listed once.
         let kinds: Vec<String> = caps
             .backends
             .iter()
             .filter(|b| b.available)
             .flat_map(|b| b.fault_kinds.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
