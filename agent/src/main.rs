@@ -328,7 +328,7 @@ fn render_text(faults: &[pb::Fault], state: Option<&FleetState>) -> String {
             .spec
             .as_ref()
             .and_then(|s| s.kind.as_ref())
-            .map(chaos_agent::server::kind_name)
+            .map(|k| chaos_proto::convert::kind_info(k).name)
             .unwrap_or("unknown");
         let c = f.counters.unwrap_or_default();
         for (name, v) in [

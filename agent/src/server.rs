@@ -57,24 +57,6 @@ pub fn apply_spec(req: pb::ApplyRequest) -> Result<(pb::FaultSpec, FaultSpec), S
     Ok((sent, parsed))
 }
 
-/// The fault kind's name, as the CLI spells it.
-pub fn kind_name(k: &pb::fault_spec::Kind) -> &'static str {
-    use pb::fault_spec::Kind::*;
-    match k {
-        Loss(_) => "loss",
-        Corrupt(_) => "corrupt",
-        Partition(_) => "partition",
-        Latency(_) => "latency",
-        Bandwidth(_) => "bandwidth",
-        Reorder(_) => "reorder",
-        Duplicate(_) => "duplicate",
-        Dns(_) => "dns",
-        Cpu(_) => "cpu",
-        PodKill(_) => "pod-kill",
-        ContainerKill(_) => "container-kill",
-    }
-}
-
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
     async fn apply(

@@ -262,6 +262,25 @@ impl From<Counters> for pb::Counters {
     }
 }
 
+/// A wire kind's row in the table of kinds (the wire carries the spec's kinds, and pod-kill).
+pub fn kind_info(k: &pb::fault_spec::Kind) -> &'static chaos_spec::KindInfo {
+    use chaos_spec::kinds;
+    use pb::fault_spec::Kind;
+    match k {
+        Kind::Loss(_) => &kinds::LOSS,
+        Kind::Corrupt(_) => &kinds::CORRUPT,
+        Kind::Partition(_) => &kinds::PARTITION,
+        Kind::Latency(_) => &kinds::LATENCY,
+        Kind::Bandwidth(_) => &kinds::BANDWIDTH,
+        Kind::Reorder(_) => &kinds::REORDER,
+        Kind::Duplicate(_) => &kinds::DUPLICATE,
+        Kind::Dns(_) => &kinds::DNS,
+        Kind::Cpu(_) => &kinds::CPU,
+        Kind::PodKill(_) => &kinds::POD_KILL,
+        Kind::ContainerKill(_) => &kinds::CONTAINER_KILL,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

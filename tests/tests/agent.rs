@@ -416,7 +416,8 @@ fn the_cidr_limit_is_named_and_a_full_table_refuses_cleanly() {
         "{err}"
     );
     assert_eq!(list(&agent).len(), 1, "the refused fault is listed");
-    let o = agent.chaosctl(&["revert", "--all"]);
+    // `stop` is `revert --all`.
+    let o = agent.chaosctl(&["stop"]);
     assert!(o.status.success(), "revert: {}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // The reverted line restates what went.

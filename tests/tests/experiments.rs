@@ -400,6 +400,14 @@ fn a_latency_tolerant_hypothesis_holds_and_prometheus_sees_the_fleet() {
         list.contains(r["id"].as_str().unwrap()) && list.contains("held"),
         "{list}"
     );
+    // A run id that names nothing is the caller's mistake: one line, exit 2.
+    let o = bed.chaosctl(&["experiments", "show", "r-does-not-exist"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no run r-does-not-exist") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]

@@ -130,6 +130,8 @@ enum Command {
         #[arg(long)]
         on: Option<String>,
     },
+    /// Revert every fault: this agent's, or with --controller every agent's (`revert --all`).
+    Stop,
     /// Kernel features found here and what each backend can serve.
     Doctor,
     /// Remove, on this node, what dead chaos engines left in the kernel (found by journal and by
@@ -631,6 +633,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Some(ctl) => crate::fleet_cmd::revert(&ctl, id, all, on, cli.json).await,
             None => revert(&agent, id, all, cli.json).await,
         },
+        Command::Stop => match controller {
+            Some(ctl) => crate::fleet_cmd::revert(&ctl, None, true, None, cli.json).await,
+            None => revert(&agent, None, true, cli.json).await,
+        },
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Cleanup { journal_dir } => cleanup(journal_dir, cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
@@ -912,7 +918,7 @@ fn kind_name(f: &pb::Fault) -> &'static str {
     f.spec
         .as_ref()
         .and_then(|s| s.kind.as_ref())
-        .map_or("unknown", chaos_agent::server::kind_name)
+        .map_or("unknown", |k| chaos_proto::convert::kind_info(k).name)
 }
 
 /// What a fault acts on: the interface, or for cpu the cgroup or process.

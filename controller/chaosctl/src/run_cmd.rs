@@ -328,7 +328,16 @@ pub async fn show_run(
     let mut c = ExperimentsClient::new(controller_client::connect(ctl).await?);
     let r = match c.get(pb::GetRequest { id: id.to_string() }).await {
         Ok(r) => r.into_inner().record_json,
-        Err(s) => return fail(controller_client::failed_line(ctl, s).await),
+        // An id that names no run is the caller's mistake (2), like any bad input; anything
+        // else went wrong on the way (1). Not 3: showing a record is not a run.
+        Err(s) => {
+            let code = match s.code() {
+                tonic::Code::NotFound | tonic::Code::InvalidArgument => crate::EXIT_INVALID,
+                _ => 1,
+            };
+            eprintln!("chaosctl: {}", controller_client::failed_line(ctl, s).await);
+            return Ok(ExitCode::from(code));
+        }
     };
     let record: RunRecord = serde_json::from_str(&r).context("the controller's record")?;
     if json {
