@@ -57,7 +57,7 @@ fn ctl(url: &str, args: &[&str]) -> std::process::Output {
 /// A CA with agent n1 and user ci in `tls`.
 fn certs_init(tls: &Path) {
     let out = Command::new(bin("chaosctl"))
-        .args(["certs", "init", "--node", "n1", "--user", "ci", "--dir"])
+        .args(["certs", "init", "--node", "n1", "--user", "ci", "--tls-dir"])
         .arg(tls)
         .output()
         .expect("certs init");
@@ -222,7 +222,8 @@ fn silent_connections_are_closed_and_do_not_lock_others_out() {
         Command::new(bin("chaosctl"))
             .args(["--controller", &url, "--tls-dir"])
             .arg(&tls)
-            .args(["--as", "ci", "agents"])
+            // No --as: the only user certificate there (ci).
+            .arg("agents")
             .output()
             .expect("chaosctl")
     };
@@ -364,6 +365,21 @@ fn refused_certificates_say_why_on_both_sides() {
     wait_for("the controller serves", Duration::from_secs(20), || {
         agents(&tls, "ci").status.success()
     });
+    // Several user certificates and no --as: one line naming them.
+    let o = Command::new(bin("chaosctl"))
+        .args(["--controller", &url, "--tls-dir"])
+        .arg(&tls)
+        .arg("agents")
+        .output()
+        .expect("chaosctl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("--as: 3 user certificates in")
+            && err.contains("(ci, n1, old): name one")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
     let cases: [(&Path, &str, i32, &str, &str); 3] = [
         (
             &mixed,

@@ -10,9 +10,10 @@ use std::process::ExitCode;
 pub enum CertsCommand {
     /// Create a CA, the controller's server certificate and client certificates.
     Init {
-        /// Directory to write into; must not hold a CA yet.
-        #[arg(long, default_value = "chaos-tls")]
-        dir: PathBuf,
+        /// The old name of --tls-dir, the directory to write into (it must not hold a CA yet;
+        /// default chaos-tls).
+        #[arg(long, hide = true)]
+        dir: Option<PathBuf>,
         /// Host names or IP addresses the controller is reached at (localhost, 127.0.0.1 and ::1
         /// are always included). Repeatable.
         #[arg(long = "controller-name")]
@@ -26,8 +27,9 @@ pub enum CertsCommand {
     },
     /// Issue one more agent or user certificate with an existing CA.
     Issue {
-        #[arg(long, default_value = "chaos-tls")]
-        dir: PathBuf,
+        /// The old name of --tls-dir.
+        #[arg(long, hide = true)]
+        dir: Option<PathBuf>,
         /// An agent's node name.
         #[arg(
             long = "node",
@@ -40,17 +42,23 @@ pub enum CertsCommand {
     },
 }
 
-pub fn run(cmd: CertsCommand) -> Result<ExitCode> {
+/// `tls_dir` is the global --tls-dir: the directory these commands write is the one the others
+/// read, under the same name.
+pub fn run(cmd: CertsCommand, tls_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let pick = |dir: Option<PathBuf>| {
+        dir.or(tls_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("chaos-tls"))
+    };
     let written = match cmd {
         CertsCommand::Init {
             dir,
             controller_names,
             agents,
             users,
-        } => certs::init(&dir, &controller_names, &agents, &users),
+        } => certs::init(&pick(dir), &controller_names, &agents, &users),
         CertsCommand::Issue { dir, agent, user } => match (agent, user) {
-            (Some(a), _) => certs::issue(&dir, certs::ROLE_AGENT, &a),
-            (_, Some(u)) => certs::issue(&dir, certs::ROLE_USER, &u),
+            (Some(a), _) => certs::issue(&pick(dir), certs::ROLE_AGENT, &a),
+            (_, Some(u)) => certs::issue(&pick(dir), certs::ROLE_USER, &u),
             (None, None) => Err(CertError::Invalid("--node or --user is required".into())),
         },
     };

@@ -49,7 +49,8 @@ pub struct Cli {
         env = "CHAOS_CONTROLLER"
     )]
     controller: Option<String>,
-    /// Directory with ca.pem and user-<user>.pem / -key.pem for the controller.
+    /// Directory with ca.pem and user-<user>.pem / -key.pem for the controller (and the one
+    /// `certs init` and `certs issue` write).
     #[arg(
         long,
         global = true,
@@ -57,15 +58,15 @@ pub struct Cli {
         env = "CHAOS_TLS_DIR"
     )]
     tls_dir: Option<PathBuf>,
-    /// Whose certificate to use (user-<NAME>.pem in --tls-dir); the audit log names it.
+    /// Whose certificate to use (user-<NAME>.pem in --tls-dir; default: the only one there);
+    /// the audit log names it.
     #[arg(
         long = "as",
         global = true,
         help_heading = "Global options",
-        env = "CHAOS_USER",
-        default_value = "admin"
+        env = "CHAOS_USER"
     )]
-    user: String,
+    user: Option<String>,
     /// Talk to the controller without TLS; allowed only on loopback.
     #[arg(long, global = true, help_heading = "Global options")]
     insecure_plaintext: bool,
@@ -640,7 +641,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Cleanup { journal_dir } => cleanup(journal_dir, cli.json).await,
         Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
-        Command::Certs { command } => crate::certs_cmd::run(command),
+        Command::Certs { command } => crate::certs_cmd::run(command, cli.tls_dir.clone()),
         Command::Run {
             file,
             local,

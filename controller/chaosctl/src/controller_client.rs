@@ -2,7 +2,7 @@
 //! plaintext on loopback when asked for explicitly.
 use anyhow::{Context, Result, bail};
 use chaos_agent::tls::{self, TlsFiles};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint};
 
 /// How to reach the controller (global chaosctl flags).
@@ -10,8 +10,54 @@ use tonic::transport::{Channel, Endpoint};
 pub struct ControllerFlags {
     pub url: String,
     pub tls_dir: Option<PathBuf>,
-    pub user: String,
+    /// `--as`; unset: the only user certificate in the directory.
+    pub user: Option<String>,
     pub insecure_plaintext: bool,
+}
+
+/// The user certificate `--as` names, or the only one in `dir`; a missing one names the fix.
+pub fn user_files(dir: &Path, user: Option<&str>) -> Result<TlsFiles> {
+    let issue = |name: &str| {
+        format!(
+            "chaosctl certs issue --tls-dir {} --user {name}",
+            dir.display()
+        )
+    };
+    if let Some(name) = user {
+        let files = TlsFiles::in_dir(dir, &format!("user-{name}"));
+        if !files.cert.exists() {
+            bail!(
+                "--as {name}: no {} (issue one: {})",
+                files.cert.display(),
+                issue(name)
+            );
+        }
+        return Ok(files);
+    }
+    let mut users: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("--tls-dir {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let user = name.strip_prefix("user-")?.strip_suffix(".pem")?;
+            (!user.ends_with("-key")).then(|| user.to_string())
+        })
+        .collect();
+    users.sort();
+    match users.as_slice() {
+        [one] => Ok(TlsFiles::in_dir(dir, &format!("user-{one}"))),
+        [] => bail!(
+            "--as: no user certificate (user-NAME.pem) in {} (issue one: {})",
+            dir.display(),
+            issue("NAME")
+        ),
+        many => bail!(
+            "--as: {} user certificates in {} ({}): name one",
+            many.len(),
+            dir.display(),
+            many.join(", ")
+        ),
+    }
 }
 
 pub async fn connect(f: &ControllerFlags) -> Result<Channel> {
@@ -25,7 +71,7 @@ pub async fn connect(f: &ControllerFlags) -> Result<Channel> {
         let Some(dir) = &f.tls_dir else {
             bail!("--tls-dir: is required for an https:// controller (see `chaosctl certs init`)");
         };
-        let files = TlsFiles::in_dir(dir, &format!("user-{}", f.user));
+        let files = user_files(dir, f.user.as_deref())?;
         ep = ep.tls_config(files.client(&parsed.host)?).context("TLS")?;
     }
     ep.connect()
@@ -62,7 +108,8 @@ pub async fn refusal(f: &ControllerFlags, e: &anyhow::Error) -> Option<String> {
     });
     let url = tls::ServiceUrl::parse(&f.url).ok().filter(|u| u.tls)?;
     let dir = f.tls_dir.as_ref().filter(|_| hidden)?;
-    tls::refusal(&TlsFiles::in_dir(dir, &format!("user-{}", f.user)), &url).await
+    let files = user_files(dir, f.user.as_deref()).ok()?;
+    tls::refusal(&files, &url).await
 }
 
 /// A failed call's line: the controller's message, and TLS's reason when the status hides one.
