@@ -313,6 +313,27 @@ fn bad_input_is_refused_with_one_line_and_nothing_applied() {
             assert!(err.contains(field), "{full:?}: {err} does not name {field}");
         }
     }
+    // With --json the refusal is one JSON object a script can parse.
+    let o = agent.chaosctl(&[
+        "--json",
+        "inject",
+        "loss",
+        "--percent",
+        "150",
+        "--interface",
+        "va",
+        "--netns",
+        &ns,
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["exit"], 2, "{err}");
+    assert!(
+        v["error"].as_str().is_some_and(|l| l.contains("--percent")),
+        "{err}"
+    );
     // Errors only the kernel side can find: unknown interface, netns, pid.
     let kernel_cases: Vec<(Vec<&str>, &str)> = vec![
         (

@@ -70,7 +70,7 @@ pub fn run(cmd: CertsCommand, tls_dir: Option<PathBuf>) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(CertError::Invalid(line)) => {
-            eprintln!("chaosctl: {line}");
+            crate::output::error(line, EXIT_INVALID);
             Ok(ExitCode::from(EXIT_INVALID))
         }
         Err(e) => Err(e.into()),

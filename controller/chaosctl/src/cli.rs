@@ -567,8 +567,13 @@ fn inject_experiment(fault: RawFault, run: &Run) -> Result<Experiment, String> {
 }
 
 pub fn refuse(message: impl std::fmt::Display) -> Result<ExitCode> {
-    eprintln!("chaosctl: {message}");
+    output::error(message, EXIT_INVALID);
     Ok(ExitCode::from(EXIT_INVALID))
+}
+
+/// Whether `--json` was given.
+pub fn json(cli: &Cli) -> bool {
+    cli.json
 }
 
 /// The controller the global flags name, if any.

@@ -37,7 +37,7 @@ pub struct Submit {
 /// deletes it, which reverts its faults (the finalizer), and waits until it is gone.
 pub async fn submit(exp: Experiment, namespace: &str, how: Submit, json: bool) -> Result<ExitCode> {
     let refuse = |line: String| {
-        eprintln!("chaosctl: {line}");
+        crate::output::error(line, how.refused);
         Ok(ExitCode::from(how.refused))
     };
     let client = match Client::try_default().await {

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = cli::Cli::parse();
+    output::set_json(cli::json(&args));
     let controller = cli::controller_flags(&args);
     match cli::dispatch(args).await {
         Ok(code) => code,
@@ -25,8 +26,8 @@ async fn main() -> ExitCode {
                 None => None,
             };
             match refused {
-                Some(why) => eprintln!("chaosctl: {e}: {why}"),
-                None => eprintln!("chaosctl: {}", output::chain(&e)),
+                Some(why) => output::error(format!("{e}: {why}"), 1),
+                None => output::error(output::chain(&e), 1),
             }
             ExitCode::FAILURE
         }

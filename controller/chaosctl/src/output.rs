@@ -1,6 +1,24 @@
 //! How chaosctl prints: one line per event for people, one JSON object per line with --json.
 use chaos_agent::datapath::Counters;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// `--json` for the whole process, so every error path speaks it without being passed it.
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+/// The one way chaosctl reports a failure, on stderr: `chaosctl: LINE`, or with --json one
+/// object `{"error": LINE, "exit": CODE}` a script can parse.
+pub fn error(line: impl std::fmt::Display, exit: u8) {
+    if JSON.load(Ordering::Relaxed) {
+        eprintln!("{}", json!({"error": line.to_string(), "exit": exit}));
+    } else {
+        eprintln!("chaosctl: {line}");
+    }
+}
 
 /// One line: the error and its causes; when TLS is why, its top context and the reason (tonic
 /// would say "transport error").

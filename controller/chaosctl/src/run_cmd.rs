@@ -25,7 +25,7 @@ pub struct RunArgs<'a> {
 }
 
 pub fn fail(line: impl std::fmt::Display) -> Result<ExitCode> {
-    eprintln!("chaosctl: {line}");
+    crate::output::error(line, EXIT_ERROR);
     Ok(ExitCode::from(EXIT_ERROR))
 }
 
@@ -163,7 +163,7 @@ async fn run_remote(
     let mut stream = match stream {
         Ok(s) => s.into_inner(),
         Err(s) => {
-            eprintln!("chaosctl: {}", controller_client::failed_line(ctl, s).await);
+            crate::output::error(controller_client::failed_line(ctl, s).await, EXIT_ERROR);
             return Ok(Err(ExitCode::from(EXIT_ERROR)));
         }
     };
@@ -179,8 +179,11 @@ async fn run_remote(
         let ev = match msg {
             Ok(Some(ev)) => ev,
             Ok(None) | Err(_) if !id.is_empty() => {
-                eprintln!(
-                    "chaosctl: interrupted: the controller reverts the faults of run {id}; `chaosctl experiments show {id}` has its record"
+                crate::output::error(
+                    format!(
+                        "interrupted: the controller reverts the faults of run {id}; `chaosctl experiments show {id}` has its record"
+                    ),
+                    Verdict::Aborted.exit_code(),
                 );
                 return Ok(Err(ExitCode::from(Verdict::Aborted.exit_code())));
             }
@@ -335,7 +338,7 @@ pub async fn show_run(
                 tonic::Code::NotFound | tonic::Code::InvalidArgument => crate::EXIT_INVALID,
                 _ => 1,
             };
-            eprintln!("chaosctl: {}", controller_client::failed_line(ctl, s).await);
+            crate::output::error(controller_client::failed_line(ctl, s).await, code);
             return Ok(ExitCode::from(code));
         }
     };
