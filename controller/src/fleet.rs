@@ -403,6 +403,29 @@ impl Fleet {
     ) -> Result<Vec<(String, pb::Fault)>, String> {
         let targets: Vec<(Arc<AgentConn>, String)> = match (node, id) {
             (Some(n), Some(id)) => vec![(self.get(n)?, id.to_string())],
+            // A fault id alone: the agent that holds it.
+            (None, Some(id)) => {
+                let holder = self
+                    .read()
+                    .values()
+                    .find(|c| c.faults().contains_key(id))
+                    .cloned();
+                // Not one of ours (applied on the agent's socket, say): ask the agents.
+                let holder = match holder {
+                    Some(c) => Some(c),
+                    None => {
+                        let (faults, _) = self.list_faults().await;
+                        faults
+                            .iter()
+                            .find(|(_, f)| f.id == id)
+                            .and_then(|(node, _)| self.get(node).ok())
+                    }
+                };
+                match holder {
+                    Some(c) => vec![(c, id.to_string())],
+                    None => return Err(format!("no fault {id} on any connected agent")),
+                }
+            }
             (Some(n), None) => {
                 let c = self.get(n)?;
                 let ids: Vec<String> = c.faults().keys().cloned().collect();
@@ -445,6 +468,35 @@ impl Fleet {
             return Err(errors.join("; "));
         }
         Ok(out)
+    }
+
+    /// Every connected agent's faults as the agent lists them, asked in parallel; an agent that
+    /// does not answer is an error line, not a failed listing.
+    pub async fn list_faults(self: &Arc<Self>) -> (Vec<(String, pb::Fault)>, Vec<String>) {
+        let conns: Vec<Arc<AgentConn>> = self.read().values().cloned().collect();
+        let mut set = tokio::task::JoinSet::new();
+        for conn in conns {
+            let me = self.clone();
+            set.spawn(async move {
+                let r = me
+                    .request(&conn, fleet::command::Cmd::List(pb::ListRequest {}))
+                    .await;
+                (conn.info.node_name.clone(), r)
+            });
+        }
+        let (mut faults, mut errors) = (Vec::new(), Vec::new());
+        while let Some(Ok((node, r))) = set.join_next().await {
+            match r {
+                Ok(fleet::reply::Result::List(l)) => {
+                    faults.extend(l.faults.into_iter().map(|f| (node.clone(), f)))
+                }
+                Ok(_) => errors.push(format!("{node}: unexpected reply")),
+                Err(e) => errors.push(format!("{node}: {e}")),
+            }
+        }
+        faults.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
+        errors.sort();
+        (faults, errors)
     }
 
     pub async fn counters(&self, node: &str, id: &str) -> Result<pb::Counters, String> {

@@ -192,9 +192,9 @@ impl fleet::controller_server::Controller for ControllerService {
         let req = req.into_inner();
         let node = (!req.node_name.is_empty()).then_some(req.node_name.as_str());
         let id = (!req.all && !req.id.is_empty()).then_some(req.id.as_str());
-        if node.is_none() && !req.all {
+        if node.is_none() && id.is_none() && !req.all {
             return Err(Status::invalid_argument(
-                "node_name: is required unless all is set",
+                "node_name: is required unless an id or all is set",
             ));
         }
         let reverted = self
@@ -204,6 +204,18 @@ impl fleet::controller_server::Controller for ControllerService {
             .map_err(Status::failed_precondition)?;
         Ok(Response::new(fleet::FleetRevertResponse {
             reverted: agent_faults(reverted),
+        }))
+    }
+
+    async fn list_faults(
+        &self,
+        req: Request<fleet::ListFaultsRequest>,
+    ) -> Result<Response<fleet::ListFaultsResponse>, Status> {
+        caller(&req, ROLE_USER)?;
+        let (faults, errors) = self.fleet.list_faults().await;
+        Ok(Response::new(fleet::ListFaultsResponse {
+            faults: agent_faults(faults),
+            errors,
         }))
     }
 

@@ -716,3 +716,103 @@ fn a_fault_ended_by_its_deadline_reaches_the_controller_at_once() {
     assert_eq!(ended["result"], "ended: deadline", "{ended}");
     assert_eq!(ended["agent"], "app-1", "{ended}");
 }
+
+/// Through the controller, `list` shows every agent's faults with the node holding each, and
+/// `revert ID` finds that node itself (it needed --on).
+#[test]
+fn list_and_revert_by_id_go_through_the_controller() {
+    let _g = serial();
+    let bed = Bed::new("listing", "10s", false);
+    let out = bed.chaosctl(&[
+        "inject",
+        "loss",
+        "--percent",
+        "10",
+        "--interface",
+        "eth0",
+        "--selector",
+        "zone=z2",
+        "--duration",
+        "1m",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["id"].as_str().map(str::to_string))
+        .expect("an applied fault id");
+    let out = bed.chaosctl(&["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("list --json");
+    let listed = listed.as_array().expect("an array");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["node"], "app-2");
+    assert_eq!(listed[0]["kind"], "loss");
+    let human = bed.chaosctl(&["list"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains(&format!("{id} [app-2] loss 10%")), "{human}");
+
+    // watch through the controller follows it until it ends.
+    let watcher = Command::new("ip")
+        .args(["netns", "exec", &bed.site.hub])
+        .arg(bin("chaosctl"))
+        .args(["--controller", CONTROLLER, "--tls-dir"])
+        .arg(&bed.tls)
+        .args(["--as", "ci", "watch", &id, "--interval", "0.2", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let out = bed.chaosctl(&["revert", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&id) && text.contains("reverted"), "{text}");
+    assert_eq!(bed.agent_faults(2), 0, "app-2 still holds the fault");
+    let out = bed.chaosctl(&["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no active faults"
+    );
+    let watched = watcher.wait_with_output().expect("watch ends");
+    let lines: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let updates = lines.iter().filter(|l| l["event"] == "counters").count();
+    assert!(
+        updates >= 3,
+        "{updates} updates in 1.5 s at 0.2 s: {lines:?}"
+    );
+    assert!(lines.iter().all(|l| l["agent"] == "app-2"), "{lines:?}");
+    assert_eq!(
+        lines.last().map(|l| l["event"].clone()),
+        Some(Value::from("ended")),
+        "{lines:?}"
+    );
+
+    let out = bed.chaosctl(&["revert", "f-00000000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no fault f-00000000 on any connected agent"),
+        "{err}"
+    );
+}

@@ -127,7 +127,8 @@ enum Command {
         id: Option<String>,
         #[arg(long, conflicts_with = "id")]
         all: bool,
-        /// With --controller: the agent holding the fault.
+        /// With --controller: only this agent's faults (with an id: the controller finds the
+        /// agent holding it without this).
         #[arg(long)]
         on: Option<String>,
     },
@@ -634,7 +635,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Some(ctl) => crate::fleet_cmd::agents(&ctl, cli.json).await,
             None => refuse("--controller: is required for `agents`"),
         },
-        Command::List => list(&agent, cli.json).await,
+        Command::List => match controller {
+            Some(ctl) => crate::fleet_cmd::list(&ctl, cli.json).await,
+            None => list(&agent, cli.json).await,
+        },
         Command::Revert { id, all, on } => match controller {
             Some(ctl) => crate::fleet_cmd::revert(&ctl, id, all, on, cli.json).await,
             None => revert(&agent, id, all, cli.json).await,
@@ -645,7 +649,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         },
         Command::Doctor => doctor(cli.agent.as_deref(), cli.json).await,
         Command::Cleanup { journal_dir } => cleanup(journal_dir, cli.json).await,
-        Command::Watch { id, interval } => watch(&agent, &id, interval, cli.json).await,
+        Command::Watch { id, interval } => match controller {
+            Some(ctl) => crate::fleet_cmd::watch(&ctl, &id, interval, cli.json).await,
+            None => watch(&agent, &id, interval, cli.json).await,
+        },
         Command::Certs { command } => crate::certs_cmd::run(command, cli.tls_dir.clone()),
         Command::Run {
             file,
@@ -881,9 +888,17 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
         .map_err(|s| anyhow::anyhow!("agent: {}", s.message()))?
         .into_inner()
         .faults;
+    let faults: Vec<(Option<String>, pb::Fault)> = faults.into_iter().map(|f| (None, f)).collect();
+    print_faults(&faults, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Faults as `list` shows them; with a node, the agent that holds each (through a controller).
+pub(crate) fn print_faults(faults: &[(Option<String>, pb::Fault)], json: bool) {
     if json {
-        let items: Vec<_> = faults.iter().map(|f| json!({
+        let items: Vec<_> = faults.iter().map(|(node, f)| json!({
             "id": f.id,
+            "node": node,
             "kind": kind_name(f),
             "interface": f.spec.as_ref().and_then(|s| s.target.as_ref()).map(|t| t.interface.clone()),
             "target": f.spec.as_ref().map(target_label),
@@ -896,7 +911,7 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
         println!("no active faults");
     } else {
         let now = chaos_agent::engine::unix_ms(std::time::SystemTime::now()) as i64;
-        for f in &faults {
+        for (node, f) in faults {
             // The whole fault as the spec says it; the terse label if it does not convert.
             let what = f
                 .spec
@@ -908,8 +923,9 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
                     format!("{} on {target}", kind_name(f))
                 });
             let left = Duration::from_millis(f.deadline_unix_ms.saturating_sub(now).max(0) as u64);
+            let on = node.as_ref().map(|n| format!(" [{n}]")).unwrap_or_default();
             println!(
-                "{} {what} ({}), {} left, {}",
+                "{}{on} {what} ({}), {} left, {}",
                 f.id,
                 f.backend,
                 spec::format_duration(Duration::from_secs(left.as_secs())),
@@ -917,7 +933,6 @@ async fn list(agent: &str, json: bool) -> Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn kind_name(f: &pb::Fault) -> &'static str {
@@ -979,11 +994,20 @@ async fn revert(agent: &str, id: Option<String>, all: bool, json: bool) -> Resul
     }
 }
 
+/// `--interval` of `watch`, checked.
+pub(crate) fn watch_interval(interval: f64) -> Result<Duration, String> {
+    if interval.is_finite() && interval > 0.0 && interval <= 3600.0 {
+        Ok(Duration::from_secs_f64(interval))
+    } else {
+        Err(format!(
+            "invalid --interval: must be greater than 0 and at most 3600 (got {interval})"
+        ))
+    }
+}
+
 async fn watch(agent: &str, id: &str, interval: f64, json: bool) -> Result<ExitCode> {
-    if !(interval.is_finite() && interval > 0.0) {
-        return refuse(format!(
-            "invalid --interval: must be greater than 0 (got {interval})"
-        ));
+    if let Err(line) = watch_interval(interval) {
+        return refuse(line);
     }
     let mut client = agent_client::connect(agent).await?;
     let req = pb::WatchCountersRequest {

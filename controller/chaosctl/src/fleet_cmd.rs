@@ -105,6 +105,79 @@ pub async fn inject(
     }
 }
 
+/// Every agent's faults, each with its node; agents that did not answer are named on stderr.
+pub async fn list(ctl: &ControllerFlags, json: bool) -> Result<ExitCode> {
+    let mut c = ControllerClient::new(controller_client::connect(ctl).await?);
+    let r = match c.list_faults(fleet::ListFaultsRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return outcome(s),
+    };
+    let faults: Vec<_> = r
+        .faults
+        .into_iter()
+        .map(|af| (Some(af.node_name), af.fault.unwrap_or_default()))
+        .collect();
+    crate::cli::print_faults(&faults, json);
+    for e in &r.errors {
+        crate::output::error(format!("agent {e}"), 1);
+    }
+    Ok(if r.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `watch ID` through the controller: the fault's counters from its agent every interval,
+/// until it ends (then its final counters, which the controller keeps).
+pub async fn watch(ctl: &ControllerFlags, id: &str, interval: f64, json: bool) -> Result<ExitCode> {
+    let every = match crate::cli::watch_interval(interval) {
+        Ok(d) => d,
+        Err(line) => return refuse(line),
+    };
+    let mut c = ControllerClient::new(controller_client::connect(ctl).await?);
+    let mut node: Option<String> = None;
+    loop {
+        let listed = match c.list_faults(fleet::ListFaultsRequest {}).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return outcome(s),
+        };
+        let found = listed
+            .faults
+            .into_iter()
+            .find(|af| af.fault.as_ref().is_some_and(|f| f.id == id));
+        match (found, &node) {
+            (Some(af), _) => {
+                let f = af.fault.unwrap_or_default();
+                let counters = f.counters.unwrap_or_default().into();
+                event(
+                    json,
+                    "counters",
+                    id,
+                    Some(&counters),
+                    json!({ "agent": af.node_name }),
+                );
+                node = Some(af.node_name);
+            }
+            (None, None) => return refuse(format!("no fault {id} on any connected agent")),
+            (None, Some(n)) => {
+                let req = fleet::FleetCountersRequest {
+                    node_name: n.clone(),
+                    id: id.to_string(),
+                };
+                let last = c
+                    .counters(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .unwrap_or_default();
+                event(json, "ended", id, Some(&last.into()), json!({ "agent": n }));
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 pub async fn revert(
     ctl: &ControllerFlags,
     id: Option<String>,
@@ -112,11 +185,8 @@ pub async fn revert(
     on: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
-    if id.is_some() && on.is_none() {
-        return refuse("--on: is required with a fault id (the agent holding it)");
-    }
     if id.is_none() && !all && on.is_none() {
-        return refuse("invalid revert: give a fault id with --on, --on alone, or --all");
+        return refuse("invalid revert: give a fault id, --on NODE, or --all");
     }
     let mut c = ControllerClient::new(controller_client::connect(ctl).await?);
     let req = fleet::FleetRevertRequest {
