@@ -224,6 +224,23 @@ pub fn detect() -> Capabilities {
             no_cgroups.to_string()
         },
     });
+    // A whole cgroup is frozen by the v2 freezer (cgroup.freeze, in every non-root v2 cgroup)
+    // or the v1 freezer controller; without either, process-pause uses SIGSTOP.
+    let hierarchies = crate::cgroup::hierarchies().unwrap_or_default();
+    let freezer = hierarchies
+        .iter()
+        .any(|h| h.v2 || h.controllers.iter().any(|c| c == "freezer"));
+    caps.backends.push(Backend {
+        name: "freezer",
+        available: freezer,
+        fault_kinds: kinds_on("freezer"),
+        reason: if freezer {
+            String::new()
+        } else {
+            "neither cgroup2 nor the v1 freezer is mounted (process-pause falls back to SIGSTOP)"
+                .to_string()
+        },
+    });
     // Signals reach a pod's containers through the pod's cgroup.
     caps.backends.push(Backend {
         name: "signal",

@@ -440,7 +440,10 @@ pub fn rule_for(
         | FaultKind::Reorder { .. }
         | FaultKind::Duplicate { .. } => (ACTION_STEER, PROBABILITY_ONE, PROBABILITY_ONE),
         // Not a network fault: the engine never installs it here; a rule for it passes all.
-        FaultKind::Cpu { .. } | FaultKind::ContainerKill { .. } => (ACTION_NONE, 0, 0),
+        FaultKind::Cpu { .. }
+        | FaultKind::ContainerKill { .. }
+        | FaultKind::ProcessPause { .. }
+        | FaultKind::ProcessKill { .. } => (ACTION_NONE, 0, 0),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {
         (Some(Shape::Fq), FaultKind::Latency { ms, .. }) => {

@@ -35,6 +35,8 @@ pub enum EngineError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Stress(#[from] StressError),
+    #[error(transparent)]
+    Process(crate::process::ProcessError),
     #[error("no active fault {0}")]
     NotFound(String),
     #[error("journal {path}: {source}")]
@@ -47,6 +49,15 @@ pub enum EngineError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<crate::process::ProcessError> for EngineError {
+    fn from(e: crate::process::ProcessError) -> Self {
+        match e {
+            crate::process::ProcessError::Invalid(i) => EngineError::Invalid(i),
+            other => EngineError::Process(other),
+        }
+    }
 }
 
 impl EngineError {
@@ -140,6 +151,10 @@ enum Installed {
     /// A container-kill that has happened: nothing stays in place; its counters say how many
     /// processes it found and signalled.
     Killed(Counters),
+    /// A process-pause: the target frozen, and its thaw guard.
+    Paused(crate::process::Paused),
+    /// A process-kill: its counters, and the loop of an interval's rounds.
+    Killing(crate::process::Killer),
 }
 
 impl Installed {
@@ -151,6 +166,8 @@ impl Installed {
                 ..Counters::default()
             }),
             Installed::Killed(c) => Ok(*c),
+            Installed::Paused(p) => Ok(p.counters()),
+            Installed::Killing(k) => Ok(k.counters()),
         }
     }
 
@@ -160,6 +177,11 @@ impl Installed {
             Installed::Net(i) => Ok(i.disarm()?),
             Installed::Cpu(c) => Ok(c.kill()?),
             Installed::Killed(_) => Ok(()),
+            Installed::Paused(p) => Ok(p.thaw()?),
+            Installed::Killing(k) => {
+                k.stop();
+                Ok(())
+            }
         }
     }
 
@@ -168,7 +190,7 @@ impl Installed {
         match self {
             Installed::Net(i) => Ok(netns.run(move || i.uninstall())??),
             Installed::Cpu(c) => Ok(c.stop()?),
-            Installed::Killed(_) => Ok(()),
+            Installed::Killed(_) | Installed::Paused(_) | Installed::Killing(_) => Ok(()),
         }
     }
 
@@ -176,14 +198,18 @@ impl Installed {
         match self {
             Installed::Net(i) => i.records().first().map_or("ebpf", |r| r.mode.name()),
             Installed::Cpu(c) => c.method().name(),
-            Installed::Killed(_) => "signal",
+            Installed::Killed(_) | Installed::Killing(_) => "signal",
+            Installed::Paused(p) => p.method(),
         }
     }
 
     fn records(&self) -> Vec<AttachmentRecord> {
         match self {
             Installed::Net(i) => i.records(),
-            Installed::Cpu(_) | Installed::Killed(_) => Vec::new(),
+            Installed::Cpu(_)
+            | Installed::Killed(_)
+            | Installed::Paused(_)
+            | Installed::Killing(_) => Vec::new(),
         }
     }
 
@@ -191,14 +217,30 @@ impl Installed {
     fn shaped(&self) -> Vec<ShapingSite> {
         match self {
             Installed::Net(i) => i.shaped.clone(),
-            Installed::Cpu(_) | Installed::Killed(_) => Vec::new(),
+            Installed::Cpu(_)
+            | Installed::Killed(_)
+            | Installed::Paused(_)
+            | Installed::Killing(_) => Vec::new(),
+        }
+    }
+
+    /// What a pause froze, for a later engine to thaw.
+    fn frozen(&self) -> Vec<crate::process::Frozen> {
+        match self {
+            Installed::Paused(p) => p.frozen(),
+            Installed::Net(_)
+            | Installed::Cpu(_)
+            | Installed::Killed(_)
+            | Installed::Killing(_) => Vec::new(),
         }
     }
 
     fn workers(&self) -> Vec<Owner> {
         match self {
-            Installed::Net(_) | Installed::Killed(_) => Vec::new(),
+            Installed::Net(_) | Installed::Killed(_) | Installed::Killing(_) => Vec::new(),
             Installed::Cpu(c) => c.owners(),
+            // The thaw guard: a later engine kills one that outlived us (after it thaws).
+            Installed::Paused(p) => vec![p.guard()],
         }
     }
 }
@@ -270,6 +312,8 @@ pub struct Reclaimed {
     pub workers: usize,
     /// IFB devices deleted.
     pub devices: usize,
+    /// Targets of a dead engine's process-pause that were still frozen, thawed.
+    pub thawed: usize,
     /// Namespaces whose kernel objects were swept by their marks.
     pub namespaces: usize,
     /// One line per kernel object removed by its marks (no journal named it).
@@ -692,7 +736,10 @@ impl Engine {
             let deadline = active.deadline;
             let backend = match active.installed {
                 Installed::Net(_) => self.config.attach.name(),
-                Installed::Cpu(_) | Installed::Killed(_) => active.installed.backend(),
+                Installed::Cpu(_)
+                | Installed::Killed(_)
+                | Installed::Paused(_)
+                | Installed::Killing(_) => active.installed.backend(),
             };
             let journaled = entry(
                 &id,
@@ -748,6 +795,9 @@ impl Engine {
                 return self.install_kill(st, id, spec, deadline, netns);
             }
             FaultKind::Cpu { .. } => return self.install_cpu(st, id, spec, deadline, netns),
+            FaultKind::ProcessPause { .. } | FaultKind::ProcessKill { .. } => {
+                return self.install_process(st, id, spec, deadline, netns);
+            }
             FaultKind::Loss { .. }
             | FaultKind::Corrupt { .. }
             | FaultKind::Partition
@@ -1074,6 +1124,53 @@ impl Engine {
         Ok(())
     }
 
+    /// Freezes or signals the target processes. A pause is journaled before anything is
+    /// frozen (its guard thaws if we die before the second write) and again with what it froze.
+    fn install_process(
+        &self,
+        st: &mut State,
+        id: &str,
+        spec: FaultSpec,
+        deadline: SystemTime,
+        netns: Netns,
+    ) -> Result<(), EngineError> {
+        let installed = match &spec.kind {
+            FaultKind::ProcessPause { target, name } => {
+                self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
+                match crate::process::Paused::start(target, name, deadline) {
+                    Ok(p) => Installed::Paused(p),
+                    Err(e) => {
+                        self.rewrite_journal_after_failure(st);
+                        return Err(e.into());
+                    }
+                }
+            }
+            FaultKind::ProcessKill {
+                target,
+                name,
+                signal,
+                interval_ms,
+            } => Installed::Killing(crate::process::Killer::start(
+                target,
+                name,
+                signal.number(),
+                Duration::from_millis(*interval_ms),
+            )?),
+            _ => return Err(crate::spec::invalid("kind", "is not a process fault").into()),
+        };
+        tracing::info!(%id, fault = %spec, counters = ?installed.counters().ok(), "process fault applied");
+        st.active.insert(
+            id.to_string(),
+            Active {
+                spec,
+                deadline,
+                netns,
+                installed,
+            },
+        );
+        self.write_journal(st, None)
+    }
+
     /// The spare prepared object if there is one, else a new one. Once the engine has applied a
     /// fault it keeps a spare: loading and verifying is ~2/3 of an apply. Not at start, so an
     /// idle agent holds nothing in the kernel.
@@ -1182,6 +1279,7 @@ impl Engine {
             for fault in &file.faults {
                 report.faults += 1;
                 report.workers += crate::stress::kill_survivors(&fault.workers);
+                report.thawed += crate::process::thaw_leftovers(&fault.frozen);
                 let clsact: Vec<AttachmentRecord> = fault
                     .attachments
                     .iter()
@@ -1284,6 +1382,7 @@ fn entry(
         netns_id: netns.id,
         attachments: installed.map(Installed::records).unwrap_or_default(),
         workers: installed.map(Installed::workers).unwrap_or_default(),
+        frozen: installed.map(Installed::frozen).unwrap_or_default(),
     }
 }
 

@@ -55,6 +55,9 @@ pub struct Entry {
     /// CPU stress workers (pid and start time), so a later engine kills any that survived.
     #[serde(default)]
     pub workers: Vec<Owner>,
+    /// What a process-pause froze, so a later engine thaws it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<crate::process::Frozen>,
 }
 
 /// A device where this engine put its root qdisc (shared by its shaping faults there).
@@ -216,6 +219,7 @@ mod tests {
                 pid: 4242,
                 start_time: 17,
             }],
+            frozen: vec![],
         }
     }
 

@@ -14,6 +14,7 @@ pub mod netlink;
 pub mod netns;
 pub mod null_backend;
 pub mod pod;
+pub mod process;
 pub mod qdisc;
 pub mod registry;
 pub mod rules;

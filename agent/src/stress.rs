@@ -601,7 +601,7 @@ unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64, beat: Heart
 }
 
 /// Closes every descriptor except `keep` (close_range, or a loop where it is missing).
-unsafe fn close_all_but(keep: RawFd) {
+pub(crate) unsafe fn close_all_but(keep: RawFd) {
     let keep = keep as libc::c_uint;
     // SAFETY: closing descriptors of our own process.
     unsafe {
@@ -720,7 +720,7 @@ fn burn() {
     std::hint::black_box((x, n));
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
@@ -730,7 +730,7 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> io::Result<()> {
+pub(crate) fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> io::Result<()> {
     // SAFETY: no siginfo; flags 0.
     let r = unsafe {
         libc::syscall(
@@ -749,7 +749,7 @@ fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> io::Result<()> {
 }
 
 /// Waits up to `timeout` for the process to exit and reaps it. Ok(false): still running.
-fn reap(pidfd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn reap(pidfd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,

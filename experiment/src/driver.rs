@@ -170,6 +170,11 @@ pub fn summarize(spec: &pb::FaultSpec) -> String {
                 &k.signal
             }
         ),
+        Some(Kind::ProcessPause(_)) => "process-pause".into(),
+        Some(Kind::ProcessKill(k)) => match k.interval_ms {
+            0 => format!("process-kill SIG{}", k.signal),
+            ms => format!("process-kill SIG{} every {ms} ms", k.signal),
+        },
         Some(Kind::PodKill(k)) => match k.grace_period_seconds {
             Some(0) => "pod-kill (force)".into(),
             Some(s) => format!("pod-kill (grace {s}s)"),

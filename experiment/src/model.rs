@@ -354,6 +354,8 @@ raw_fault! {
     cpu: params::Cpu,
     pod_kill: params::PodKill,
     container_kill: params::ContainerKill,
+    process_pause: params::ProcessPause,
+    process_kill: params::ProcessKill,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -413,6 +415,25 @@ impl Fault {
                     return Err("cpu: cgroup, pid and pod-uid exclude target.pods".into());
                 }
                 c.target.pod_uid = Some(ANY_POD.into());
+            }
+            for (kind, p) in [
+                (
+                    "process-pause",
+                    placed.process_pause.as_mut().map(|p| &mut p.target),
+                ),
+                (
+                    "process-kill",
+                    placed.process_kill.as_mut().map(|p| &mut p.target),
+                ),
+            ] {
+                if let Some(p) = p {
+                    if p.pid.is_some() || p.cgroup.is_some() || p.pod_uid.is_some() {
+                        return Err(format!(
+                            "{kind}: pid, cgroup and pod-uid exclude target.pods"
+                        ));
+                    }
+                    p.pod_uid = Some(ANY_POD.into());
+                }
             }
             if let Some(c) = &mut placed.container_kill {
                 if c.pod_uid.is_some() || c.container_id.is_some() {

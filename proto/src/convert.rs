@@ -2,8 +2,8 @@
 //! gRPC is validated here with the same parsers and error lines as the CLI and the files.
 use crate::agent::v1 as pb;
 use chaos_spec::{
-    CgroupRef, Counters, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, Protocol, Target,
-    invalid,
+    CgroupRef, Counters, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, ProcessRef,
+    Protocol, Target, invalid,
 };
 use std::time::Duration;
 
@@ -64,6 +64,19 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                 container: k.container_id,
                 signal: k.signal.parse()?,
             },
+            Some(pb::fault_spec::Kind::ProcessPause(k)) => {
+                let (target, name) = process_target(k.target)?;
+                FaultKind::ProcessPause { target, name }
+            }
+            Some(pb::fault_spec::Kind::ProcessKill(k)) => {
+                let (target, name) = process_target(k.target)?;
+                FaultKind::ProcessKill {
+                    target,
+                    name,
+                    signal: k.signal.parse()?,
+                    interval_ms: k.interval_ms,
+                }
+            }
             Some(pb::fault_spec::Kind::PodKill(_)) => {
                 return Err(invalid(
                     "kind",
@@ -191,6 +204,32 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     duration_ms: s.duration.as_millis() as u64,
                 };
             }
+            FaultKind::ProcessPause {
+                ref target,
+                ref name,
+            } => {
+                return host_spec(
+                    s,
+                    pb::fault_spec::Kind::ProcessPause(pb::ProcessPause {
+                        target: Some(process_target_pb(target, name)),
+                    }),
+                );
+            }
+            FaultKind::ProcessKill {
+                ref target,
+                ref name,
+                signal,
+                interval_ms,
+            } => {
+                return host_spec(
+                    s,
+                    pb::fault_spec::Kind::ProcessKill(pb::ProcessKill {
+                        target: Some(process_target_pb(target, name)),
+                        signal: signal.name().into(),
+                        interval_ms,
+                    }),
+                );
+            }
             FaultKind::ContainerKill {
                 ref pod,
                 ref container,
@@ -278,6 +317,39 @@ pub fn kind_info(k: &pb::fault_spec::Kind) -> &'static chaos_spec::KindInfo {
         Kind::Cpu(_) => &kinds::CPU,
         Kind::PodKill(_) => &kinds::POD_KILL,
         Kind::ContainerKill(_) => &kinds::CONTAINER_KILL,
+        Kind::ProcessPause(_) => &kinds::PROCESS_PAUSE,
+        Kind::ProcessKill(_) => &kinds::PROCESS_KILL,
+    }
+}
+
+/// A host kind's spec: no network target.
+fn host_spec(s: &FaultSpec, kind: pb::fault_spec::Kind) -> pb::FaultSpec {
+    pb::FaultSpec {
+        kind: Some(kind),
+        target: None,
+        duration_ms: s.duration.as_millis() as u64,
+    }
+}
+
+fn process_target(t: Option<pb::ProcessTarget>) -> Result<(ProcessRef, String), InvalidInput> {
+    let t = t.unwrap_or_default();
+    let target = match t.target {
+        Some(pb::process_target::Target::Pid(pid)) => ProcessRef::Pid(pid),
+        Some(pb::process_target::Target::Cgroup(path)) => ProcessRef::Cgroup(path),
+        Some(pb::process_target::Target::PodUid(uid)) => ProcessRef::Pod(uid),
+        None => ProcessRef::from_flags(None, None, None)?,
+    };
+    Ok((target, t.name))
+}
+
+fn process_target_pb(target: &ProcessRef, name: &str) -> pb::ProcessTarget {
+    pb::ProcessTarget {
+        target: Some(match target {
+            ProcessRef::Pid(pid) => pb::process_target::Target::Pid(*pid),
+            ProcessRef::Cgroup(p) => pb::process_target::Target::Cgroup(p.clone()),
+            ProcessRef::Pod(uid) => pb::process_target::Target::PodUid(uid.clone()),
+        }),
+        name: name.to_string(),
     }
 }
 

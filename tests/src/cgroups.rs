@@ -17,6 +17,16 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(tag: &str) -> Self {
+        Self::in_hierarchies(tag, |h| {
+            h.v2 || h.controllers.iter().any(|c| c == "cpu" || c == "cpuacct")
+        })
+    }
+
+    /// A cgroup in the hierarchies `wanted` picks (e.g. only the v1 freezer, or only v2).
+    pub fn in_hierarchies(
+        tag: &str,
+        wanted: impl Fn(&chaos_agent::cgroup::Hierarchy) -> bool,
+    ) -> Self {
         crate::require_root();
         let path = format!("/chaos-test-{tag}-{}", std::process::id());
         let hierarchies = chaos_agent::cgroup::hierarchies().expect("read mountinfo");
@@ -26,8 +36,7 @@ impl TestCgroup {
             v2: None,
         };
         for h in &hierarchies {
-            let wanted = h.v2 || h.controllers.iter().any(|c| c == "cpu" || c == "cpuacct");
-            if !wanted || h.root != "/" {
+            if !wanted(h) || h.root != "/" {
                 continue;
             }
             let dir = h.mount.join(path.trim_start_matches('/'));
@@ -43,7 +52,7 @@ impl TestCgroup {
         }
         assert!(
             !cg.dirs.is_empty(),
-            "no cpu/cpuacct or v2 cgroup hierarchy to create {path} in: {hierarchies:?}"
+            "no wanted cgroup hierarchy to create {path} in: {hierarchies:?}"
         );
         cg
     }
@@ -73,6 +82,11 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // A frozen process dies only once thawed: thaw first (a test may fail mid-pause).
+        for dir in &self.dirs {
+            let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = 0;

@@ -112,6 +112,101 @@ pub enum FaultKind {
         container: String,
         signal: KillSignal,
     },
+    /// Freeze the target processes until the fault ends. A guard process, not the engine,
+    /// holds the thaw: it thaws them at the deadline, or at once if the engine dies.
+    ProcessPause {
+        target: ProcessRef,
+        /// A regex the process's name (comm) or command line must match; empty: every one.
+        #[serde(default)]
+        name: String,
+    },
+    /// Signal the target processes at apply and, with `interval_ms`, again every interval
+    /// until the fault ends (a crash loop: each round finds the processes anew).
+    ProcessKill {
+        target: ProcessRef,
+        #[serde(default)]
+        name: String,
+        signal: KillSignal,
+        #[serde(default)]
+        interval_ms: u64,
+    },
+}
+
+/// Which processes a process fault acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessRef {
+    /// This process and its descendants (never the rest of its cgroup).
+    Pid(u32),
+    /// Every process in this cgroup and the cgroups below it.
+    Cgroup(String),
+    /// The processes of a Kubernetes pod's containers, by pod UID (its sandbox is spared).
+    Pod(String),
+}
+
+impl ProcessRef {
+    /// Exactly one of `--pid PID`, `--cgroup PATH` and `--pod-uid UID`.
+    pub fn from_flags(
+        pid: Option<u32>,
+        cgroup: Option<&str>,
+        pod_uid: Option<&str>,
+    ) -> Result<Self, InvalidInput> {
+        match (pid, cgroup, pod_uid) {
+            (Some(pid), None, None) => Ok(ProcessRef::Pid(pid)),
+            (None, Some(path), None) => Ok(ProcessRef::Cgroup(path.to_string())),
+            (None, None, Some(uid)) => Ok(ProcessRef::Pod(uid.to_string())),
+            _ => Err(invalid(
+                "--pid",
+                "give exactly one of --pid PID, --cgroup PATH or --pod-uid UID",
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            ProcessRef::Pid(0 | 1) => Err(invalid(
+                "--pid",
+                "must be a process id greater than 1 (init is never a target)",
+            )),
+            ProcessRef::Pid(_) => Ok(()),
+            ProcessRef::Pod(uid) => check_pod_uid("--pod-uid", uid),
+            ProcessRef::Cgroup(p) if p.trim_end_matches('/').is_empty() => Err(invalid(
+                "--cgroup",
+                "the root cgroup holds every process on the host; name a cgroup below it",
+            )),
+            ProcessRef::Cgroup(p) => CgroupRef::Path(p.clone()).validate(),
+        }
+    }
+}
+
+impl fmt::Display for ProcessRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessRef::Pid(pid) => write!(f, "pid {pid} and its descendants"),
+            ProcessRef::Cgroup(p) => write!(f, "the processes of cgroup {p}"),
+            ProcessRef::Pod(uid) => write!(f, "the containers of pod {uid}"),
+        }
+    }
+}
+
+/// The longest `--name` pattern (a regex compiled on the agent: bounded so a hostile pattern
+/// costs nothing).
+pub const MAX_NAME_PATTERN: usize = 256;
+/// The shortest `--every` between process-kill rounds.
+pub const MIN_KILL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A `--name` pattern, compiled with a bounded program size.
+pub fn name_pattern(pattern: &str) -> Result<regex::Regex, InvalidInput> {
+    if pattern.len() > MAX_NAME_PATTERN {
+        return Err(invalid(
+            "--name",
+            format!("must be at most {MAX_NAME_PATTERN} characters"),
+        ));
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| invalid("--name", format!("`{pattern}` is not a regex: {e}")))
 }
 
 /// The signals container-kill sends.
@@ -359,6 +454,8 @@ pub mod kinds {
     pub const BANDWIDTH: KindInfo = shaping("bandwidth", &["htb"]);
     pub const CPU: KindInfo = host("cpu", &["stress"]);
     pub const CONTAINER_KILL: KindInfo = host("container-kill", &["signal"]);
+    pub const PROCESS_PAUSE: KindInfo = host("process-pause", &["freezer", "signal"]);
+    pub const PROCESS_KILL: KindInfo = host("process-kill", &["signal"]);
     /// Not an agent's: chaos-controller deletes pods through the Kubernetes API.
     pub const POD_KILL: KindInfo = host("pod-kill", &["kubernetes"]);
 }
@@ -375,6 +472,8 @@ pub const KINDS: &[KindInfo] = &[
     kinds::DNS,
     kinds::CPU,
     kinds::CONTAINER_KILL,
+    kinds::PROCESS_PAUSE,
+    kinds::PROCESS_KILL,
 ];
 
 /// The names in [`KINDS`], for error texts: "loss, corrupt, ... or container-kill".
@@ -400,6 +499,8 @@ impl FaultKind {
             FaultKind::Dns { .. } => &kinds::DNS,
             FaultKind::Cpu { .. } => &kinds::CPU,
             FaultKind::ContainerKill { .. } => &kinds::CONTAINER_KILL,
+            FaultKind::ProcessPause { .. } => &kinds::PROCESS_PAUSE,
+            FaultKind::ProcessKill { .. } => &kinds::PROCESS_KILL,
         }
     }
 
@@ -683,6 +784,26 @@ pub const MAX_DELAY_MS: f64 = 600_000.0;
 /// What a fault does and to what, for the lines a person reads during an incident:
 /// `loss 5% on eth0 (netns /run/netns/web) to 10.0.0.1/32 port 443 egress`. Every kind is
 /// matched here, so a new one cannot be printed as something else.
+/// `, named /REGEX/` when a name filter is set.
+fn named(f: &mut fmt::Formatter<'_>, name: &str) -> fmt::Result {
+    if name.is_empty() {
+        Ok(())
+    } else {
+        write!(f, " named /{name}/")
+    }
+}
+
+/// `1500` as `1.5s`, `250` as `250ms`, `60000` as `60s`.
+fn format_millis(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}s", ms as f64 / 1000.0)
+    }
+}
+
 impl fmt::Display for FaultSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pct = |p: f64| format!("{}%", p);
@@ -746,6 +867,23 @@ impl fmt::Display for FaultSpec {
                     "container-kill SIG{} to {which} of pod {pod}",
                     signal.name()
                 );
+            }
+            FaultKind::ProcessPause { target, name } => {
+                write!(f, "process-pause of {target}")?;
+                return named(f, name);
+            }
+            FaultKind::ProcessKill {
+                target,
+                name,
+                signal,
+                interval_ms,
+            } => {
+                write!(f, "process-kill SIG{} to {target}", signal.name())?;
+                named(f, name)?;
+                if *interval_ms > 0 {
+                    write!(f, ", every {}", format_millis(*interval_ms))?;
+                }
+                return Ok(());
             }
         }
         let t = &self.target;
@@ -974,6 +1112,39 @@ impl FaultSpec {
                     return Err(invalid(
                         "--container-id",
                         format!("`{container}` must be a container id (at least 12 hex digits)"),
+                    ));
+                }
+            }
+            FaultKind::ProcessPause {
+                ref target,
+                ref name,
+            } => {
+                target.validate()?;
+                name_pattern(name)?;
+            }
+            FaultKind::ProcessKill {
+                ref target,
+                ref name,
+                interval_ms,
+                ..
+            } => {
+                target.validate()?;
+                name_pattern(name)?;
+                let min = MIN_KILL_INTERVAL.as_millis() as u64;
+                if interval_ms > 0 && interval_ms < min {
+                    return Err(invalid(
+                        "--every",
+                        format!("must be at least {min}ms (got {interval_ms}ms)"),
+                    ));
+                }
+                if Duration::from_millis(interval_ms) > self.duration {
+                    return Err(invalid(
+                        "--every",
+                        format!(
+                            "{} is longer than the fault's --duration {}; it would never repeat",
+                            format_millis(interval_ms),
+                            format_millis(self.duration.as_millis() as u64)
+                        ),
                     ));
                 }
             }

@@ -3,7 +3,9 @@
 //! schema through schemars) from the same struct, and [`Params::kind`] turns either into the
 //! [`FaultKind`] the engine runs. A flag and its file key may be spelled differently
 //! (`--domain` repeated, `domains:` a list); the value and its parser are the same.
-use crate::{CgroupRef, FaultKind, InvalidInput, kinds, parse_millis, parse_percent, parse_rate};
+use crate::{
+    CgroupRef, FaultKind, InvalidInput, ProcessRef, kinds, parse_millis, parse_percent, parse_rate,
+};
 use clap::Args;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -355,6 +357,109 @@ impl Params for ContainerKill {
             pod: pod.clone(),
             container: self.container_id.clone().unwrap_or_default(),
             signal: self.signal.as_deref().unwrap_or("KILL").parse()?,
+        })
+    }
+}
+
+/// Which processes a process fault acts on: exactly one of `pid`, `cgroup`, `pod-uid`, and
+/// optionally a name they must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProcessTarget {
+    /// This process and its descendants (not the rest of its cgroup).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Every process in this cgroup (relative to the hierarchies' roots, e.g. /chaos/pod1) and
+    /// below it.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The processes of this Kubernetes pod's containers (found on the agent's node by UID;
+    /// the sandbox is spared).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Only processes whose name (comm) or command line matches this regex.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ProcessTarget {
+    pub fn process_ref(&self) -> Result<ProcessRef, InvalidInput> {
+        ProcessRef::from_flags(self.pid, self.cgroup.as_deref(), self.pod_uid.as_deref())
+    }
+
+    fn name(&self) -> String {
+        self.name.clone().unwrap_or_default()
+    }
+}
+
+/// Freezes processes (the cgroup freezer for a whole cgroup, SIGSTOP otherwise) until the
+/// fault ends; they are thawed even if the engine dies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProcessPause {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub target: ProcessTarget,
+}
+
+impl Kind for ProcessPause {
+    const NAME: &'static str = kinds::PROCESS_PAUSE.name;
+}
+
+impl Params for ProcessPause {
+    fn kind(&self) -> Result<FaultKind, InvalidInput> {
+        Ok(FaultKind::ProcessPause {
+            target: self.target.process_ref()?,
+            name: self.target.name(),
+        })
+    }
+}
+
+/// Signals processes once, or every `interval` while the fault lasts (a crash loop).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProcessKill {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub target: ProcessTarget,
+    /// KILL (default), TERM, INT or HUP.
+    #[arg(long, default_value = "KILL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Signal again every DURATION (e.g. 10s) until the fault ends; once when omitted.
+    /// (`--interval` is the counter lines' period in every command.)
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+}
+
+impl Kind for ProcessKill {
+    const NAME: &'static str = kinds::PROCESS_KILL.name;
+}
+
+impl Params for ProcessKill {
+    fn kind(&self) -> Result<FaultKind, InvalidInput> {
+        let interval_ms = match &self.every {
+            None => 0,
+            Some(text) => {
+                let d =
+                    crate::parse_duration(text).map_err(|e| crate::invalid("--every", e.rule))?;
+                u64::try_from(d.as_millis())
+                    .map_err(|_| crate::invalid("--every", "is too long"))?
+            }
+        };
+        Ok(FaultKind::ProcessKill {
+            target: self.target.process_ref()?,
+            name: self.target.name(),
+            signal: self.signal.as_deref().unwrap_or("KILL").parse()?,
+            interval_ms,
         })
     }
 }

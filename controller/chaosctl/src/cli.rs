@@ -253,6 +253,21 @@ enum FaultArgs {
         #[command(flatten)]
         run: Run,
     },
+    /// Freeze processes until the fault ends: the cgroup freezer for a whole --cgroup, SIGSTOP
+    /// otherwise. A guard process thaws them at the deadline, or at once if the engine dies.
+    ProcessPause {
+        #[command(flatten)]
+        p: params::ProcessPause,
+        #[command(flatten)]
+        run: Run,
+    },
+    /// Signal processes once, or --every DURATION while the fault lasts (a crash loop).
+    ProcessKill {
+        #[command(flatten)]
+        p: params::ProcessKill,
+        #[command(flatten)]
+        run: Run,
+    },
     /// Delete pods through the cluster's API (needs --namespace); the run then waits for them
     /// to be replaced and measures the time until the selected pods are all Ready again.
     PodKill {
@@ -388,6 +403,8 @@ impl FaultArgs {
             FaultArgs::Dns { p, common } => net(p, common),
             FaultArgs::Cpu { p, run } => (p, params::Cpu::NAME, run),
             FaultArgs::ContainerKill { p, run } => (p, params::ContainerKill::NAME, run),
+            FaultArgs::ProcessPause { p, run } => (p, params::ProcessPause::NAME, run),
+            FaultArgs::ProcessKill { p, run } => (p, params::ProcessKill::NAME, run),
             FaultArgs::PodKill { p, run } => (p, params::PodKill::NAME, run),
         }
     }
@@ -403,9 +420,11 @@ impl FaultArgs {
             | FaultArgs::Duplicate { common, .. }
             | FaultArgs::Bandwidth { common, .. }
             | FaultArgs::Dns { common, .. } => Some(common),
-            FaultArgs::Cpu { .. } | FaultArgs::ContainerKill { .. } | FaultArgs::PodKill { .. } => {
-                None
-            }
+            FaultArgs::Cpu { .. }
+            | FaultArgs::ContainerKill { .. }
+            | FaultArgs::ProcessPause { .. }
+            | FaultArgs::ProcessKill { .. }
+            | FaultArgs::PodKill { .. } => None,
         }
     }
 
@@ -444,6 +463,14 @@ impl FaultArgs {
                 f.cpu = Some(p.clone())
             }
             FaultArgs::ContainerKill { p, .. } => f.container_kill = Some(p.clone()),
+            FaultArgs::ProcessPause { p, .. } => {
+                no_node_target(&p.target)?;
+                f.process_pause = Some(p.clone())
+            }
+            FaultArgs::ProcessKill { p, .. } => {
+                no_node_target(&p.target)?;
+                f.process_kill = Some(p.clone())
+            }
             FaultArgs::PodKill { p, .. } => f.pod_kill = Some(p.clone()),
         }
         let run = self.run();
@@ -510,6 +537,17 @@ impl FaultArgs {
     fn namespace(&self) -> Option<&str> {
         self.run().namespace.as_deref()
     }
+}
+
+/// On a cluster each chosen pod is the target: node-level process targets have no place.
+fn no_node_target(t: &params::ProcessTarget) -> Result<(), InvalidInput> {
+    if t.pid.is_some() || t.cgroup.is_some() || t.pod_uid.is_some() {
+        return Err(spec::invalid(
+            "--namespace",
+            "acts on each chosen pod's processes; drop --pid, --cgroup and --pod-uid (--name still narrows)",
+        ));
+    }
+    Ok(())
 }
 
 fn spec_from(kind: FaultKind, c: &Common) -> Result<FaultSpec, InvalidInput> {
@@ -1267,6 +1305,18 @@ mod tests {
                 "container-kill",
                 &["--pod-uid", POD, "--signal", "TERM"],
                 "container-kill: {pod-uid: 6f1d9c43-8c1e-4a57-9f0a-2f4d5e6a7b8c, signal: TERM}",
+                false,
+            ),
+            (
+                "process-pause",
+                &["--cgroup", "/chaos/x", "--name", "^nginx"],
+                "process-pause: {cgroup: /chaos/x, name: ^nginx}",
+                false,
+            ),
+            (
+                "process-kill",
+                &["--pid", "4242", "--signal", "TERM", "--every", "10s"],
+                "process-kill: {pid: 4242, signal: TERM, every: 10s}",
                 false,
             ),
         ];

@@ -73,6 +73,17 @@ pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec
     {
         c.cgroup_target = Some(CgroupTarget::PodUid(uid.to_string()));
     }
+    use pb::process_target::Target as Process;
+    let process = match spec.kind.as_mut() {
+        Some(pb::fault_spec::Kind::ProcessPause(p)) => p.target.as_mut(),
+        Some(pb::fault_spec::Kind::ProcessKill(p)) => p.target.as_mut(),
+        _ => None,
+    };
+    if let Some(t) = process
+        && matches!(&t.target, Some(Process::PodUid(u)) if u == ANY_POD)
+    {
+        t.target = Some(Process::PodUid(uid.to_string()));
+    }
     Ok(spec)
 }
 

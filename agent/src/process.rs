@@ -1,0 +1,850 @@
+//! Process faults: finding the target processes, freezing them (process-pause) and signalling
+//! them (process-kill).
+//!
+//! **Which processes.** `--pid P` is P and its descendants (never the rest of its cgroup);
+//! `--cgroup PATH` every process in that cgroup and below it, in any hierarchy where it exists;
+//! `--pod-uid` the pod's container processes (its sandbox is spared). `--name` keeps those
+//! whose name (comm) or command line matches. Kernel threads are never targets, and neither is
+//! this engine or any of its ancestors (freezing one would hang the engine, or its caller).
+//! Every process is held through a pidfd whose start time was checked after it was opened, so
+//! a pid reused between the scan and the signal is never touched.
+//!
+//! **How a pause ends without us.** Before anything is frozen, a guard process is forked. It
+//! holds what the thaw needs (the cgroup's freeze file, or pidfds of the stopped processes)
+//! and the read end of a pipe whose only writer is the engine; it thaws when the pipe breaks
+//! (the engine died, however), at the deadline (so a frozen or stopped engine still ends its
+//! pause on time), or on SIGTERM/SIGINT/SIGHUP; then it exits. Between fork and exit it makes
+//! only async-signal-safe system calls. A revert thaws from the engine and then kills the
+//! guard. The journal names what was frozen, so if the engine and the guard die together (a
+//! container's cgroup killed whole) the next engine thaws it.
+//!
+//! **Freezer or signal.** A whole cgroup (no `--name`) is frozen by the cgroup v2 freezer
+//! (`cgroup.freeze`) or else the v1 freezer (`freezer.state`), which also holds processes the
+//! target forks meanwhile. Otherwise each process gets SIGSTOP (and SIGCONT at the end): the
+//! freezer cannot freeze part of a cgroup.
+use crate::cgroup;
+use crate::journal::{self, Owner};
+use crate::spec::{InvalidInput, ProcessRef, invalid, name_pattern};
+use crate::stress::{pidfd_open, pidfd_send_signal, reap};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    #[error("freeze {path}: {source}")]
+    Freeze { path: PathBuf, source: io::Error },
+    #[error("{what} did not freeze within {timeout:?}")]
+    FreezeTimeout { what: String, timeout: Duration },
+    #[error("start the thaw guard: {0}")]
+    Guard(io::Error),
+    #[error("thaw {what}: {source}")]
+    Thaw { what: String, source: io::Error },
+    #[error("start the process-kill thread: {0}")]
+    Thread(io::Error),
+}
+
+/// How long an apply waits for the target to be frozen.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Rounds of "stop what was found, look again" for a process tree that forks meanwhile.
+const STOP_ROUNDS: usize = 8;
+
+/// One target process, pinned by a pidfd.
+struct Proc {
+    owner: Owner,
+    pidfd: OwnedFd,
+}
+
+/// What one scan found: how many processes were in scope and the ones that matched.
+struct Found {
+    seen: u64,
+    procs: Vec<Proc>,
+}
+
+/// A process as /proc/PID/stat shows it.
+struct Stat {
+    ppid: u32,
+    state: char,
+    start: u64,
+    kernel_thread: bool,
+}
+
+fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses.
+    let rest = text.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        kernel_thread: f.get(6)?.parse::<u64>().ok()? & PF_KTHREAD != 0,
+        start: f.get(19)?.parse().ok()?,
+    })
+}
+
+fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// `pid` and its descendants, from every process's parent.
+fn tree(pid: u32) -> BTreeSet<u32> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for p in all_pids() {
+        if let Some(s) = stat(p) {
+            children.entry(s.ppid).or_default().push(p);
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        if out.insert(p) {
+            todo.extend(children.get(&p).into_iter().flatten());
+        }
+    }
+    out
+}
+
+/// The processes in cgroup directory `dir` and below it.
+fn cgroup_procs(dir: &Path, out: &mut BTreeSet<u32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_procs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// This engine's process and its ancestors: never targets.
+fn protected() -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    let mut pid = std::process::id();
+    while pid > 0 && out.insert(pid) {
+        pid = stat(pid).map_or(0, |s| s.ppid);
+    }
+    out
+}
+
+fn field(target: &ProcessRef) -> &'static str {
+    match target {
+        ProcessRef::Pid(_) => "--pid",
+        ProcessRef::Cgroup(_) => "--cgroup",
+        ProcessRef::Pod(_) => "--pod-uid",
+    }
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .trim_end()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The pids in the target's scope, before the name filter. A target that names nothing that
+/// exists is bad input.
+fn scope(target: &ProcessRef) -> Result<BTreeSet<u32>, InvalidInput> {
+    match target {
+        ProcessRef::Pid(pid) => {
+            if stat(*pid).is_none() {
+                return Err(invalid("--pid", format!("no process {pid}")));
+            }
+            Ok(tree(*pid))
+        }
+        ProcessRef::Cgroup(path) => {
+            let placement = cgroup::resolve(&crate::spec::CgroupRef::Path(path.clone()))?;
+            let mut out = BTreeSet::new();
+            for dir in placement.dirs() {
+                cgroup_procs(dir, &mut out);
+            }
+            Ok(out)
+        }
+        ProcessRef::Pod(uid) => {
+            let pod = crate::pod::scan_uid(Path::new("/proc"), uid)?;
+            Ok(pod.containers().into_values().flatten().collect())
+        }
+    }
+}
+
+/// Finds and pins the target's processes. With `strict`, a target that includes this engine or
+/// an ancestor is refused (at apply); a later round of a kill loop skips them instead.
+fn find(
+    target: &ProcessRef,
+    name: &str,
+    strict: bool,
+    skip: &BTreeSet<u32>,
+) -> Result<Found, InvalidInput> {
+    let pattern = (!name.is_empty()).then(|| name_pattern(name)).transpose()?;
+    let protected = protected();
+    let mut seen = 0;
+    let mut procs = Vec::new();
+    for pid in scope(target)? {
+        let Some(s) = stat(pid) else { continue };
+        if s.kernel_thread || skip.contains(&pid) {
+            continue;
+        }
+        seen += 1;
+        if let Some(re) = &pattern
+            && !re.is_match(&comm(pid))
+            && !re.is_match(&cmdline(pid))
+        {
+            continue;
+        }
+        if protected.contains(&pid) || pid == 1 {
+            if strict {
+                return Err(invalid(
+                    field(target),
+                    format!(
+                        "{target} includes pid {pid} ({}), which is init, this engine or one of its ancestors; narrow it (--name) or pick another target",
+                        comm(pid)
+                    ),
+                ));
+            }
+            continue;
+        }
+        // Pin it, then check it is still the process the scan saw.
+        let Ok(pidfd) = pidfd_open(pid) else { continue };
+        if journal::start_time(pid).ok() != Some(s.start) {
+            continue;
+        }
+        procs.push(Proc {
+            owner: Owner {
+                pid,
+                start_time: s.start,
+            },
+            pidfd,
+        });
+    }
+    if strict && procs.is_empty() {
+        let which = if name.is_empty() {
+            String::new()
+        } else {
+            format!(" named /{name}/")
+        };
+        return Err(invalid(
+            field(target),
+            format!("{target} has no process{which} ({seen} in scope)"),
+        ));
+    }
+    Ok(Found { seen, procs })
+}
+
+/// What a pause froze, as the journal records it for a later engine to thaw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Frozen {
+    /// A v2 cgroup directory whose `cgroup.freeze` we set.
+    CgroupV2(PathBuf),
+    /// A v1 freezer cgroup directory whose `freezer.state` we set.
+    CgroupV1(PathBuf),
+    /// A process we sent SIGSTOP.
+    Stopped(Owner),
+}
+
+impl Frozen {
+    fn method(&self) -> &'static str {
+        match self {
+            Frozen::CgroupV2(_) => "freezer/v2",
+            Frozen::CgroupV1(_) => "freezer/v1",
+            Frozen::Stopped(_) => "signal/stop",
+        }
+    }
+}
+
+/// A cgroup freezer file and the text that thaws it.
+fn freezer_file(f: &Frozen) -> Option<(PathBuf, &'static [u8], &'static [u8])> {
+    match f {
+        Frozen::CgroupV2(d) => Some((d.join("cgroup.freeze"), b"1", b"0")),
+        Frozen::CgroupV1(d) => Some((d.join("freezer.state"), b"FROZEN", b"THAWED")),
+        Frozen::Stopped(_) => None,
+    }
+}
+
+/// Thaws what an earlier engine's journal says it froze. Returns how many were thawed.
+pub fn thaw_leftovers(frozen: &[Frozen]) -> usize {
+    let mut thawed = 0;
+    for f in frozen {
+        match f {
+            Frozen::Stopped(o) => {
+                let Ok(fd) = pidfd_open(o.pid) else { continue };
+                if journal::start_time(o.pid).ok() == Some(o.start_time)
+                    && pidfd_send_signal(fd.as_raw_fd(), libc::SIGCONT).is_ok()
+                {
+                    thawed += 1;
+                }
+            }
+            _ => {
+                if let Some((file, _, thaw)) = freezer_file(f)
+                    && std::fs::write(&file, thaw).is_ok()
+                {
+                    thawed += 1;
+                }
+            }
+        }
+    }
+    thawed
+}
+
+/// A paused target. Dropping it does not thaw: [`Paused::thaw`] does, and the guard does if
+/// the engine never gets to.
+pub struct Paused {
+    frozen: Vec<Frozen>,
+    /// Open freezer files (cgroup target) or pidfds of the stopped processes (in `frozen`'s
+    /// order for the stopped ones).
+    freezer: Option<OwnedFd>,
+    stopped: Vec<Proc>,
+    guard: Guard,
+    seen: u64,
+    matched: u64,
+}
+
+impl Paused {
+    /// Freezes `target` until `deadline`.
+    pub fn start(
+        target: &ProcessRef,
+        name: &str,
+        deadline: SystemTime,
+    ) -> Result<Self, ProcessError> {
+        let found = find(target, name, true, &BTreeSet::new())?;
+        let freezer = match target {
+            ProcessRef::Cgroup(path) if name.is_empty() => freezer_of(path)?,
+            _ => None,
+        };
+        match freezer {
+            Some((frozen, file)) => {
+                let guard = Guard::spawn(
+                    &[ThawOp::Write(file.as_raw_fd(), freezer_thaw(&frozen))],
+                    deadline,
+                )?;
+                let mut paused = Paused {
+                    frozen: vec![frozen],
+                    freezer: Some(file),
+                    stopped: Vec::new(),
+                    guard,
+                    seen: found.seen,
+                    matched: found.procs.len() as u64,
+                };
+                if let Err(e) = paused.freeze_cgroup() {
+                    let _ = paused.thaw();
+                    return Err(e);
+                }
+                Ok(paused)
+            }
+            None => Self::stop_each(target, name, found, deadline),
+        }
+    }
+
+    fn freeze_cgroup(&mut self) -> Result<(), ProcessError> {
+        let Some(frozen) = self.frozen.first().cloned() else {
+            return Ok(());
+        };
+        let Some((path, freeze, _)) = freezer_file(&frozen) else {
+            return Ok(());
+        };
+        std::fs::write(&path, freeze).map_err(|source| ProcessError::Freeze {
+            path: path.clone(),
+            source,
+        })?;
+        let started = Instant::now();
+        loop {
+            let done = match &frozen {
+                Frozen::CgroupV2(d) => std::fs::read_to_string(d.join("cgroup.events"))
+                    .is_ok_and(|t| t.lines().any(|l| l == "frozen 1")),
+                _ => std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == "FROZEN"),
+            };
+            if done {
+                return Ok(());
+            }
+            if started.elapsed() > FREEZE_TIMEOUT {
+                return Err(ProcessError::FreezeTimeout {
+                    what: path.display().to_string(),
+                    timeout: FREEZE_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGSTOP to each process; then look again for children forked meanwhile, and stop them
+    /// too. The guard is respawned with each round's pidfds (it must hold every one).
+    fn stop_each(
+        target: &ProcessRef,
+        name: &str,
+        found: Found,
+        deadline: SystemTime,
+    ) -> Result<Self, ProcessError> {
+        let seen = found.seen;
+        let mut stopped: Vec<Proc> = Vec::new();
+        let mut next = found.procs;
+        let mut guard: Option<Guard> = None;
+        for _ in 0..STOP_ROUNDS {
+            if next.is_empty() {
+                break;
+            }
+            let fresh = next.len();
+            stopped.append(&mut next);
+            let ops: Vec<ThawOp> = stopped
+                .iter()
+                .map(|p| ThawOp::Signal(p.pidfd.as_raw_fd()))
+                .collect();
+            // The new guard holds every pidfd before the new ones are stopped; the old one goes.
+            let new_guard = Guard::spawn(&ops, deadline)?;
+            if let Some(old) = guard.replace(new_guard) {
+                old.dismiss();
+            }
+            for p in &stopped[stopped.len() - fresh..] {
+                let _ = pidfd_send_signal(p.pidfd.as_raw_fd(), libc::SIGSTOP);
+            }
+            let skip: BTreeSet<u32> = stopped.iter().map(|p| p.owner.pid).collect();
+            next = find(target, name, false, &skip)?.procs;
+        }
+        let Some(guard) = guard else {
+            return Err(ProcessError::Guard(io::Error::other("no process to stop")));
+        };
+        let mut paused = Paused {
+            frozen: stopped.iter().map(|p| Frozen::Stopped(p.owner)).collect(),
+            freezer: None,
+            matched: stopped.len() as u64,
+            stopped,
+            guard,
+            seen,
+        };
+        if let Err(e) = paused.wait_stopped() {
+            let _ = paused.thaw();
+            return Err(e);
+        }
+        Ok(paused)
+    }
+
+    /// Waits until every stopped process that still lives shows state T.
+    fn wait_stopped(&self) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        loop {
+            let pending = self
+                .stopped
+                .iter()
+                .find(|p| stat(p.owner.pid).is_some_and(|s| s.state != 'T' && s.state != 'Z'));
+            let Some(p) = pending else { return Ok(()) };
+            if started.elapsed() > FREEZE_TIMEOUT {
+                return Err(ProcessError::FreezeTimeout {
+                    what: format!("pid {}", p.owner.pid),
+                    timeout: FREEZE_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// What the journal must name.
+    pub fn frozen(&self) -> Vec<Frozen> {
+        self.frozen.clone()
+    }
+
+    /// The guard process (for the journal: a later engine kills a survivor).
+    pub fn guard(&self) -> Owner {
+        self.guard.owner
+    }
+
+    pub fn method(&self) -> &'static str {
+        self.frozen.first().map_or("signal/stop", Frozen::method)
+    }
+
+    pub fn counters(&self) -> crate::spec::Counters {
+        crate::spec::Counters {
+            seen: self.seen,
+            matched: self.matched,
+            affected: self.matched,
+            ..Default::default()
+        }
+    }
+
+    /// Thaws the target (from the engine, so an error is seen here), then dismisses the guard.
+    pub fn thaw(&mut self) -> Result<(), ProcessError> {
+        let mut first_error = None;
+        if let (Some(file), Some(frozen)) = (&self.freezer, self.frozen.first()) {
+            let thaw = freezer_thaw(frozen);
+            // SAFETY: writing our buffer to our descriptor.
+            let r = unsafe { libc::pwrite(file.as_raw_fd(), thaw.as_ptr().cast(), thaw.len(), 0) };
+            if r < 0 {
+                first_error = Some(ProcessError::Thaw {
+                    what: format!("{frozen:?}"),
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        for p in &self.stopped {
+            match pidfd_send_signal(p.pidfd.as_raw_fd(), libc::SIGCONT) {
+                // ESRCH: it exited meanwhile; nothing to thaw.
+                Err(e) if e.raw_os_error() != Some(libc::ESRCH) && first_error.is_none() => {
+                    first_error = Some(ProcessError::Thaw {
+                        what: format!("pid {}", p.owner.pid),
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.guard.stop();
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn freezer_thaw(f: &Frozen) -> &'static [u8] {
+    freezer_file(f).map_or(b"", |(_, _, thaw)| thaw)
+}
+
+/// The freezer for a whole cgroup: v2's `cgroup.freeze` where the cgroup exists in the v2
+/// hierarchy, else v1's `freezer.state`; `None` when neither is there (SIGSTOP then).
+fn freezer_of(path: &str) -> Result<Option<(Frozen, OwnedFd)>, ProcessError> {
+    let placement = cgroup::resolve(&crate::spec::CgroupRef::Path(path.to_string()))?;
+    let candidates = placement
+        .v2
+        .iter()
+        .map(|d| Frozen::CgroupV2(d.clone()))
+        .chain(placement.v1.iter().map(|d| Frozen::CgroupV1(d.clone())));
+    for f in candidates {
+        let Some((file, _, _)) = freezer_file(&f) else {
+            continue;
+        };
+        if !file.is_file() {
+            continue;
+        }
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map_err(|source| ProcessError::Freeze {
+                path: file.clone(),
+                source,
+            })?;
+        return Ok(Some((f, OwnedFd::from(opened))));
+    }
+    Ok(None)
+}
+
+/// What the guard does to thaw, on descriptors it inherited.
+#[derive(Clone, Copy)]
+enum ThawOp {
+    /// SIGCONT through a pidfd.
+    Signal(RawFd),
+    /// Write this text to a freezer file.
+    Write(RawFd, &'static [u8]),
+}
+
+/// The thaw guard: a child process that thaws when the engine dies or the deadline passes.
+struct Guard {
+    owner: Owner,
+    pidfd: OwnedFd,
+    /// The write end of the guard's pipe; closing it (or dying) tells the guard to thaw.
+    pipe: Option<OwnedFd>,
+}
+
+impl Guard {
+    fn spawn(ops: &[ThawOp], deadline: SystemTime) -> Result<Guard, ProcessError> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(ProcessError::Guard(io::Error::last_os_error()));
+        }
+        // SAFETY: fresh descriptors we own.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let deadline_ns =
+            mono_ns().saturating_add(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX));
+        let mut keep: Vec<RawFd> = ops
+            .iter()
+            .map(|op| match op {
+                ThawOp::Signal(fd) | ThawOp::Write(fd, _) => *fd,
+            })
+            .collect();
+        keep.push(read.as_raw_fd());
+        keep.sort_unstable();
+        keep.dedup();
+        let read_fd = read.as_raw_fd();
+        // SAFETY: the child makes only async-signal-safe calls on memory prepared above (no
+        // allocation, no locks) and ends in _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(ProcessError::Guard(io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // SAFETY: see above.
+            unsafe { guard_main(read_fd, ops, &keep, deadline_ns) }
+        }
+        drop(read);
+        let pid = pid as u32;
+        let pidfd = pidfd_open(pid).map_err(ProcessError::Guard)?;
+        let start_time = journal::start_time(pid).unwrap_or(0);
+        Ok(Guard {
+            owner: Owner { pid, start_time },
+            pidfd,
+            pipe: Some(write),
+        })
+    }
+
+    /// Ends the guard without a thaw of its own (the engine has thawed, or a newer guard holds
+    /// the thaw): SIGKILL, then reap.
+    fn stop(&mut self) {
+        let _ = pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+        self.pipe = None;
+        let _ = reap(&self.pidfd, Duration::from_secs(2));
+    }
+
+    fn dismiss(mut self) {
+        self.stop();
+    }
+}
+
+fn mono_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    #[allow(clippy::useless_conversion)]
+    i64::from(ts.tv_sec)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(i64::from(ts.tv_nsec))
+}
+
+/// The guard's life: wait for the pipe to break, a signal, or the deadline; thaw; exit.
+///
+/// # Safety
+/// Called in a freshly forked child of a multithreaded process: only async-signal-safe calls.
+unsafe fn guard_main(read: RawFd, ops: &[ThawOp], keep: &[RawFd], deadline_ns: i64) -> ! {
+    // SAFETY: system calls on our own descriptors and signal mask.
+    unsafe {
+        // Only what the thaw needs stays open: not the engine's pipe ends of other guards (they
+        // would keep those guards from seeing the engine die), not its sockets or terminal.
+        let mut next: libc::c_uint = 0;
+        for &fd in keep {
+            let fd = fd as libc::c_uint;
+            if fd > next {
+                libc::syscall(libc::SYS_close_range, next, fd - 1, 0);
+            }
+            next = fd + 1;
+        }
+        libc::syscall(libc::SYS_close_range, next, libc::c_uint::MAX, 0);
+        // A terminal's Ctrl-C or a group kill aimed at the engine's caller is not for us.
+        libc::setsid();
+        libc::prctl(libc::PR_SET_NAME, c"chaos-thaw".as_ptr());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        loop {
+            let left = deadline_ns.saturating_sub(mono_ns());
+            if left <= 0 {
+                break;
+            }
+            let mut pfds = [
+                libc::pollfd {
+                    fd: read,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let ms = (left / 1_000_000 + 1).min(i64::from(i32::MAX)) as libc::c_int;
+            let n = if sfd >= 0 { 2 } else { 1 };
+            let r = libc::poll(pfds.as_mut_ptr(), n, ms);
+            if r > 0 {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() != libc::EINTR {
+                break;
+            }
+        }
+        for op in ops {
+            match *op {
+                ThawOp::Signal(fd) => {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd,
+                        libc::SIGCONT,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+                ThawOp::Write(fd, text) => {
+                    libc::pwrite(fd, text.as_ptr().cast(), text.len(), 0);
+                }
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
+/// A process-kill: the first round at apply, then (with an interval) a thread that signals
+/// again every interval until it is stopped. The thread dies with the engine.
+pub struct Killer {
+    counters: Arc<KillCounters>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct KillCounters {
+    seen: AtomicU64,
+    matched: AtomicU64,
+    signalled: AtomicU64,
+    rounds: AtomicU64,
+}
+
+impl KillCounters {
+    fn round(
+        &self,
+        target: &ProcessRef,
+        name: &str,
+        signal: i32,
+        strict: bool,
+    ) -> Result<(), InvalidInput> {
+        let found = find(target, name, strict, &BTreeSet::new())?;
+        let mut signalled = 0;
+        for p in &found.procs {
+            if pidfd_send_signal(p.pidfd.as_raw_fd(), signal).is_ok() {
+                signalled += 1;
+            }
+        }
+        self.seen.fetch_add(found.seen, Ordering::Relaxed);
+        self.matched
+            .fetch_add(found.procs.len() as u64, Ordering::Relaxed);
+        self.signalled.fetch_add(signalled, Ordering::Relaxed);
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Killer {
+    pub fn start(
+        target: &ProcessRef,
+        name: &str,
+        signal: i32,
+        interval: Duration,
+    ) -> Result<Self, ProcessError> {
+        let counters = Arc::new(KillCounters::default());
+        counters.round(target, name, signal, true)?;
+        if interval.is_zero() {
+            return Ok(Killer {
+                counters,
+                stop: None,
+                thread: None,
+            });
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let c = Arc::clone(&counters);
+        let (target, name) = (target.clone(), name.to_string());
+        let thread = std::thread::Builder::new()
+            .name("chaos-kill".into())
+            .spawn(move || {
+                // A message or the sender's drop ends the loop.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    if let Err(e) = c.round(&target, &name, signal, false) {
+                        tracing::warn!("process-kill round: {e}");
+                    }
+                }
+            })
+            .map_err(ProcessError::Thread)?;
+        Ok(Killer {
+            counters,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Ends the loop (no further signal once this returns).
+    pub fn stop(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn rounds(&self) -> u64 {
+        self.counters.rounds.load(Ordering::Relaxed)
+    }
+
+    pub fn counters(&self) -> crate::spec::Counters {
+        let c = &self.counters;
+        crate::spec::Counters {
+            seen: c.seen.load(Ordering::Relaxed),
+            matched: c.matched.load(Ordering::Relaxed),
+            affected: c.signalled.load(Ordering::Relaxed),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_and_its_ancestors_are_never_targets() {
+        let own = std::process::id();
+        let err = find(&ProcessRef::Pid(own), "", true, &BTreeSet::new())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("this engine or one of its ancestors"), "{err}");
+    }
+
+    #[test]
+    fn a_name_that_matches_nothing_is_one_line() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let err = find(&ProcessRef::Pid(pid), "^nomatch$", true, &BTreeSet::new())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let found = find(&ProcessRef::Pid(pid), "^sleep$", true, &BTreeSet::new());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(err.contains("has no process named /^nomatch$/"), "{err}");
+        assert_eq!(found.map(|f| f.procs.len()).ok(), Some(1));
+    }
+}
