@@ -225,9 +225,9 @@ impl Installed {
     }
 
     /// What a pause froze, for a later engine to thaw.
-    fn frozen(&self) -> Vec<crate::process::Frozen> {
+    fn undo(&self) -> Vec<crate::undo::Undo> {
         match self {
-            Installed::Paused(p) => p.frozen(),
+            Installed::Paused(p) => p.undo(),
             Installed::Net(_)
             | Installed::Cpu(_)
             | Installed::Killed(_)
@@ -312,8 +312,8 @@ pub struct Reclaimed {
     pub workers: usize,
     /// IFB devices deleted.
     pub devices: usize,
-    /// Targets of a dead engine's process-pause that were still frozen, thawed.
-    pub thawed: usize,
+    /// What dead engines' host faults left (frozen targets thawed, fill files removed).
+    pub undone: usize,
     /// Namespaces whose kernel objects were swept by their marks.
     pub namespaces: usize,
     /// One line per kernel object removed by its marks (no journal named it).
@@ -1279,7 +1279,7 @@ impl Engine {
             for fault in &file.faults {
                 report.faults += 1;
                 report.workers += crate::stress::kill_survivors(&fault.workers);
-                report.thawed += crate::process::thaw_leftovers(&fault.frozen);
+                report.undone += crate::undo::reclaim(&fault.undo);
                 let clsact: Vec<AttachmentRecord> = fault
                     .attachments
                     .iter()
@@ -1382,7 +1382,7 @@ fn entry(
         netns_id: netns.id,
         attachments: installed.map(Installed::records).unwrap_or_default(),
         workers: installed.map(Installed::workers).unwrap_or_default(),
-        frozen: installed.map(Installed::frozen).unwrap_or_default(),
+        undo: installed.map(Installed::undo).unwrap_or_default(),
     }
 }
 

@@ -55,9 +55,10 @@ pub struct Entry {
     /// CPU stress workers (pid and start time), so a later engine kills any that survived.
     #[serde(default)]
     pub workers: Vec<Owner>,
-    /// What a process-pause froze, so a later engine thaws it.
+    /// What a host fault must undo (a frozen cgroup, stopped processes, a file), so a later
+    /// engine undoes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub frozen: Vec<crate::process::Frozen>,
+    pub undo: Vec<crate::undo::Undo>,
 }
 
 /// A device where this engine put its root qdisc (shared by its shaping faults there).
@@ -219,7 +220,7 @@ mod tests {
                 pid: 4242,
                 start_time: 17,
             }],
-            frozen: vec![],
+            undo: vec![],
         }
     }
 

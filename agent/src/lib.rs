@@ -8,6 +8,7 @@ pub mod engine;
 pub mod fleet_client;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guard;
 pub mod heartbeat;
 pub mod journal;
 pub mod netlink;
@@ -24,6 +25,7 @@ pub mod sweep;
 pub mod table;
 pub mod tc_snapshot;
 pub mod tls;
+pub mod undo;
 
 pub use chaos_spec as spec;
 pub use chaos_spec::{dns, netem_dist};

@@ -9,27 +9,25 @@
 //! Every process is held through a pidfd whose start time was checked after it was opened, so
 //! a pid reused between the scan and the signal is never touched.
 //!
-//! **How a pause ends without us.** Before anything is frozen, a guard process is forked. It
-//! holds what the thaw needs (the cgroup's freeze file, or pidfds of the stopped processes)
-//! and the read end of a pipe whose only writer is the engine; it thaws when the pipe breaks
-//! (the engine died, however), at the deadline (so a frozen or stopped engine still ends its
-//! pause on time), or on SIGTERM/SIGINT/SIGHUP; then it exits. Between fork and exit it makes
-//! only async-signal-safe system calls. A revert thaws from the engine and then kills the
-//! guard. The journal names what was frozen, so if the engine and the guard die together (a
-//! container's cgroup killed whole) the next engine thaws it.
+//! **How a pause ends without us.** Before anything is frozen, a [guard](crate::guard) is
+//! forked holding what the thaw needs (the cgroup's freeze file, or pidfds of the stopped
+//! processes): it thaws when the engine dies or at the deadline. The journal names what was
+//! frozen, so if the engine and the guard die together (a container's cgroup killed whole)
+//! the next engine thaws it.
 //!
 //! **Freezer or signal.** A whole cgroup (no `--name`) is frozen by the cgroup v2 freezer
 //! (`cgroup.freeze`) or else the v1 freezer (`freezer.state`), which also holds processes the
 //! target forks meanwhile. Otherwise each process gets SIGSTOP (and SIGCONT at the end): the
 //! freezer cannot freeze part of a cgroup.
 use crate::cgroup;
+use crate::guard::{Guard, Op};
 use crate::journal::{self, Owner};
 use crate::spec::{InvalidInput, ProcessRef, invalid, name_pattern};
-use crate::stress::{pidfd_open, pidfd_send_signal, reap};
-use serde::{Deserialize, Serialize};
+use crate::stress::{pidfd_open, pidfd_send_signal};
+use crate::undo::{Undo, freezer_file};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -255,66 +253,10 @@ fn find(
     Ok(Found { seen, procs })
 }
 
-/// What a pause froze, as the journal records it for a later engine to thaw.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Frozen {
-    /// A v2 cgroup directory whose `cgroup.freeze` we set.
-    CgroupV2(PathBuf),
-    /// A v1 freezer cgroup directory whose `freezer.state` we set.
-    CgroupV1(PathBuf),
-    /// A process we sent SIGSTOP.
-    Stopped(Owner),
-}
-
-impl Frozen {
-    fn method(&self) -> &'static str {
-        match self {
-            Frozen::CgroupV2(_) => "freezer/v2",
-            Frozen::CgroupV1(_) => "freezer/v1",
-            Frozen::Stopped(_) => "signal/stop",
-        }
-    }
-}
-
-/// A cgroup freezer file and the text that thaws it.
-fn freezer_file(f: &Frozen) -> Option<(PathBuf, &'static [u8], &'static [u8])> {
-    match f {
-        Frozen::CgroupV2(d) => Some((d.join("cgroup.freeze"), b"1", b"0")),
-        Frozen::CgroupV1(d) => Some((d.join("freezer.state"), b"FROZEN", b"THAWED")),
-        Frozen::Stopped(_) => None,
-    }
-}
-
-/// Thaws what an earlier engine's journal says it froze. Returns how many were thawed.
-pub fn thaw_leftovers(frozen: &[Frozen]) -> usize {
-    let mut thawed = 0;
-    for f in frozen {
-        match f {
-            Frozen::Stopped(o) => {
-                let Ok(fd) = pidfd_open(o.pid) else { continue };
-                if journal::start_time(o.pid).ok() == Some(o.start_time)
-                    && pidfd_send_signal(fd.as_raw_fd(), libc::SIGCONT).is_ok()
-                {
-                    thawed += 1;
-                }
-            }
-            _ => {
-                if let Some((file, _, thaw)) = freezer_file(f)
-                    && std::fs::write(&file, thaw).is_ok()
-                {
-                    thawed += 1;
-                }
-            }
-        }
-    }
-    thawed
-}
-
 /// A paused target. Dropping it does not thaw: [`Paused::thaw`] does, and the guard does if
 /// the engine never gets to.
 pub struct Paused {
-    frozen: Vec<Frozen>,
+    frozen: Vec<Undo>,
     /// Open freezer files (cgroup target) or pidfds of the stopped processes (in `frozen`'s
     /// order for the stopped ones).
     freezer: Option<OwnedFd>,
@@ -339,9 +281,10 @@ impl Paused {
         match freezer {
             Some((frozen, file)) => {
                 let guard = Guard::spawn(
-                    &[ThawOp::Write(file.as_raw_fd(), freezer_thaw(&frozen))],
+                    &[Op::Write(file.as_raw_fd(), freezer_thaw(&frozen))],
                     deadline,
-                )?;
+                )
+                .map_err(ProcessError::Guard)?;
                 let mut paused = Paused {
                     frozen: vec![frozen],
                     freezer: Some(file),
@@ -374,7 +317,7 @@ impl Paused {
         let started = Instant::now();
         loop {
             let done = match &frozen {
-                Frozen::CgroupV2(d) => std::fs::read_to_string(d.join("cgroup.events"))
+                Undo::CgroupV2(d) => std::fs::read_to_string(d.join("cgroup.events"))
                     .is_ok_and(|t| t.lines().any(|l| l == "frozen 1")),
                 _ => std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == "FROZEN"),
             };
@@ -409,12 +352,12 @@ impl Paused {
             }
             let fresh = next.len();
             stopped.append(&mut next);
-            let ops: Vec<ThawOp> = stopped
+            let ops: Vec<Op> = stopped
                 .iter()
-                .map(|p| ThawOp::Signal(p.pidfd.as_raw_fd()))
+                .map(|p| Op::Signal(p.pidfd.as_raw_fd()))
                 .collect();
             // The new guard holds every pidfd before the new ones are stopped; the old one goes.
-            let new_guard = Guard::spawn(&ops, deadline)?;
+            let new_guard = Guard::spawn(&ops, deadline).map_err(ProcessError::Guard)?;
             if let Some(old) = guard.replace(new_guard) {
                 old.dismiss();
             }
@@ -428,7 +371,7 @@ impl Paused {
             return Err(ProcessError::Guard(io::Error::other("no process to stop")));
         };
         let mut paused = Paused {
-            frozen: stopped.iter().map(|p| Frozen::Stopped(p.owner)).collect(),
+            frozen: stopped.iter().map(|p| Undo::Stopped(p.owner)).collect(),
             freezer: None,
             matched: stopped.len() as u64,
             stopped,
@@ -462,17 +405,17 @@ impl Paused {
     }
 
     /// What the journal must name.
-    pub fn frozen(&self) -> Vec<Frozen> {
+    pub fn undo(&self) -> Vec<Undo> {
         self.frozen.clone()
     }
 
     /// The guard process (for the journal: a later engine kills a survivor).
     pub fn guard(&self) -> Owner {
-        self.guard.owner
+        self.guard.owner()
     }
 
     pub fn method(&self) -> &'static str {
-        self.frozen.first().map_or("signal/stop", Frozen::method)
+        self.frozen.first().map_or("signal/stop", Undo::method)
     }
 
     pub fn counters(&self) -> crate::spec::Counters {
@@ -515,19 +458,19 @@ impl Paused {
     }
 }
 
-fn freezer_thaw(f: &Frozen) -> &'static [u8] {
+fn freezer_thaw(f: &Undo) -> &'static [u8] {
     freezer_file(f).map_or(b"", |(_, _, thaw)| thaw)
 }
 
 /// The freezer for a whole cgroup: v2's `cgroup.freeze` where the cgroup exists in the v2
 /// hierarchy, else v1's `freezer.state`; `None` when neither is there (SIGSTOP then).
-fn freezer_of(path: &str) -> Result<Option<(Frozen, OwnedFd)>, ProcessError> {
+fn freezer_of(path: &str) -> Result<Option<(Undo, OwnedFd)>, ProcessError> {
     let placement = cgroup::resolve(&crate::spec::CgroupRef::Path(path.to_string()))?;
     let candidates = placement
         .v2
         .iter()
-        .map(|d| Frozen::CgroupV2(d.clone()))
-        .chain(placement.v1.iter().map(|d| Frozen::CgroupV1(d.clone())));
+        .map(|d| Undo::CgroupV2(d.clone()))
+        .chain(placement.v1.iter().map(|d| Undo::CgroupV1(d.clone())));
     for f in candidates {
         let Some((file, _, _)) = freezer_file(&f) else {
             continue;
@@ -545,169 +488,6 @@ fn freezer_of(path: &str) -> Result<Option<(Frozen, OwnedFd)>, ProcessError> {
         return Ok(Some((f, OwnedFd::from(opened))));
     }
     Ok(None)
-}
-
-/// What the guard does to thaw, on descriptors it inherited.
-#[derive(Clone, Copy)]
-enum ThawOp {
-    /// SIGCONT through a pidfd.
-    Signal(RawFd),
-    /// Write this text to a freezer file.
-    Write(RawFd, &'static [u8]),
-}
-
-/// The thaw guard: a child process that thaws when the engine dies or the deadline passes.
-struct Guard {
-    owner: Owner,
-    pidfd: OwnedFd,
-    /// The write end of the guard's pipe; closing it (or dying) tells the guard to thaw.
-    pipe: Option<OwnedFd>,
-}
-
-impl Guard {
-    fn spawn(ops: &[ThawOp], deadline: SystemTime) -> Result<Guard, ProcessError> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 fills two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(ProcessError::Guard(io::Error::last_os_error()));
-        }
-        // SAFETY: fresh descriptors we own.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let left = deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        let deadline_ns =
-            mono_ns().saturating_add(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX));
-        let mut keep: Vec<RawFd> = ops
-            .iter()
-            .map(|op| match op {
-                ThawOp::Signal(fd) | ThawOp::Write(fd, _) => *fd,
-            })
-            .collect();
-        keep.push(read.as_raw_fd());
-        keep.sort_unstable();
-        keep.dedup();
-        let read_fd = read.as_raw_fd();
-        // SAFETY: the child makes only async-signal-safe calls on memory prepared above (no
-        // allocation, no locks) and ends in _exit.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(ProcessError::Guard(io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            // SAFETY: see above.
-            unsafe { guard_main(read_fd, ops, &keep, deadline_ns) }
-        }
-        drop(read);
-        let pid = pid as u32;
-        let pidfd = pidfd_open(pid).map_err(ProcessError::Guard)?;
-        let start_time = journal::start_time(pid).unwrap_or(0);
-        Ok(Guard {
-            owner: Owner { pid, start_time },
-            pidfd,
-            pipe: Some(write),
-        })
-    }
-
-    /// Ends the guard without a thaw of its own (the engine has thawed, or a newer guard holds
-    /// the thaw): SIGKILL, then reap.
-    fn stop(&mut self) {
-        let _ = pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
-        self.pipe = None;
-        let _ = reap(&self.pidfd, Duration::from_secs(2));
-    }
-
-    fn dismiss(mut self) {
-        self.stop();
-    }
-}
-
-fn mono_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    #[allow(clippy::useless_conversion)]
-    i64::from(ts.tv_sec)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(i64::from(ts.tv_nsec))
-}
-
-/// The guard's life: wait for the pipe to break, a signal, or the deadline; thaw; exit.
-///
-/// # Safety
-/// Called in a freshly forked child of a multithreaded process: only async-signal-safe calls.
-unsafe fn guard_main(read: RawFd, ops: &[ThawOp], keep: &[RawFd], deadline_ns: i64) -> ! {
-    // SAFETY: system calls on our own descriptors and signal mask.
-    unsafe {
-        // Only what the thaw needs stays open: not the engine's pipe ends of other guards (they
-        // would keep those guards from seeing the engine die), not its sockets or terminal.
-        let mut next: libc::c_uint = 0;
-        for &fd in keep {
-            let fd = fd as libc::c_uint;
-            if fd > next {
-                libc::syscall(libc::SYS_close_range, next, fd - 1, 0);
-            }
-            next = fd + 1;
-        }
-        libc::syscall(libc::SYS_close_range, next, libc::c_uint::MAX, 0);
-        // A terminal's Ctrl-C or a group kill aimed at the engine's caller is not for us.
-        libc::setsid();
-        libc::prctl(libc::PR_SET_NAME, c"chaos-thaw".as_ptr());
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        loop {
-            let left = deadline_ns.saturating_sub(mono_ns());
-            if left <= 0 {
-                break;
-            }
-            let mut pfds = [
-                libc::pollfd {
-                    fd: read,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: sfd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            let ms = (left / 1_000_000 + 1).min(i64::from(i32::MAX)) as libc::c_int;
-            let n = if sfd >= 0 { 2 } else { 1 };
-            let r = libc::poll(pfds.as_mut_ptr(), n, ms);
-            if r > 0 {
-                break;
-            }
-            if r < 0 && *libc::__errno_location() != libc::EINTR {
-                break;
-            }
-        }
-        for op in ops {
-            match *op {
-                ThawOp::Signal(fd) => {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd,
-                        libc::SIGCONT,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                }
-                ThawOp::Write(fd, text) => {
-                    libc::pwrite(fd, text.as_ptr().cast(), text.len(), 0);
-                }
-            }
-        }
-        libc::_exit(0)
-    }
 }
 
 /// A process-kill: the first round at apply, then (with an interval) a thread that signals

@@ -112,7 +112,7 @@ fn guards() -> Vec<u32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| comm(*p) == "chaos-thaw" && state(*p) != 'Z')
+        .filter(|p| comm(*p) == "chaos-guard" && state(*p) != 'Z')
         .collect()
 }
 
@@ -338,7 +338,7 @@ fn the_next_engine_thaws_what_a_dead_engine_and_guard_left() {
     })
     .expect("engine");
     // The ticker and the `sleep` it had forked, if any.
-    assert!((1..=2).contains(&reclaimed.thawed), "{reclaimed:?}");
+    assert!((1..=2).contains(&reclaimed.undone), "{reclaimed:?}");
     assert!(
         target.ticks_within(Duration::from_secs(1)),
         "not thawed by the next engine"

@@ -358,7 +358,7 @@ fn a_new_engine_kills_survivors_but_not_reused_pids() {
         netns_path: None,
         netns_id: NetnsId { dev: 0, ino: 0 },
         attachments: vec![],
-        frozen: vec![],
+        undo: vec![],
         workers: vec![
             Owner {
                 pid: survivor.id(),
