@@ -241,6 +241,13 @@ pub fn detect() -> Capabilities {
                 .to_string()
         },
     });
+    // disk-fill needs nothing but a filesystem (fallocate, or writes where it is missing).
+    caps.backends.push(Backend {
+        name: "fallocate",
+        available: true,
+        fault_kinds: kinds_on("fallocate"),
+        reason: String::new(),
+    });
     // Signals reach a pod's containers through the pod's cgroup.
     caps.backends.push(Backend {
         name: "signal",

@@ -443,7 +443,8 @@ pub fn rule_for(
         FaultKind::Cpu { .. }
         | FaultKind::ContainerKill { .. }
         | FaultKind::ProcessPause { .. }
-        | FaultKind::ProcessKill { .. } => (ACTION_NONE, 0, 0),
+        | FaultKind::ProcessKill { .. }
+        | FaultKind::DiskFill { .. } => (ACTION_NONE, 0, 0),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {
         (Some(Shape::Fq), FaultKind::Latency { ms, .. }) => {

@@ -37,6 +37,8 @@ pub enum EngineError {
     Stress(#[from] StressError),
     #[error(transparent)]
     Process(crate::process::ProcessError),
+    #[error(transparent)]
+    Disk(crate::disk::DiskError),
     #[error("no active fault {0}")]
     NotFound(String),
     #[error("journal {path}: {source}")]
@@ -49,6 +51,15 @@ pub enum EngineError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<crate::disk::DiskError> for EngineError {
+    fn from(e: crate::disk::DiskError) -> Self {
+        match e {
+            crate::disk::DiskError::Invalid(i) => EngineError::Invalid(i),
+            other => EngineError::Disk(other),
+        }
+    }
 }
 
 impl From<crate::process::ProcessError> for EngineError {
@@ -155,6 +166,8 @@ enum Installed {
     Paused(crate::process::Paused),
     /// A process-kill: its counters, and the loop of an interval's rounds.
     Killing(crate::process::Killer),
+    /// A disk-fill's file, its keeper and its guard.
+    Filled(crate::disk::Fill),
 }
 
 impl Installed {
@@ -168,6 +181,7 @@ impl Installed {
             Installed::Killed(c) => Ok(*c),
             Installed::Paused(p) => Ok(p.counters()),
             Installed::Killing(k) => Ok(k.counters()),
+            Installed::Filled(f) => Ok(f.counters()),
         }
     }
 
@@ -182,6 +196,10 @@ impl Installed {
                 k.stop();
                 Ok(())
             }
+            Installed::Filled(f) => {
+                f.remove();
+                Ok(())
+            }
         }
     }
 
@@ -190,7 +208,10 @@ impl Installed {
         match self {
             Installed::Net(i) => Ok(netns.run(move || i.uninstall())??),
             Installed::Cpu(c) => Ok(c.stop()?),
-            Installed::Killed(_) | Installed::Paused(_) | Installed::Killing(_) => Ok(()),
+            Installed::Killed(_)
+            | Installed::Paused(_)
+            | Installed::Killing(_)
+            | Installed::Filled(_) => Ok(()),
         }
     }
 
@@ -200,6 +221,7 @@ impl Installed {
             Installed::Cpu(c) => c.method().name(),
             Installed::Killed(_) | Installed::Killing(_) => "signal",
             Installed::Paused(p) => p.method(),
+            Installed::Filled(_) => "fallocate",
         }
     }
 
@@ -209,7 +231,8 @@ impl Installed {
             Installed::Cpu(_)
             | Installed::Killed(_)
             | Installed::Paused(_)
-            | Installed::Killing(_) => Vec::new(),
+            | Installed::Killing(_)
+            | Installed::Filled(_) => Vec::new(),
         }
     }
 
@@ -220,7 +243,8 @@ impl Installed {
             Installed::Cpu(_)
             | Installed::Killed(_)
             | Installed::Paused(_)
-            | Installed::Killing(_) => Vec::new(),
+            | Installed::Killing(_)
+            | Installed::Filled(_) => Vec::new(),
         }
     }
 
@@ -228,6 +252,7 @@ impl Installed {
     fn undo(&self) -> Vec<crate::undo::Undo> {
         match self {
             Installed::Paused(p) => p.undo(),
+            Installed::Filled(f) => f.undo(),
             Installed::Net(_)
             | Installed::Cpu(_)
             | Installed::Killed(_)
@@ -241,6 +266,7 @@ impl Installed {
             Installed::Cpu(c) => c.owners(),
             // The thaw guard: a later engine kills one that outlived us (after it thaws).
             Installed::Paused(p) => vec![p.guard()],
+            Installed::Filled(f) => vec![f.guard()],
         }
     }
 }
@@ -739,7 +765,8 @@ impl Engine {
                 Installed::Cpu(_)
                 | Installed::Killed(_)
                 | Installed::Paused(_)
-                | Installed::Killing(_) => active.installed.backend(),
+                | Installed::Killing(_)
+                | Installed::Filled(_) => active.installed.backend(),
             };
             let journaled = entry(
                 &id,
@@ -795,8 +822,10 @@ impl Engine {
                 return self.install_kill(st, id, spec, deadline, netns);
             }
             FaultKind::Cpu { .. } => return self.install_cpu(st, id, spec, deadline, netns),
-            FaultKind::ProcessPause { .. } | FaultKind::ProcessKill { .. } => {
-                return self.install_process(st, id, spec, deadline, netns);
+            FaultKind::ProcessPause { .. }
+            | FaultKind::ProcessKill { .. }
+            | FaultKind::DiskFill { .. } => {
+                return self.install_host(st, id, spec, deadline, netns);
             }
             FaultKind::Loss { .. }
             | FaultKind::Corrupt { .. }
@@ -1124,9 +1153,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Freezes or signals the target processes. A pause is journaled before anything is
-    /// frozen (its guard thaws if we die before the second write) and again with what it froze.
-    fn install_process(
+    /// Freezes or signals the target processes, or fills a disk. A pause or a fill is journaled
+    /// before it acts (its guard undoes it if we die before the second write) and again with
+    /// what it must undo.
+    fn install_host(
         &self,
         st: &mut State,
         id: &str,
@@ -1156,7 +1186,28 @@ impl Engine {
                 signal.number(),
                 Duration::from_millis(*interval_ms),
             )?),
-            _ => return Err(crate::spec::invalid("kind", "is not a process fault").into()),
+            FaultKind::DiskFill {
+                path,
+                level,
+                mount,
+                force,
+            } => {
+                self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
+                let protected = [
+                    self.config.journal_dir.as_path(),
+                    self.config.registry_dir.as_path(),
+                ];
+                match crate::disk::Fill::start(
+                    id, path, *level, mount, *force, &protected, deadline,
+                ) {
+                    Ok(f) => Installed::Filled(f),
+                    Err(e) => {
+                        self.rewrite_journal_after_failure(st);
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => return Err(crate::spec::invalid("kind", "is not a host fault").into()),
         };
         tracing::info!(%id, fault = %spec, counters = ?installed.counters().ok(), "process fault applied");
         st.active.insert(

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod caps;
 pub mod cgroup;
 pub mod datapath;
+pub mod disk;
 pub mod engine;
 pub mod fleet_client;
 #[doc(hidden)]

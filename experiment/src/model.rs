@@ -356,6 +356,7 @@ raw_fault! {
     container_kill: params::ContainerKill,
     process_pause: params::ProcessPause,
     process_kill: params::ProcessKill,
+    disk_fill: params::DiskFill,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -434,6 +435,12 @@ impl Fault {
                     }
                     p.pod_uid = Some(ANY_POD.into());
                 }
+            }
+            if let Some(d) = &mut placed.disk_fill {
+                if d.pid.is_some() || d.pod_uid.is_some() {
+                    return Err("disk-fill: pid and pod-uid exclude target.pods".into());
+                }
+                d.pod_uid = Some(ANY_POD.into());
             }
             if let Some(c) = &mut placed.container_kill {
                 if c.pod_uid.is_some() || c.container_id.is_some() {

@@ -2,8 +2,8 @@
 //! gRPC is validated here with the same parsers and error lines as the CLI and the files.
 use crate::agent::v1 as pb;
 use chaos_spec::{
-    CgroupRef, Counters, Direction, FaultKind, FaultSpec, InvalidInput, NetnsRef, ProcessRef,
-    Protocol, Target, invalid,
+    CgroupRef, Counters, Direction, FaultKind, FaultSpec, FillLevel, InvalidInput, MountRef,
+    NetnsRef, ProcessRef, Protocol, Target, invalid,
 };
 use std::time::Duration;
 
@@ -77,6 +77,26 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     interval_ms: k.interval_ms,
                 }
             }
+            Some(pb::fault_spec::Kind::DiskFill(d)) => FaultKind::DiskFill {
+                path: d.path,
+                level: match d.level {
+                    Some(pb::disk_fill::Level::FillPercent(p)) => FillLevel::Percent(p),
+                    Some(pb::disk_fill::Level::LeaveBytes(b)) => FillLevel::Leave(b),
+                    Some(pb::disk_fill::Level::Bytes(b)) => FillLevel::Bytes(b),
+                    None => {
+                        return Err(invalid(
+                            "--fill-percent",
+                            "give exactly one of --fill-percent P, --leave SIZE or --bytes SIZE",
+                        ));
+                    }
+                },
+                mount: match d.mount {
+                    None => MountRef::Own,
+                    Some(pb::disk_fill::Mount::Pid(pid)) => MountRef::Pid(pid),
+                    Some(pb::disk_fill::Mount::PodUid(uid)) => MountRef::Pod(uid),
+                },
+                force: d.force,
+            },
             Some(pb::fault_spec::Kind::PodKill(_)) => {
                 return Err(invalid(
                     "kind",
@@ -230,6 +250,30 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     }),
                 );
             }
+            FaultKind::DiskFill {
+                ref path,
+                level,
+                ref mount,
+                force,
+            } => {
+                return host_spec(
+                    s,
+                    pb::fault_spec::Kind::DiskFill(pb::DiskFill {
+                        path: path.clone(),
+                        level: Some(match level {
+                            FillLevel::Percent(p) => pb::disk_fill::Level::FillPercent(p),
+                            FillLevel::Leave(b) => pb::disk_fill::Level::LeaveBytes(b),
+                            FillLevel::Bytes(b) => pb::disk_fill::Level::Bytes(b),
+                        }),
+                        mount: match mount {
+                            MountRef::Own => None,
+                            MountRef::Pid(pid) => Some(pb::disk_fill::Mount::Pid(*pid)),
+                            MountRef::Pod(uid) => Some(pb::disk_fill::Mount::PodUid(uid.clone())),
+                        },
+                        force,
+                    }),
+                );
+            }
             FaultKind::ContainerKill {
                 ref pod,
                 ref container,
@@ -319,6 +363,7 @@ pub fn kind_info(k: &pb::fault_spec::Kind) -> &'static chaos_spec::KindInfo {
         Kind::ContainerKill(_) => &kinds::CONTAINER_KILL,
         Kind::ProcessPause(_) => &kinds::PROCESS_PAUSE,
         Kind::ProcessKill(_) => &kinds::PROCESS_KILL,
+        Kind::DiskFill(_) => &kinds::DISK_FILL,
     }
 }
 

@@ -130,6 +130,114 @@ pub enum FaultKind {
         #[serde(default)]
         interval_ms: u64,
     },
+    /// Fill the filesystem holding `path` (as `mount` sees it) to `level`, with one file of a
+    /// reserved name, and hold the level until the fault ends.
+    DiskFill {
+        path: String,
+        level: FillLevel,
+        mount: MountRef,
+        /// Fill it even if it also holds the engine's journal.
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+/// How full a disk-fill makes its filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FillLevel {
+    /// Used space this percent of the capacity an application sees (as `df` counts it).
+    Percent(f64),
+    /// Leave this many bytes available.
+    Leave(u64),
+    /// Take this many bytes.
+    Bytes(u64),
+}
+
+impl fmt::Display for FillLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FillLevel::Percent(p) => write!(f, "to {p} % full"),
+            FillLevel::Leave(b) => write!(f, "leaving {}", format_size(*b)),
+            FillLevel::Bytes(b) => write!(f, "by {}", format_size(*b)),
+        }
+    }
+}
+
+/// Whose view of the file system a disk-fill's path is in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountRef {
+    /// The engine's own.
+    #[default]
+    Own,
+    /// The mount namespace (and root) of a process.
+    Pid(u32),
+    /// A Kubernetes pod's containers' (by pod UID).
+    Pod(String),
+}
+
+impl fmt::Display for MountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MountRef::Own => Ok(()),
+            MountRef::Pid(pid) => write!(f, " as pid {pid} sees it"),
+            MountRef::Pod(uid) => write!(f, " in pod {uid}"),
+        }
+    }
+}
+
+/// The largest size a user may name: 1 PiB is beyond any disk we fill.
+pub const MAX_SIZE: u64 = 1 << 50;
+
+/// Parses `256MiB`, `1GiB`, `512M`, `1G`, `10k` or plain bytes: `K`/`M`/`G`/`T` (or `KB`...)
+/// are powers of 1000, `KiB`/`MiB`/`GiB`/`TiB` (or `Ki`...) powers of 1024.
+pub fn parse_size(field: &'static str, s: &str) -> Result<u64, InvalidInput> {
+    let bad = || {
+        invalid(
+            field,
+            format!("`{s}` must look like 256MiB, 1GiB, 512M, 1G or 4096"),
+        )
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = (n * mult).round();
+    if !(bytes.is_finite() && bytes <= MAX_SIZE as f64) {
+        return Err(invalid(field, format!("`{s}` must be at most 1PiB")));
+    }
+    Ok(bytes as u64)
+}
+
+/// `1073741824` as `1GiB`, `1500000` as `1.4MiB`.
+pub fn format_size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 || v.fract() == 0.0 {
+        format!("{v}{}", UNITS[i])
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
 }
 
 /// Which processes a process fault acts on.
@@ -456,6 +564,7 @@ pub mod kinds {
     pub const CONTAINER_KILL: KindInfo = host("container-kill", &["signal"]);
     pub const PROCESS_PAUSE: KindInfo = host("process-pause", &["freezer", "signal"]);
     pub const PROCESS_KILL: KindInfo = host("process-kill", &["signal"]);
+    pub const DISK_FILL: KindInfo = host("disk-fill", &["fallocate"]);
     /// Not an agent's: chaos-controller deletes pods through the Kubernetes API.
     pub const POD_KILL: KindInfo = host("pod-kill", &["kubernetes"]);
 }
@@ -474,6 +583,7 @@ pub const KINDS: &[KindInfo] = &[
     kinds::CONTAINER_KILL,
     kinds::PROCESS_PAUSE,
     kinds::PROCESS_KILL,
+    kinds::DISK_FILL,
 ];
 
 /// The names in [`KINDS`], for error texts: "loss, corrupt, ... or container-kill".
@@ -501,6 +611,7 @@ impl FaultKind {
             FaultKind::ContainerKill { .. } => &kinds::CONTAINER_KILL,
             FaultKind::ProcessPause { .. } => &kinds::PROCESS_PAUSE,
             FaultKind::ProcessKill { .. } => &kinds::PROCESS_KILL,
+            FaultKind::DiskFill { .. } => &kinds::DISK_FILL,
         }
     }
 
@@ -885,6 +996,9 @@ impl fmt::Display for FaultSpec {
                 }
                 return Ok(());
             }
+            FaultKind::DiskFill {
+                path, level, mount, ..
+            } => return write!(f, "disk-fill of {path}{mount} {level}"),
         }
         let t = &self.target;
         write!(
@@ -1121,6 +1235,42 @@ impl FaultSpec {
             } => {
                 target.validate()?;
                 name_pattern(name)?;
+            }
+            FaultKind::DiskFill {
+                ref path,
+                level,
+                ref mount,
+                ..
+            } => {
+                if !path.starts_with('/')
+                    || path.contains('\0')
+                    || path.len() > 4096
+                    || path.split('/').any(|c| c == "..")
+                {
+                    return Err(invalid(
+                        "--path",
+                        format!("`{path}` must be an absolute directory path (no ..)"),
+                    ));
+                }
+                match level {
+                    FillLevel::Percent(p) if !(p.is_finite() && p > 0.0 && p <= 100.0) => {
+                        return Err(invalid(
+                            "--fill-percent",
+                            format!("must be greater than 0 and at most 100 (got {p})"),
+                        ));
+                    }
+                    FillLevel::Bytes(0) => {
+                        return Err(invalid("--bytes", "must be greater than 0"));
+                    }
+                    _ => {}
+                }
+                match mount {
+                    MountRef::Pid(0) => {
+                        return Err(invalid("--pid", "must be a process id greater than 0"));
+                    }
+                    MountRef::Pod(uid) => check_pod_uid("--pod-uid", uid)?,
+                    _ => {}
+                }
             }
             FaultKind::ProcessKill {
                 ref target,

@@ -4,7 +4,8 @@
 //! [`FaultKind`] the engine runs. A flag and its file key may be spelled differently
 //! (`--domain` repeated, `domains:` a list); the value and its parser are the same.
 use crate::{
-    CgroupRef, FaultKind, InvalidInput, ProcessRef, kinds, parse_millis, parse_percent, parse_rate,
+    CgroupRef, FaultKind, FillLevel, InvalidInput, MountRef, ProcessRef, kinds, parse_millis,
+    parse_percent, parse_rate,
 };
 use clap::Args;
 use schemars::JsonSchema;
@@ -460,6 +461,72 @@ impl Params for ProcessKill {
             name: self.target.name(),
             signal: self.signal.as_deref().unwrap_or("KILL").parse()?,
             interval_ms,
+        })
+    }
+}
+
+/// Fills a filesystem to a level and holds it (one file of a reserved name, fallocated).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskFill {
+    /// A directory on the filesystem to fill, as the target sees it.
+    #[arg(long)]
+    pub path: String,
+    /// Fill until this percent of the filesystem is used (as df counts it).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_percent: Option<f64>,
+    /// Fill until only SIZE is left available (e.g. 10MiB; 0 for a full disk).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave: Option<String>,
+    /// Take SIZE (e.g. 512MiB, 1G).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<String>,
+    /// The path as this process sees it (its mount namespace and root).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The path inside this Kubernetes pod's containers (found on the agent's node by UID).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Fill it even if it is the filesystem holding the engine's journal.
+    #[arg(long = "force")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+impl Kind for DiskFill {
+    const NAME: &'static str = kinds::DISK_FILL.name;
+}
+
+impl Params for DiskFill {
+    fn kind(&self) -> Result<FaultKind, InvalidInput> {
+        let level = match (&self.fill_percent, &self.leave, &self.bytes) {
+            (Some(p), None, None) => FillLevel::Percent(*p),
+            (None, Some(s), None) => FillLevel::Leave(crate::parse_size("--leave", s)?),
+            (None, None, Some(s)) => FillLevel::Bytes(crate::parse_size("--bytes", s)?),
+            _ => {
+                return Err(crate::invalid(
+                    "--fill-percent",
+                    "give exactly one of --fill-percent P, --leave SIZE or --bytes SIZE",
+                ));
+            }
+        };
+        let mount = match (self.pid, &self.pod_uid) {
+            (None, None) => MountRef::Own,
+            (Some(pid), None) => MountRef::Pid(pid),
+            (None, Some(uid)) => MountRef::Pod(uid.clone()),
+            _ => return Err(crate::invalid("--pid", "give --pid or --pod-uid, not both")),
+        };
+        Ok(FaultKind::DiskFill {
+            path: self.path.clone(),
+            level,
+            mount,
+            force: self.force,
         })
     }
 }

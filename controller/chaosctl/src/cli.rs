@@ -268,6 +268,14 @@ enum FaultArgs {
         #[command(flatten)]
         run: Run,
     },
+    /// Fill a filesystem to a level and hold it (one fallocated file of a reserved name, removed
+    /// at the end, or by a guard process if the engine dies); writers get ENOSPC.
+    DiskFill {
+        #[command(flatten)]
+        p: params::DiskFill,
+        #[command(flatten)]
+        run: Run,
+    },
     /// Delete pods through the cluster's API (needs --namespace); the run then waits for them
     /// to be replaced and measures the time until the selected pods are all Ready again.
     PodKill {
@@ -405,6 +413,7 @@ impl FaultArgs {
             FaultArgs::ContainerKill { p, run } => (p, params::ContainerKill::NAME, run),
             FaultArgs::ProcessPause { p, run } => (p, params::ProcessPause::NAME, run),
             FaultArgs::ProcessKill { p, run } => (p, params::ProcessKill::NAME, run),
+            FaultArgs::DiskFill { p, run } => (p, params::DiskFill::NAME, run),
             FaultArgs::PodKill { p, run } => (p, params::PodKill::NAME, run),
         }
     }
@@ -424,6 +433,7 @@ impl FaultArgs {
             | FaultArgs::ContainerKill { .. }
             | FaultArgs::ProcessPause { .. }
             | FaultArgs::ProcessKill { .. }
+            | FaultArgs::DiskFill { .. }
             | FaultArgs::PodKill { .. } => None,
         }
     }
@@ -470,6 +480,15 @@ impl FaultArgs {
             FaultArgs::ProcessKill { p, .. } => {
                 no_node_target(&p.target)?;
                 f.process_kill = Some(p.clone())
+            }
+            FaultArgs::DiskFill { p, .. } => {
+                if p.pid.is_some() || p.pod_uid.is_some() {
+                    return Err(spec::invalid(
+                        "--namespace",
+                        "fills --path in each chosen pod; drop --pid and --pod-uid",
+                    ));
+                }
+                f.disk_fill = Some(p.clone())
             }
             FaultArgs::PodKill { p, .. } => f.pod_kill = Some(p.clone()),
         }
@@ -1317,6 +1336,12 @@ mod tests {
                 "process-kill",
                 &["--pid", "4242", "--signal", "TERM", "--every", "10s"],
                 "process-kill: {pid: 4242, signal: TERM, every: 10s}",
+                false,
+            ),
+            (
+                "disk-fill",
+                &["--path", "/var/lib/data", "--leave", "10MiB", "--pid", "77"],
+                "disk-fill: {path: /var/lib/data, leave: 10MiB, pid: 77}",
                 false,
             ),
         ];

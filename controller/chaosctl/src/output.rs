@@ -36,6 +36,14 @@ pub fn counters_line(c: &Counters) -> String {
     if c.cpu_time_us > 0 {
         return format!("cpu_time={:.2}s", c.cpu_time_us as f64 / 1e6);
     }
+    // A disk-fill holds bytes, not packets.
+    if c.seen == 0 && c.affected_bytes > 0 {
+        return format!(
+            "held={} of {}",
+            chaos_spec::format_size(c.affected_bytes),
+            chaos_spec::format_size(c.seen_bytes)
+        );
+    }
     let pct = if c.matched > 0 {
         100.0 * c.affected as f64 / c.matched as f64
     } else {
@@ -48,7 +56,10 @@ pub fn counters_line(c: &Counters) -> String {
 }
 
 pub fn counters_json(c: &Counters) -> serde_json::Value {
-    json!({ "seen": c.seen, "matched": c.matched, "affected": c.affected, "cpu_time_us": c.cpu_time_us })
+    json!({
+        "seen": c.seen, "matched": c.matched, "affected": c.affected, "cpu_time_us": c.cpu_time_us,
+        "seen_bytes": c.seen_bytes, "matched_bytes": c.matched_bytes, "affected_bytes": c.affected_bytes,
+    })
 }
 
 /// Prints one event about a fault.

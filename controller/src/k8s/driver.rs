@@ -73,6 +73,11 @@ pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec
     {
         c.cgroup_target = Some(CgroupTarget::PodUid(uid.to_string()));
     }
+    if let Some(pb::fault_spec::Kind::DiskFill(d)) = spec.kind.as_mut()
+        && matches!(&d.mount, Some(pb::disk_fill::Mount::PodUid(u)) if u == ANY_POD)
+    {
+        d.mount = Some(pb::disk_fill::Mount::PodUid(uid.to_string()));
+    }
     use pb::process_target::Target as Process;
     let process = match spec.kind.as_mut() {
         Some(pb::fault_spec::Kind::ProcessPause(p)) => p.target.as_mut(),
