@@ -444,7 +444,8 @@ pub fn rule_for(
         | FaultKind::ContainerKill { .. }
         | FaultKind::ProcessPause { .. }
         | FaultKind::ProcessKill { .. }
-        | FaultKind::DiskFill { .. } => (ACTION_NONE, 0, 0),
+        | FaultKind::DiskFill { .. }
+        | FaultKind::Memory { .. } => (ACTION_NONE, 0, 0),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {
         (Some(Shape::Fq), FaultKind::Latency { ms, .. }) => {

@@ -53,6 +53,15 @@ pub enum EngineError {
     },
 }
 
+impl From<crate::memory::MemoryError> for EngineError {
+    fn from(e: crate::memory::MemoryError) -> Self {
+        match e {
+            crate::memory::MemoryError::Invalid(i) => EngineError::Invalid(i),
+            crate::memory::MemoryError::Stress(s) => EngineError::Stress(s),
+        }
+    }
+}
+
 impl From<crate::disk::DiskError> for EngineError {
     fn from(e: crate::disk::DiskError) -> Self {
         match e {
@@ -168,6 +177,8 @@ enum Installed {
     Killing(crate::process::Killer),
     /// A disk-fill's file, its keeper and its guard.
     Filled(crate::disk::Fill),
+    /// Memory stress workers in the target's cgroups.
+    Memory(crate::memory::MemoryStress),
 }
 
 impl Installed {
@@ -182,6 +193,7 @@ impl Installed {
             Installed::Paused(p) => Ok(p.counters()),
             Installed::Killing(k) => Ok(k.counters()),
             Installed::Filled(f) => Ok(f.counters()),
+            Installed::Memory(m) => Ok(m.counters()),
         }
     }
 
@@ -200,6 +212,7 @@ impl Installed {
                 f.remove();
                 Ok(())
             }
+            Installed::Memory(m) => Ok(m.kill()?),
         }
     }
 
@@ -208,6 +221,7 @@ impl Installed {
         match self {
             Installed::Net(i) => Ok(netns.run(move || i.uninstall())??),
             Installed::Cpu(c) => Ok(c.stop()?),
+            Installed::Memory(m) => Ok(m.into_workers().stop()?),
             Installed::Killed(_)
             | Installed::Paused(_)
             | Installed::Killing(_)
@@ -222,6 +236,7 @@ impl Installed {
             Installed::Killed(_) | Installed::Killing(_) => "signal",
             Installed::Paused(p) => p.method(),
             Installed::Filled(_) => "fallocate",
+            Installed::Memory(m) => m.workers().method().name(),
         }
     }
 
@@ -232,7 +247,8 @@ impl Installed {
             | Installed::Killed(_)
             | Installed::Paused(_)
             | Installed::Killing(_)
-            | Installed::Filled(_) => Vec::new(),
+            | Installed::Filled(_)
+            | Installed::Memory(_) => Vec::new(),
         }
     }
 
@@ -244,17 +260,19 @@ impl Installed {
             | Installed::Killed(_)
             | Installed::Paused(_)
             | Installed::Killing(_)
-            | Installed::Filled(_) => Vec::new(),
+            | Installed::Filled(_)
+            | Installed::Memory(_) => Vec::new(),
         }
     }
 
-    /// What a pause froze, for a later engine to thaw.
+    /// What a host fault must undo, for a later engine if neither we nor its guard could.
     fn undo(&self) -> Vec<crate::undo::Undo> {
         match self {
             Installed::Paused(p) => p.undo(),
             Installed::Filled(f) => f.undo(),
             Installed::Net(_)
             | Installed::Cpu(_)
+            | Installed::Memory(_)
             | Installed::Killed(_)
             | Installed::Killing(_) => Vec::new(),
         }
@@ -267,6 +285,7 @@ impl Installed {
             // The thaw guard: a later engine kills one that outlived us (after it thaws).
             Installed::Paused(p) => vec![p.guard()],
             Installed::Filled(f) => vec![f.guard()],
+            Installed::Memory(m) => m.workers().owners(),
         }
     }
 }
@@ -766,7 +785,8 @@ impl Engine {
                 | Installed::Killed(_)
                 | Installed::Paused(_)
                 | Installed::Killing(_)
-                | Installed::Filled(_) => active.installed.backend(),
+                | Installed::Filled(_)
+                | Installed::Memory(_) => active.installed.backend(),
             };
             let journaled = entry(
                 &id,
@@ -824,7 +844,8 @@ impl Engine {
             FaultKind::Cpu { .. } => return self.install_cpu(st, id, spec, deadline, netns),
             FaultKind::ProcessPause { .. }
             | FaultKind::ProcessKill { .. }
-            | FaultKind::DiskFill { .. } => {
+            | FaultKind::DiskFill { .. }
+            | FaultKind::Memory { .. } => {
                 return self.install_host(st, id, spec, deadline, netns);
             }
             FaultKind::Loss { .. }
@@ -1201,6 +1222,30 @@ impl Engine {
                     id, path, *level, mount, *force, &protected, deadline,
                 ) {
                     Ok(f) => Installed::Filled(f),
+                    Err(e) => {
+                        self.rewrite_journal_after_failure(st);
+                        return Err(e.into());
+                    }
+                }
+            }
+            FaultKind::Memory {
+                size,
+                workers,
+                cgroup,
+                ramp_ms,
+                oom,
+            } => {
+                // The workers are journaled (pid, start time) once they exist; a crash before
+                // that leaves workers their death signal ends.
+                self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
+                match crate::memory::MemoryStress::start(
+                    *size,
+                    *workers,
+                    cgroup,
+                    Duration::from_millis(*ramp_ms),
+                    *oom,
+                ) {
+                    Ok(m) => Installed::Memory(m),
                     Err(e) => {
                         self.rewrite_journal_after_failure(st);
                         return Err(e.into());

@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod guard;
 pub mod heartbeat;
 pub mod journal;
+pub mod memory;
 pub mod netlink;
 pub mod netns;
 pub mod null_backend;

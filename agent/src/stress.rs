@@ -111,7 +111,9 @@ impl CpuStress {
             .send(Request {
                 placement: placement.clone(),
                 count,
-                load_ppm: (load_percent.clamp(0.0, 100.0) * 10_000.0).round() as i64,
+                work: Work::Cpu {
+                    load_ppm: (load_percent.clamp(0.0, 100.0) * 10_000.0).round() as i64,
+                },
                 method,
                 reply,
             })
@@ -125,6 +127,73 @@ impl CpuStress {
             clock_ticks: if ticks > 0 { ticks as u64 } else { 100 },
             final_cpu: None,
         })
+    }
+
+    /// `count` workers in `placement` holding `bytes_each` of memory each (see [`Work::Memory`]).
+    pub fn start_memory(
+        placement: &Placement,
+        count: u32,
+        bytes_each: u64,
+        ramp: Duration,
+        first_to_die: bool,
+    ) -> Result<Self, StressError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let work = Work::Memory {
+            bytes: bytes_each,
+            ramp_ns: i64::try_from(ramp.as_nanos()).unwrap_or(i64::MAX),
+            page: if page > 0 { page as u64 } else { 4096 },
+            first_to_die,
+        };
+        let (reply, answer) = mpsc::channel();
+        supervisor()?
+            .send(Request {
+                placement: placement.clone(),
+                count,
+                work,
+                method: Method::Clone3,
+                reply,
+            })
+            .map_err(|_| StressError::Supervisor)?;
+        let (workers, method) = answer.recv().map_err(|_| StressError::Supervisor)??;
+        Ok(CpuStress {
+            workers,
+            method,
+            clock_ticks: 100,
+            final_cpu: None,
+        })
+    }
+
+    /// Memory the live workers have written (Private_Dirty: not the pages they still share
+    /// with the engine they were forked from), in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        self.workers
+            .iter()
+            .filter(|w| !w.reaped)
+            .filter_map(|w| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/smaps_rollup", w.owner.pid)).ok()?;
+                let line = status.lines().find(|l| l.starts_with("Private_Dirty:"))?;
+                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kb.saturating_mul(1024))
+            })
+            .sum()
+    }
+
+    /// Workers still alive (the OOM killer may have taken some).
+    pub fn alive(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| {
+                !w.reaped
+                    && std::fs::read_to_string(format!("/proc/{}/stat", w.owner.pid)).is_ok_and(
+                        |s| {
+                            s.rsplit_once(')')
+                                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+                        },
+                    )
+            })
+            .count()
     }
 
     pub fn method(&self) -> Method {
@@ -234,10 +303,25 @@ pub fn kill_survivors(workers: &[Owner]) -> usize {
     killed
 }
 
+/// What a worker does once placed.
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    /// Hold this share of one CPU (parts per million).
+    Cpu { load_ppm: i64 },
+    /// Touch and hold this many bytes of anonymous memory, reaching them over `ramp_ns`; with
+    /// `first_to_die`, the worker offers itself to the OOM killer before the target's processes.
+    Memory {
+        bytes: u64,
+        ramp_ns: i64,
+        page: u64,
+        first_to_die: bool,
+    },
+}
+
 struct Request {
     placement: Placement,
     count: u32,
-    load_ppm: i64,
+    work: Work,
     method: Method,
     reply: mpsc::Sender<Result<(Vec<Worker>, Method), StressError>>,
 }
@@ -267,7 +351,7 @@ fn supervisor() -> Result<&'static mpsc::Sender<Request>, StressError> {
                                 let result = spawn_all(
                                     &req.placement,
                                     req.count,
-                                    req.load_ppm,
+                                    req.work,
                                     req.method,
                                     beat,
                                 );
@@ -338,7 +422,7 @@ impl Heartbeat {
 fn spawn_all(
     placement: &Placement,
     count: u32,
-    load_ppm: i64,
+    work: Work,
     mut method: Method,
     beat: Heartbeat,
 ) -> Result<(Vec<Worker>, Method), StressError> {
@@ -351,7 +435,7 @@ fn spawn_all(
     };
     let mut workers = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        match spawn_one(placement, cgroup_fd.as_ref(), load_ppm, &mut method, beat) {
+        match spawn_one(placement, cgroup_fd.as_ref(), work, &mut method, beat) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 // All or nothing: the ones already started go (dropping them stops them).
@@ -410,7 +494,7 @@ const P_PIDFD: libc::idtype_t = 3;
 fn spawn_one(
     placement: &Placement,
     cgroup_fd: Option<&OwnedFd>,
-    load_ppm: i64,
+    work: Work,
     method: &mut Method,
     beat: Heartbeat,
 ) -> Result<Worker, StressError> {
@@ -450,7 +534,7 @@ fn spawn_one(
         };
         if ret == 0 {
             // SAFETY: we are the new process.
-            unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm, beat) }
+            unsafe { worker_main(rd.as_raw_fd(), parent, work, beat) }
         }
         if ret > 0 {
             // SAFETY: CLONE_PIDFD stored a fresh descriptor we own.
@@ -476,7 +560,7 @@ fn spawn_one(
             let pid = unsafe { libc::fork() };
             if pid == 0 {
                 // SAFETY: we are the new process.
-                unsafe { worker_main(rd.as_raw_fd(), parent, load_ppm, beat) }
+                unsafe { worker_main(rd.as_raw_fd(), parent, work, beat) }
             }
             if pid < 0 {
                 return Err(StressError::Spawn(io::Error::last_os_error()));
@@ -548,7 +632,7 @@ fn spawn_one(
 ///
 /// # Safety
 /// Call only in a freshly cloned child; never returns.
-unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64, beat: Heartbeat) -> ! {
+unsafe fn worker_main(go: RawFd, parent: libc::pid_t, work: Work, beat: Heartbeat) -> ! {
     // SAFETY: plain system calls on our own process.
     unsafe {
         libc::prctl(
@@ -565,13 +649,11 @@ unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64, beat: Heart
         // Keep nothing of the engine's: a copy of a BPF link, a socket or a pipe held here would
         // keep it alive (a link attached, a client waiting for EOF) while the worker runs.
         close_all_but(go);
-        libc::prctl(
-            libc::PR_SET_NAME,
-            c"chaos-cpu".as_ptr() as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
+        let name = match work {
+            Work::Cpu { .. } => c"chaos-cpu",
+            Work::Memory { .. } => c"chaos-mem",
+        };
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
         // The engine's signal handlers (tokio's) and mask are not ours.
         let mut sig = 1;
         while sig < 32 {
@@ -596,7 +678,75 @@ unsafe fn worker_main(go: RawFd, parent: libc::pid_t, load_ppm: i64, beat: Heart
             libc::_exit(0);
         }
         libc::close(go);
-        duty_cycle(load_ppm, beat)
+        match work {
+            Work::Cpu { load_ppm } => duty_cycle(load_ppm, beat),
+            Work::Memory {
+                bytes,
+                ramp_ns,
+                page,
+                first_to_die,
+            } => hold_memory(bytes, ramp_ns, page, first_to_die, beat),
+        }
+    }
+}
+
+/// Touches `bytes` of anonymous memory one page at a time (spread over `ramp_ns`), then holds
+/// it asleep: no CPU while holding. While the engine is frozen past the heartbeat bound the
+/// pages are given back (MADV_DONTNEED), and touched again when it beats. Async-signal-safe.
+fn hold_memory(bytes: u64, ramp_ns: i64, page: u64, first_to_die: bool, beat: Heartbeat) -> ! {
+    // SAFETY: plain system calls on our own process and a mapping of our own.
+    unsafe {
+        let adj: &[u8] = if first_to_die { b"1000" } else { b"0" };
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            libc::write(fd, adj.as_ptr().cast(), adj.len());
+            libc::close(fd);
+        }
+        let len = bytes.max(1) as usize;
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if base == libc::MAP_FAILED {
+            libc::_exit(1);
+        }
+        let page = page.max(1);
+        let start = clock_ns(libc::CLOCK_MONOTONIC);
+        let mut touched: u64 = 0;
+        loop {
+            let now = clock_ns(libc::CLOCK_MONOTONIC);
+            if beat.stale(now) {
+                if touched > 0 {
+                    libc::madvise(base, len, libc::MADV_DONTNEED);
+                    touched = 0;
+                }
+            } else if touched < bytes {
+                let due = if ramp_ns <= 0 {
+                    bytes
+                } else {
+                    let f = now.saturating_sub(start) as f64 / ramp_ns as f64;
+                    ((bytes as f64 * f.min(1.0)) as u64).max(page.min(bytes))
+                };
+                while touched < due.min(bytes) {
+                    // One write per page makes it resident (and charged to our cgroups).
+                    std::ptr::write_volatile((base as *mut u8).add(touched as usize), 1);
+                    touched = touched.saturating_add(page);
+                }
+            }
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: if touched < bytes && !beat.stale(now) {
+                    10_000_000
+                } else {
+                    200_000_000
+                },
+            };
+            libc::nanosleep(&ts, std::ptr::null_mut());
+        }
     }
 }
 

@@ -172,6 +172,7 @@ pub fn summarize(spec: &pb::FaultSpec) -> String {
         ),
         Some(Kind::ProcessPause(_)) => "process-pause".into(),
         Some(Kind::DiskFill(d)) => format!("disk-fill {}", d.path),
+        Some(Kind::Memory(m)) => format!("memory x{}", m.workers),
         Some(Kind::ProcessKill(k)) => match k.interval_ms {
             0 => format!("process-kill SIG{}", k.signal),
             ms => format!("process-kill SIG{} every {ms} ms", k.signal),

@@ -357,6 +357,7 @@ raw_fault! {
     process_pause: params::ProcessPause,
     process_kill: params::ProcessKill,
     disk_fill: params::DiskFill,
+    memory: params::Memory,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -435,6 +436,12 @@ impl Fault {
                     }
                     p.pod_uid = Some(ANY_POD.into());
                 }
+            }
+            if let Some(m) = &mut placed.memory {
+                if !m.target.is_empty() {
+                    return Err("memory: cgroup, pid and pod-uid exclude target.pods".into());
+                }
+                m.target.pod_uid = Some(ANY_POD.into());
             }
             if let Some(d) = &mut placed.disk_fill {
                 if d.pid.is_some() || d.pod_uid.is_some() {

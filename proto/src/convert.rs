@@ -2,8 +2,8 @@
 //! gRPC is validated here with the same parsers and error lines as the CLI and the files.
 use crate::agent::v1 as pb;
 use chaos_spec::{
-    CgroupRef, Counters, Direction, FaultKind, FaultSpec, FillLevel, InvalidInput, MountRef,
-    NetnsRef, ProcessRef, Protocol, Target, invalid,
+    CgroupRef, Counters, Direction, FaultKind, FaultSpec, FillLevel, InvalidInput, MemorySize,
+    MountRef, NetnsRef, ProcessRef, Protocol, Target, invalid,
 };
 use std::time::Duration;
 
@@ -77,6 +77,27 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
                     interval_ms: k.interval_ms,
                 }
             }
+            Some(pb::fault_spec::Kind::Memory(m)) => FaultKind::Memory {
+                size: match m.size {
+                    Some(pb::memory::Size::Bytes(b)) => MemorySize::Bytes(b),
+                    Some(pb::memory::Size::Percent(p)) => MemorySize::Percent(p),
+                    None => {
+                        return Err(invalid(
+                            "--bytes",
+                            "give exactly one of --bytes SIZE or --percent P",
+                        ));
+                    }
+                },
+                workers: m.workers,
+                cgroup: match m.cgroup_target {
+                    Some(pb::memory::CgroupTarget::Cgroup(path)) => CgroupRef::Path(path),
+                    Some(pb::memory::CgroupTarget::Pid(pid)) => CgroupRef::Pid(pid),
+                    Some(pb::memory::CgroupTarget::PodUid(uid)) => CgroupRef::Pod(uid),
+                    None => CgroupRef::from_flags(None, None, None)?,
+                },
+                ramp_ms: m.ramp_ms,
+                oom: m.oom,
+            },
             Some(pb::fault_spec::Kind::DiskFill(d)) => FaultKind::DiskFill {
                 path: d.path,
                 level: match d.level {
@@ -250,6 +271,31 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     }),
                 );
             }
+            FaultKind::Memory {
+                size,
+                workers,
+                ref cgroup,
+                ramp_ms,
+                oom,
+            } => {
+                return host_spec(
+                    s,
+                    pb::fault_spec::Kind::Memory(pb::Memory {
+                        size: Some(match size {
+                            MemorySize::Bytes(b) => pb::memory::Size::Bytes(b),
+                            MemorySize::Percent(p) => pb::memory::Size::Percent(p),
+                        }),
+                        workers,
+                        cgroup_target: Some(match cgroup {
+                            CgroupRef::Path(p) => pb::memory::CgroupTarget::Cgroup(p.clone()),
+                            CgroupRef::Pid(pid) => pb::memory::CgroupTarget::Pid(*pid),
+                            CgroupRef::Pod(uid) => pb::memory::CgroupTarget::PodUid(uid.clone()),
+                        }),
+                        ramp_ms,
+                        oom,
+                    }),
+                );
+            }
             FaultKind::DiskFill {
                 ref path,
                 level,
@@ -364,6 +410,7 @@ pub fn kind_info(k: &pb::fault_spec::Kind) -> &'static chaos_spec::KindInfo {
         Kind::ProcessPause(_) => &kinds::PROCESS_PAUSE,
         Kind::ProcessKill(_) => &kinds::PROCESS_KILL,
         Kind::DiskFill(_) => &kinds::DISK_FILL,
+        Kind::Memory(_) => &kinds::MEMORY,
     }
 }
 

@@ -178,9 +178,9 @@ fn watch_follows_counters_until_the_fault_ends() {
         "--netns",
         &net.a,
         "--duration",
-        // Long enough for several 200 ms updates even when chaosctl takes a second to start
-        // on a loaded machine (1.5 s once gave only two).
-        "3s",
+        // Long enough for several 200 ms updates even when chaosctl takes seconds to start
+        // on a loaded machine (1.5 s once gave only two, 3 s once only one).
+        "6s",
         "--json",
     ]);
     let id = fault_id(&o);

@@ -130,6 +130,19 @@ pub enum FaultKind {
         #[serde(default)]
         interval_ms: u64,
     },
+    /// `workers` processes inside the target's cgroups touching and holding `size` between
+    /// them, reached over `ramp_ms`. With `oom`, the cgroup's OOM killer may act (and the fault
+    /// reports it); without, an ask beyond the cgroup's headroom is refused and the workers are
+    /// the OOM killer's first choice.
+    Memory {
+        size: MemorySize,
+        workers: u32,
+        cgroup: CgroupRef,
+        #[serde(default)]
+        ramp_ms: u64,
+        #[serde(default)]
+        oom: bool,
+    },
     /// Fill the filesystem holding `path` (as `mount` sees it) to `level`, with one file of a
     /// reserved name, and hold the level until the fault ends.
     DiskFill {
@@ -141,6 +154,18 @@ pub enum FaultKind {
         force: bool,
     },
 }
+
+/// How much memory a memory fault holds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemorySize {
+    Bytes(u64),
+    /// Percent of the cgroup's memory limit, or of the node's memory when it has none.
+    Percent(f64),
+}
+
+/// Most memory workers one fault may start.
+pub const MAX_MEMORY_WORKERS: u32 = 64;
 
 /// How full a disk-fill makes its filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -565,6 +590,7 @@ pub mod kinds {
     pub const PROCESS_PAUSE: KindInfo = host("process-pause", &["freezer", "signal"]);
     pub const PROCESS_KILL: KindInfo = host("process-kill", &["signal"]);
     pub const DISK_FILL: KindInfo = host("disk-fill", &["fallocate"]);
+    pub const MEMORY: KindInfo = host("memory", &["stress"]);
     /// Not an agent's: chaos-controller deletes pods through the Kubernetes API.
     pub const POD_KILL: KindInfo = host("pod-kill", &["kubernetes"]);
 }
@@ -580,6 +606,7 @@ pub const KINDS: &[KindInfo] = &[
     kinds::BANDWIDTH,
     kinds::DNS,
     kinds::CPU,
+    kinds::MEMORY,
     kinds::CONTAINER_KILL,
     kinds::PROCESS_PAUSE,
     kinds::PROCESS_KILL,
@@ -612,6 +639,7 @@ impl FaultKind {
             FaultKind::ProcessPause { .. } => &kinds::PROCESS_PAUSE,
             FaultKind::ProcessKill { .. } => &kinds::PROCESS_KILL,
             FaultKind::DiskFill { .. } => &kinds::DISK_FILL,
+            FaultKind::Memory { .. } => &kinds::MEMORY,
         }
     }
 
@@ -999,6 +1027,26 @@ impl fmt::Display for FaultSpec {
             FaultKind::DiskFill {
                 path, level, mount, ..
             } => return write!(f, "disk-fill of {path}{mount} {level}"),
+            FaultKind::Memory {
+                size,
+                workers,
+                cgroup,
+                ramp_ms,
+                oom,
+            } => {
+                match size {
+                    MemorySize::Bytes(b) => write!(f, "memory {}", format_size(*b))?,
+                    MemorySize::Percent(p) => write!(f, "memory {p} % of the limit")?,
+                }
+                write!(f, " in {workers} worker(s) in {cgroup}")?;
+                if *ramp_ms > 0 {
+                    write!(f, ", ramped over {}", format_millis(*ramp_ms))?;
+                }
+                if *oom {
+                    write!(f, ", OOM killer allowed")?;
+                }
+                return Ok(());
+            }
         }
         let t = &self.target;
         write!(
@@ -1235,6 +1283,39 @@ impl FaultSpec {
             } => {
                 target.validate()?;
                 name_pattern(name)?;
+            }
+            FaultKind::Memory {
+                size,
+                workers,
+                ref cgroup,
+                ramp_ms,
+                ..
+            } => {
+                if !(1..=MAX_MEMORY_WORKERS).contains(&workers) {
+                    return Err(invalid(
+                        "--workers",
+                        format!("must be between 1 and {MAX_MEMORY_WORKERS} (got {workers})"),
+                    ));
+                }
+                match size {
+                    MemorySize::Bytes(0) => {
+                        return Err(invalid("--bytes", "must be greater than 0"));
+                    }
+                    MemorySize::Percent(p) if !(p.is_finite() && p > 0.0 && p <= 100.0) => {
+                        return Err(invalid(
+                            "--percent",
+                            format!("must be greater than 0 and at most 100 (got {p})"),
+                        ));
+                    }
+                    _ => {}
+                }
+                if Duration::from_millis(ramp_ms) > self.duration {
+                    return Err(invalid(
+                        "--ramp",
+                        "is longer than the fault's --duration; the memory would never be all held",
+                    ));
+                }
+                cgroup.validate()?;
             }
             FaultKind::DiskFill {
                 ref path,

@@ -4,8 +4,8 @@
 //! [`FaultKind`] the engine runs. A flag and its file key may be spelled differently
 //! (`--domain` repeated, `domains:` a list); the value and its parser are the same.
 use crate::{
-    CgroupRef, FaultKind, FillLevel, InvalidInput, MountRef, ProcessRef, kinds, parse_millis,
-    parse_percent, parse_rate,
+    CgroupRef, FaultKind, FillLevel, InvalidInput, MemorySize, MountRef, ProcessRef, kinds,
+    parse_millis, parse_percent, parse_rate,
 };
 use clap::Args;
 use schemars::JsonSchema;
@@ -461,6 +461,71 @@ impl Params for ProcessKill {
             name: self.target.name(),
             signal: self.signal.as_deref().unwrap_or("KILL").parse()?,
             interval_ms,
+        })
+    }
+}
+
+/// Memory stress: workers inside the target's cgroups touching and holding memory (asleep:
+/// no CPU spent while holding).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Memory {
+    /// How much, between all workers (e.g. 256MiB, 1G).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<String>,
+    /// How much, as a percent of the cgroup's memory limit (of the node's memory without one).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// How many worker processes share it.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub workers: u32,
+    /// Reach the full amount gradually over this long (e.g. 30s).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<String>,
+    /// Let the cgroup's OOM killer act (and report what it killed); without it an ask beyond
+    /// the cgroup's headroom is refused.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub target: CgroupTarget,
+}
+
+impl Kind for Memory {
+    const NAME: &'static str = kinds::MEMORY.name;
+}
+
+impl Params for Memory {
+    fn kind(&self) -> Result<FaultKind, InvalidInput> {
+        let size = match (&self.bytes, self.percent) {
+            (Some(b), None) => MemorySize::Bytes(crate::parse_size("--bytes", b)?),
+            (None, Some(p)) => MemorySize::Percent(p),
+            _ => {
+                return Err(crate::invalid(
+                    "--bytes",
+                    "give exactly one of --bytes SIZE or --percent P",
+                ));
+            }
+        };
+        let ramp_ms = match &self.ramp {
+            None => 0,
+            Some(t) => {
+                let d = crate::parse_duration(t).map_err(|e| crate::invalid("--ramp", e.rule))?;
+                u64::try_from(d.as_millis()).map_err(|_| crate::invalid("--ramp", "is too long"))?
+            }
+        };
+        Ok(FaultKind::Memory {
+            size,
+            workers: self.workers,
+            cgroup: self.target.cgroup_ref()?,
+            ramp_ms,
+            oom: self.oom,
         })
     }
 }

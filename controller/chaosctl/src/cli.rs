@@ -245,6 +245,14 @@ enum FaultArgs {
         #[command(flatten)]
         run: Run,
     },
+    /// Memory stress: workers inside the target's cgroups touching and holding memory (asleep,
+    /// so no CPU is spent holding it); --oom lets the cgroup's OOM killer act.
+    Memory {
+        #[command(flatten)]
+        p: params::Memory,
+        #[command(flatten)]
+        run: Run,
+    },
     /// Signal the processes of a pod's container once (found through the pod's cgroup; the
     /// sandbox is spared, so the pod stays and the container restarts).
     ContainerKill {
@@ -410,6 +418,7 @@ impl FaultArgs {
             FaultArgs::Bandwidth { p, common } => net(p, common),
             FaultArgs::Dns { p, common } => net(p, common),
             FaultArgs::Cpu { p, run } => (p, params::Cpu::NAME, run),
+            FaultArgs::Memory { p, run } => (p, params::Memory::NAME, run),
             FaultArgs::ContainerKill { p, run } => (p, params::ContainerKill::NAME, run),
             FaultArgs::ProcessPause { p, run } => (p, params::ProcessPause::NAME, run),
             FaultArgs::ProcessKill { p, run } => (p, params::ProcessKill::NAME, run),
@@ -430,6 +439,7 @@ impl FaultArgs {
             | FaultArgs::Bandwidth { common, .. }
             | FaultArgs::Dns { common, .. } => Some(common),
             FaultArgs::Cpu { .. }
+            | FaultArgs::Memory { .. }
             | FaultArgs::ContainerKill { .. }
             | FaultArgs::ProcessPause { .. }
             | FaultArgs::ProcessKill { .. }
@@ -471,6 +481,15 @@ impl FaultArgs {
                     ));
                 }
                 f.cpu = Some(p.clone())
+            }
+            FaultArgs::Memory { p, .. } => {
+                if !p.target.is_empty() {
+                    return Err(spec::invalid(
+                        "--namespace",
+                        "stresses each chosen pod's own cgroup; drop --cgroup, --pid and --pod-uid",
+                    ));
+                }
+                f.memory = Some(p.clone())
             }
             FaultArgs::ContainerKill { p, .. } => f.container_kill = Some(p.clone()),
             FaultArgs::ProcessPause { p, .. } => {
@@ -1336,6 +1355,22 @@ mod tests {
                 "process-kill",
                 &["--pid", "4242", "--signal", "TERM", "--every", "10s"],
                 "process-kill: {pid: 4242, signal: TERM, every: 10s}",
+                false,
+            ),
+            (
+                "memory",
+                &[
+                    "--bytes",
+                    "256MiB",
+                    "--workers",
+                    "2",
+                    "--ramp",
+                    "10s",
+                    "--oom",
+                    "--cgroup",
+                    "/chaos/x",
+                ],
+                "memory: {bytes: 256MiB, workers: 2, ramp: 10s, oom: true, cgroup: /chaos/x}",
                 false,
             ),
             (

@@ -36,13 +36,21 @@ pub fn counters_line(c: &Counters) -> String {
     if c.cpu_time_us > 0 {
         return format!("cpu_time={:.2}s", c.cpu_time_us as f64 / 1e6);
     }
-    // A disk-fill holds bytes, not packets.
-    if c.seen == 0 && c.affected_bytes > 0 {
-        return format!(
+    // A disk-fill or a memory fault holds bytes, not packets (a memory fault counts the OOM
+    // killer's kills, and how many of them were its own workers).
+    if c.seen == 0 && (c.affected_bytes > 0 || c.matched_bytes > 0) {
+        let mut line = format!(
             "held={} of {}",
             chaos_spec::format_size(c.affected_bytes),
             chaos_spec::format_size(c.seen_bytes)
         );
+        if c.affected > 0 || c.matched > 0 {
+            line.push_str(&format!(
+                " oom_kills={} (workers lost {})",
+                c.affected, c.matched
+            ));
+        }
+        return line;
     }
     let pct = if c.matched > 0 {
         100.0 * c.affected as f64 / c.matched as f64

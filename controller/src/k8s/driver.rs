@@ -73,6 +73,11 @@ pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec
     {
         c.cgroup_target = Some(CgroupTarget::PodUid(uid.to_string()));
     }
+    if let Some(pb::fault_spec::Kind::Memory(m)) = spec.kind.as_mut()
+        && matches!(&m.cgroup_target, Some(pb::memory::CgroupTarget::PodUid(u)) if u == ANY_POD)
+    {
+        m.cgroup_target = Some(pb::memory::CgroupTarget::PodUid(uid.to_string()));
+    }
     if let Some(pb::fault_spec::Kind::DiskFill(d)) = spec.kind.as_mut()
         && matches!(&d.mount, Some(pb::disk_fill::Mount::PodUid(u)) if u == ANY_POD)
     {
