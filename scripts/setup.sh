@@ -12,6 +12,9 @@ command -v setpriv >/dev/null  || need+=(util-linux)
 command -v dnsmasq >/dev/null  || need+=(dnsmasq-base)
 command -v dig >/dev/null      || need+=(bind9-dnsutils)
 command -v stress-ng >/dev/null || need+=(stress-ng)
+# Host faults' tests: an ext4 image to fill (disk.rs), a Python process to OOM-kill (memory.rs).
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v python3 >/dev/null  || need+=(python3)
 # Real applications for the experiment tests: the system under test and the metrics probe.
 command -v nginx >/dev/null    || need+=(nginx)
 command -v prometheus >/dev/null || need+=(prometheus)
