@@ -674,7 +674,9 @@ fn a_fault_ended_by_its_deadline_reaches_the_controller_at_once() {
         "--selector",
         "zone=z1",
         "--duration",
-        "1s",
+        // Long enough that `agents` (a chaosctl start on a loaded machine) sees it running:
+        // with 1 s it once came after the end.
+        "3s",
         "--json",
     ]);
     let applied = Instant::now();
@@ -697,15 +699,15 @@ fn a_fault_ended_by_its_deadline_reaches_the_controller_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let known = applied.elapsed();
-    eprintln!("a 1 s fault: the controller knew it ended {known:?} after the apply");
+    eprintln!("a 3 s fault: the controller knew it ended {known:?} after the apply");
     assert_eq!(
         faults_on_app1(),
         0,
         "still listed {known:?} after the apply"
     );
     assert!(
-        known <= Duration::from_secs(2),
-        "the controller learned of the end {known:?} after the apply (deadline 1 s)"
+        known <= Duration::from_secs(4),
+        "the controller learned of the end {known:?} after the apply (deadline 3 s)"
     );
     let audit = std::fs::read_to_string(bed.site.tmp.join("audit.jsonl")).expect("audit log");
     let ended = audit
