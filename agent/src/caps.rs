@@ -248,6 +248,22 @@ pub fn detect() -> Capabilities {
         fault_kinds: kinds_on("fallocate"),
         reason: String::new(),
     });
+    // clock-skew moves a read's result with bpf_probe_write_user, which a locked-down kernel
+    // refuses to everyone.
+    let lockdown = crate::clock::lockdown();
+    let writable = matches!(lockdown.as_deref(), None | Some("none"));
+    caps.backends.push(Backend {
+        name: "vdso+bpf",
+        available: writable,
+        fault_kinds: kinds_on("vdso+bpf"),
+        reason: match lockdown {
+            Some(mode) if !writable => format!(
+                "the kernel is locked down ({mode}): bpf_probe_write_user is refused, so clock \
+                 reads cannot be moved"
+            ),
+            _ => String::new(),
+        },
+    });
     // Signals reach a pod's containers through the pod's cgroup.
     caps.backends.push(Backend {
         name: "signal",

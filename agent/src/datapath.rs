@@ -445,6 +445,7 @@ pub fn rule_for(
         | FaultKind::ProcessPause { .. }
         | FaultKind::ProcessKill { .. }
         | FaultKind::DiskFill { .. }
+        | FaultKind::ClockSkew { .. }
         | FaultKind::Memory { .. } => (ACTION_NONE, 0, 0),
     };
     let (action, delay_ns) = match (shape, &spec.kind) {

@@ -39,6 +39,8 @@ pub enum EngineError {
     Process(crate::process::ProcessError),
     #[error(transparent)]
     Disk(crate::disk::DiskError),
+    #[error(transparent)]
+    Clock(crate::clock::ClockError),
     #[error("no active fault {0}")]
     NotFound(String),
     #[error("journal {path}: {source}")]
@@ -67,6 +69,15 @@ impl From<crate::disk::DiskError> for EngineError {
         match e {
             crate::disk::DiskError::Invalid(i) => EngineError::Invalid(i),
             other => EngineError::Disk(other),
+        }
+    }
+}
+
+impl From<crate::clock::ClockError> for EngineError {
+    fn from(e: crate::clock::ClockError) -> Self {
+        match e {
+            crate::clock::ClockError::Invalid(i) => EngineError::Invalid(i),
+            other => EngineError::Clock(other),
         }
     }
 }
@@ -179,6 +190,8 @@ enum Installed {
     Filled(crate::disk::Fill),
     /// Memory stress workers in the target's cgroups.
     Memory(crate::memory::MemoryStress),
+    /// The clock-skew programs, the patched vDSOs and the thread that follows execs.
+    Skewed(Box<crate::clock::ClockSkew>),
 }
 
 impl Installed {
@@ -194,6 +207,7 @@ impl Installed {
             Installed::Killing(k) => Ok(k.counters()),
             Installed::Filled(f) => Ok(f.counters()),
             Installed::Memory(m) => Ok(m.counters()),
+            Installed::Skewed(c) => Ok(c.counters()),
         }
     }
 
@@ -213,6 +227,7 @@ impl Installed {
                 Ok(())
             }
             Installed::Memory(m) => Ok(m.kill()?),
+            Installed::Skewed(c) => Ok(c.revert()?),
         }
     }
 
@@ -225,6 +240,7 @@ impl Installed {
             Installed::Killed(_)
             | Installed::Paused(_)
             | Installed::Killing(_)
+            | Installed::Skewed(_)
             | Installed::Filled(_) => Ok(()),
         }
     }
@@ -237,6 +253,7 @@ impl Installed {
             Installed::Paused(p) => p.method(),
             Installed::Filled(_) => "fallocate",
             Installed::Memory(m) => m.workers().method().name(),
+            Installed::Skewed(_) => "vdso+bpf",
         }
     }
 
@@ -248,6 +265,7 @@ impl Installed {
             | Installed::Paused(_)
             | Installed::Killing(_)
             | Installed::Filled(_)
+            | Installed::Skewed(_)
             | Installed::Memory(_) => Vec::new(),
         }
     }
@@ -261,6 +279,7 @@ impl Installed {
             | Installed::Paused(_)
             | Installed::Killing(_)
             | Installed::Filled(_)
+            | Installed::Skewed(_)
             | Installed::Memory(_) => Vec::new(),
         }
     }
@@ -273,6 +292,7 @@ impl Installed {
             Installed::Net(_)
             | Installed::Cpu(_)
             | Installed::Memory(_)
+            | Installed::Skewed(_)
             | Installed::Killed(_)
             | Installed::Killing(_) => Vec::new(),
         }
@@ -280,7 +300,10 @@ impl Installed {
 
     fn workers(&self) -> Vec<Owner> {
         match self {
-            Installed::Net(_) | Installed::Killed(_) | Installed::Killing(_) => Vec::new(),
+            Installed::Net(_)
+            | Installed::Killed(_)
+            | Installed::Killing(_)
+            | Installed::Skewed(_) => Vec::new(),
             Installed::Cpu(c) => c.owners(),
             // The thaw guard: a later engine kills one that outlived us (after it thaws).
             Installed::Paused(p) => vec![p.guard()],
@@ -786,6 +809,7 @@ impl Engine {
                 | Installed::Paused(_)
                 | Installed::Killing(_)
                 | Installed::Filled(_)
+                | Installed::Skewed(_)
                 | Installed::Memory(_) => active.installed.backend(),
             };
             let journaled = entry(
@@ -845,6 +869,7 @@ impl Engine {
             FaultKind::ProcessPause { .. }
             | FaultKind::ProcessKill { .. }
             | FaultKind::DiskFill { .. }
+            | FaultKind::ClockSkew { .. }
             | FaultKind::Memory { .. } => {
                 return self.install_host(st, id, spec, deadline, netns);
             }
@@ -1251,6 +1276,19 @@ impl Engine {
                         return Err(e.into());
                     }
                 }
+            }
+            FaultKind::ClockSkew {
+                target,
+                name,
+                offset_ns,
+                drift_ppm,
+                clocks,
+            } => {
+                let (skew, beat) = crate::clock::ClockSkew::start(
+                    id, target, name, *offset_ns, *drift_ppm, clocks, deadline,
+                )?;
+                self.heartbeats.add(id, beat);
+                Installed::Skewed(Box::new(skew))
             }
             _ => return Err(crate::spec::invalid("kind", "is not a host fault").into()),
         };

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod caps;
 pub mod cgroup;
+pub mod clock;
 pub mod datapath;
 pub mod disk;
 pub mod engine;

@@ -56,15 +56,15 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
 const STOP_ROUNDS: usize = 8;
 
 /// One target process, pinned by a pidfd.
-struct Proc {
-    owner: Owner,
-    pidfd: OwnedFd,
+pub(crate) struct Proc {
+    pub(crate) owner: Owner,
+    pub(crate) pidfd: OwnedFd,
 }
 
 /// What one scan found: how many processes were in scope and the ones that matched.
-struct Found {
-    seen: u64,
-    procs: Vec<Proc>,
+pub(crate) struct Found {
+    pub(crate) seen: u64,
+    pub(crate) procs: Vec<Proc>,
 }
 
 /// A process as /proc/PID/stat shows it.
@@ -192,7 +192,7 @@ fn scope(target: &ProcessRef) -> Result<BTreeSet<u32>, InvalidInput> {
 
 /// Finds and pins the target's processes. With `strict`, a target that includes this engine or
 /// an ancestor is refused (at apply); a later round of a kill loop skips them instead.
-fn find(
+pub(crate) fn find(
     target: &ProcessRef,
     name: &str,
     strict: bool,

@@ -171,6 +171,7 @@ pub fn summarize(spec: &pb::FaultSpec) -> String {
             }
         ),
         Some(Kind::ProcessPause(_)) => "process-pause".into(),
+        Some(Kind::ClockSkew(c)) => format!("clock-skew {} ns", c.offset_ns),
         Some(Kind::DiskFill(d)) => format!("disk-fill {}", d.path),
         Some(Kind::Memory(m)) => format!("memory x{}", m.workers),
         Some(Kind::ProcessKill(k)) => match k.interval_ms {

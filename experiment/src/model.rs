@@ -358,6 +358,7 @@ raw_fault! {
     process_kill: params::ProcessKill,
     disk_fill: params::DiskFill,
     memory: params::Memory,
+    clock_skew: params::ClockSkew,
 }
 
 /// Where a fault goes: which agents (by name or label) and, on each, what traffic.
@@ -426,6 +427,10 @@ impl Fault {
                 (
                     "process-kill",
                     placed.process_kill.as_mut().map(|p| &mut p.target),
+                ),
+                (
+                    "clock-skew",
+                    placed.clock_skew.as_mut().map(|p| &mut p.target),
                 ),
             ] {
                 if let Some(p) = p {

@@ -3,7 +3,7 @@
 use crate::agent::v1 as pb;
 use chaos_spec::{
     CgroupRef, Counters, Direction, FaultKind, FaultSpec, FillLevel, InvalidInput, MemorySize,
-    MountRef, NetnsRef, ProcessRef, Protocol, Target, invalid,
+    MountRef, NetnsRef, ProcessRef, Protocol, SkewedClock, Target, invalid,
 };
 use std::time::Duration;
 
@@ -67,6 +67,16 @@ impl TryFrom<pb::FaultSpec> for FaultSpec {
             Some(pb::fault_spec::Kind::ProcessPause(k)) => {
                 let (target, name) = process_target(k.target)?;
                 FaultKind::ProcessPause { target, name }
+            }
+            Some(pb::fault_spec::Kind::ClockSkew(k)) => {
+                let (target, name) = process_target(k.target)?;
+                FaultKind::ClockSkew {
+                    target,
+                    name,
+                    offset_ns: k.offset_ns,
+                    drift_ppm: k.drift_ppm,
+                    clocks: SkewedClock::parse_list(&k.clocks)?,
+                }
             }
             Some(pb::fault_spec::Kind::ProcessKill(k)) => {
                 let (target, name) = process_target(k.target)?;
@@ -256,6 +266,23 @@ impl From<&FaultSpec> for pb::FaultSpec {
                     }),
                 );
             }
+            FaultKind::ClockSkew {
+                ref target,
+                ref name,
+                offset_ns,
+                drift_ppm,
+                ref clocks,
+            } => {
+                return host_spec(
+                    s,
+                    pb::fault_spec::Kind::ClockSkew(pb::ClockSkew {
+                        target: Some(process_target_pb(target, name)),
+                        offset_ns,
+                        drift_ppm,
+                        clocks: clocks.iter().map(|c| c.name().to_string()).collect(),
+                    }),
+                );
+            }
             FaultKind::ProcessKill {
                 ref target,
                 ref name,
@@ -411,6 +438,7 @@ pub fn kind_info(k: &pb::fault_spec::Kind) -> &'static chaos_spec::KindInfo {
         Kind::ProcessKill(_) => &kinds::PROCESS_KILL,
         Kind::DiskFill(_) => &kinds::DISK_FILL,
         Kind::Memory(_) => &kinds::MEMORY,
+        Kind::ClockSkew(_) => &kinds::CLOCK_SKEW,
     }
 }
 

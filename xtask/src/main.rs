@@ -13,7 +13,11 @@ use std::process::Command;
 /// The nightly that matches bpf-linker 0.10.4's LLVM 22 (see shared/notes/platform-facts.md).
 const NIGHTLY_COMMIT_DATE: &str = "2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.10.4";
-const OBJECT: &str = "agent-ebpf/chaos.bpf.o";
+/// The objects agent-ebpf builds: (binary, committed file, its line in the hash file).
+const OBJECTS: [(&str, &str, &str); 2] = [
+    ("chaos-ebpf", "agent-ebpf/chaos.bpf.o", "object:"),
+    ("chaos-clock", "agent-ebpf/clock.bpf.o", "clock-object:"),
+];
 const HASH_FILE: &str = "agent-ebpf/chaos.bpf.sha256";
 
 fn main() -> Result<()> {
@@ -87,16 +91,18 @@ fn check_ebpf(root: &Path) -> Result<()> {
             .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
             .with_context(|| format!("{HASH_FILE} has no `{name}` line"))
     };
-    let (want_src, want_obj) = (field("sources:")?, field("object:")?);
-    let (have_src, have_obj) = (sources_hash(root)?, file_hash(&root.join(OBJECT))?);
+    let (want_src, have_src) = (field("sources:")?, sources_hash(root)?);
     if want_src != have_src {
         bail!(
-            "agent-ebpf sources changed since {OBJECT} was built (sources {have_src}, recorded \
-             {want_src}): run `cargo xtask build-ebpf` and commit {OBJECT} and {HASH_FILE}"
+            "agent-ebpf sources changed since its objects were built (sources {have_src}, \
+             recorded {want_src}): run `cargo xtask build-ebpf` and commit the objects and \
+             {HASH_FILE}"
         );
     }
-    if want_obj != have_obj {
-        bail!("{OBJECT} does not match the hash recorded in {HASH_FILE}: rebuild it");
+    for (_, object, line) in OBJECTS {
+        if field(line)? != file_hash(&root.join(object))? {
+            bail!("{object} does not match the hash recorded in {HASH_FILE}: rebuild it");
+        }
     }
     println!("eBPF object up to date (sources {})", &have_src[..16]);
     Ok(())
@@ -152,16 +158,19 @@ fn build_ebpf(root: &Path) -> Result<()> {
     if !status.success() {
         bail!("building agent-ebpf failed");
     }
-    let built = dir.join("target/bpfel-unknown-none/release/chaos-ebpf");
-    std::fs::copy(&built, root.join(OBJECT)).context("copy object")?;
-    let record = format!(
+    let mut record = format!(
         "# written by `cargo xtask build-ebpf`; checked by `cargo xtask check-ebpf`\n\
-         sources: {}\nobject: {}\n",
-        sources_hash(root)?,
-        file_hash(&root.join(OBJECT))?
+         sources: {}\n",
+        sources_hash(root)?
     );
+    for (bin, object, line) in OBJECTS {
+        let built = dir.join("target/bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&built, root.join(object)).with_context(|| format!("copy {bin}"))?;
+        record.push_str(&format!("{line} {}\n", file_hash(&root.join(object))?));
+        println!("wrote {object}");
+    }
     std::fs::write(root.join(HASH_FILE), record)?;
-    println!("wrote {OBJECT} and {HASH_FILE}");
+    println!("wrote {HASH_FILE}");
     Ok(())
 }
 

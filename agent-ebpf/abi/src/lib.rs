@@ -329,3 +329,67 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::DnsKey {}
 }
+
+// ---- clock-skew (agent-ebpf/src/clock.rs, agent/src/clock.rs) ----
+
+/// Processes (by tgid) one clock-skew object can hold: the target and what it forks while the
+/// fault lasts. A fork past this is not skewed (and counted).
+pub const MAX_CLOCK_TARGETS: u32 = 65_536;
+/// How old the owner's heartbeat may be before the clock rule goes inert: the bound
+/// for "back on true time after the agent's death" is 1 s (a killed owner's programs are
+/// detached at once; this covers a frozen one).
+pub const CLOCK_HEARTBEAT_BOUND_NS: u64 = 1_000_000_000;
+
+/// The clock calls whose results the object rewrites (`ClockCall::call`).
+pub const CALL_CLOCK_GETTIME: u32 = 0;
+pub const CALL_GETTIMEOFDAY: u32 = 1;
+pub const CALL_TIME: u32 = 2;
+
+/// What one clock-skew fault does (index 0 of `CLOCK_RULE`): the result of every clock read of
+/// a target process whose clock id is in `clocks` is moved by
+/// `offset_ns + drift_ppm * (now - origin_ns) / 10^6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockRule {
+    pub offset_ns: i64,
+    /// |drift| in parts per million, and its sign (the datapath has no signed division on
+    /// kernels before 6.6, so the arithmetic stays unsigned).
+    pub drift_ppm_abs: u64,
+    pub drift_negative: u32,
+    /// Bit n: clock id n (CLOCK_REALTIME = 0 ...); gettimeofday and time count as 0.
+    pub clocks: u32,
+    /// CLOCK_MONOTONIC ns the drift is counted from (the apply).
+    pub origin_ns: u64,
+    /// CLOCK_MONOTONIC ns from which reads pass untouched.
+    pub deadline_ns: u64,
+}
+
+/// A clock call between its entry and its exit (`CLOCK_INFLIGHT`, by pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCall {
+    /// The user buffer the result goes to (timespec, timeval or time_t).
+    pub ptr: u64,
+    pub clockid: u32,
+    pub call: u32,
+}
+
+/// Per-CPU counters of a clock-skew object (`CLOCK_COUNTERS`, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCounters {
+    /// Clock reads by target processes that reached the kernel.
+    pub reads: u64,
+    /// Reads whose result was moved.
+    pub skewed: u64,
+    /// Forks that could not be added (the target table was full).
+    pub lost_forks: u64,
+}
+
+#[cfg(feature = "user")]
+mod clock_user {
+    // SAFETY: repr(C), explicit padding, no invalid bit patterns.
+    unsafe impl aya::Pod for super::ClockRule {}
+    unsafe impl aya::Pod for super::ClockCall {}
+    unsafe impl aya::Pod for super::ClockCounters {}
+}

@@ -143,6 +143,19 @@ pub enum FaultKind {
         #[serde(default)]
         oom: bool,
     },
+    /// Move the clocks of the target processes (and of what they fork or exec meanwhile) by
+    /// `offset_ns`, plus `drift_ppm` parts per million of the time since the apply. No other
+    /// process's clock moves; true time comes back at revert, at the deadline, and within 1 s
+    /// of the engine's death.
+    ClockSkew {
+        target: ProcessRef,
+        #[serde(default)]
+        name: String,
+        offset_ns: i64,
+        #[serde(default)]
+        drift_ppm: i64,
+        clocks: Vec<SkewedClock>,
+    },
     /// Fill the filesystem holding `path` (as `mount` sees it) to `level`, with one file of a
     /// reserved name, and hold the level until the fault ends.
     DiskFill {
@@ -153,6 +166,109 @@ pub enum FaultKind {
         #[serde(default)]
         force: bool,
     },
+}
+
+/// A clock a clock-skew fault moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkewedClock {
+    /// CLOCK_REALTIME and its coarse and alarm forms; gettimeofday.
+    Realtime,
+    /// CLOCK_TAI.
+    Tai,
+    /// CLOCK_MONOTONIC, its raw and coarse forms.
+    Monotonic,
+    /// CLOCK_BOOTTIME and its alarm form.
+    Boottime,
+}
+
+impl SkewedClock {
+    pub const ALL: [SkewedClock; 4] = [
+        SkewedClock::Realtime,
+        SkewedClock::Tai,
+        SkewedClock::Monotonic,
+        SkewedClock::Boottime,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SkewedClock::Realtime => "realtime",
+            SkewedClock::Tai => "tai",
+            SkewedClock::Monotonic => "monotonic",
+            SkewedClock::Boottime => "boottime",
+        }
+    }
+
+    /// A `--clocks` list: sorted, each once; realtime when empty.
+    pub fn parse_list(names: &[String]) -> Result<Vec<SkewedClock>, InvalidInput> {
+        let mut clocks = names
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<Vec<SkewedClock>, _>>()?;
+        if clocks.is_empty() {
+            clocks.push(SkewedClock::Realtime);
+        }
+        clocks.sort();
+        clocks.dedup();
+        Ok(clocks)
+    }
+
+    /// The clock ids (clock_gettime's first argument) it stands for.
+    pub fn ids(self) -> &'static [u32] {
+        match self {
+            // REALTIME, REALTIME_COARSE, REALTIME_ALARM
+            SkewedClock::Realtime => &[0, 5, 8],
+            SkewedClock::Tai => &[11],
+            // MONOTONIC, MONOTONIC_RAW, MONOTONIC_COARSE
+            SkewedClock::Monotonic => &[1, 4, 6],
+            // BOOTTIME, BOOTTIME_ALARM
+            SkewedClock::Boottime => &[7, 9],
+        }
+    }
+}
+
+impl std::str::FromStr for SkewedClock {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        SkewedClock::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                invalid(
+                    "--clocks",
+                    format!(
+                        "`{}` is not a clock: realtime, tai, monotonic or boottime",
+                        s.chars().take(40).collect::<String>()
+                    ),
+                )
+            })
+    }
+}
+
+/// The largest `--drift-ppm` either way (one second per second: the clock stands still or runs
+/// at twice its rate).
+pub const MAX_DRIFT_PPM: i64 = 1_000_000;
+
+/// A signed offset: `2h`, `+90s`, `-30m`, `1d12h`, in nanoseconds.
+pub fn parse_offset(field: &'static str, s: &str) -> Result<i64, InvalidInput> {
+    let t = s.trim();
+    let (negative, rest) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let d = parse_duration(rest).map_err(|e| invalid(field, e.rule))?;
+    let ns = i64::try_from(d.as_nanos()).map_err(|_| invalid(field, "is too large"))?;
+    Ok(if negative { -ns } else { ns })
+}
+
+/// An offset in nanoseconds as a user writes it: +2h, -90s, +1500ms.
+pub fn format_offset(ns: i64) -> String {
+    let sign = if ns < 0 { '-' } else { '+' };
+    let abs = Duration::from_nanos(ns.unsigned_abs());
+    if !abs.subsec_nanos().is_multiple_of(1_000_000) {
+        return format!("{sign}{}ns", abs.as_nanos());
+    }
+    format!("{sign}{}", format_duration(abs))
 }
 
 /// How much memory a memory fault holds.
@@ -591,6 +707,7 @@ pub mod kinds {
     pub const PROCESS_KILL: KindInfo = host("process-kill", &["signal"]);
     pub const DISK_FILL: KindInfo = host("disk-fill", &["fallocate"]);
     pub const MEMORY: KindInfo = host("memory", &["stress"]);
+    pub const CLOCK_SKEW: KindInfo = host("clock-skew", &["vdso+bpf"]);
     /// Not an agent's: chaos-controller deletes pods through the Kubernetes API.
     pub const POD_KILL: KindInfo = host("pod-kill", &["kubernetes"]);
 }
@@ -611,6 +728,7 @@ pub const KINDS: &[KindInfo] = &[
     kinds::PROCESS_PAUSE,
     kinds::PROCESS_KILL,
     kinds::DISK_FILL,
+    kinds::CLOCK_SKEW,
 ];
 
 /// The names in [`KINDS`], for error texts: "loss, corrupt, ... or container-kill".
@@ -640,6 +758,7 @@ impl FaultKind {
             FaultKind::ProcessKill { .. } => &kinds::PROCESS_KILL,
             FaultKind::DiskFill { .. } => &kinds::DISK_FILL,
             FaultKind::Memory { .. } => &kinds::MEMORY,
+            FaultKind::ClockSkew { .. } => &kinds::CLOCK_SKEW,
         }
     }
 
@@ -1027,6 +1146,21 @@ impl fmt::Display for FaultSpec {
             FaultKind::DiskFill {
                 path, level, mount, ..
             } => return write!(f, "disk-fill of {path}{mount} {level}"),
+            FaultKind::ClockSkew {
+                target,
+                name,
+                offset_ns,
+                drift_ppm,
+                clocks,
+            } => {
+                write!(f, "clock-skew {} of {target}", format_offset(*offset_ns))?;
+                named(f, name)?;
+                if *drift_ppm != 0 {
+                    write!(f, ", drifting {drift_ppm:+} ppm")?;
+                }
+                let names: Vec<&str> = clocks.iter().map(|c| c.name()).collect();
+                return write!(f, " ({})", names.join(","));
+            }
             FaultKind::Memory {
                 size,
                 workers,
@@ -1284,6 +1418,43 @@ impl FaultSpec {
                 target.validate()?;
                 name_pattern(name)?;
             }
+            FaultKind::ClockSkew {
+                ref target,
+                ref name,
+                offset_ns,
+                drift_ppm,
+                ref clocks,
+            } => {
+                target.validate()?;
+                name_pattern(name)?;
+                if !(-MAX_DRIFT_PPM..=MAX_DRIFT_PPM).contains(&drift_ppm) {
+                    return Err(invalid(
+                        "--drift-ppm",
+                        format!(
+                            "must be between -{MAX_DRIFT_PPM} and {MAX_DRIFT_PPM} (got {drift_ppm})"
+                        ),
+                    ));
+                }
+                if offset_ns == 0 && drift_ppm == 0 {
+                    return Err(invalid(
+                        "--offset",
+                        "moves nothing: give a non-zero --offset or --drift-ppm",
+                    ));
+                }
+                let longest = i64::try_from(LONGEST_DURATION.as_nanos()).unwrap_or(i64::MAX);
+                if offset_ns.unsigned_abs() > longest.unsigned_abs() {
+                    return Err(invalid(
+                        "--offset",
+                        format!("must be within ±{}", format_duration(LONGEST_DURATION)),
+                    ));
+                }
+                if clocks.is_empty() {
+                    return Err(invalid(
+                        "--clocks",
+                        "name at least one of realtime, tai, monotonic, boottime",
+                    ));
+                }
+            }
             FaultKind::Memory {
                 size,
                 workers,
@@ -1499,6 +1670,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidInput> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             _ => return Err(bad()),
         };
         total = total.saturating_add(unit);
@@ -1577,6 +1749,61 @@ pub fn parse_ports(values: &[String]) -> Result<Vec<PortRange>, InvalidInput> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn offsets_read_with_a_sign_and_write_back_alike() {
+        assert_eq!(parse_offset("--offset", "2h").unwrap(), 7_200_000_000_000);
+        assert_eq!(parse_offset("--offset", "+90s").unwrap(), 90_000_000_000);
+        assert_eq!(
+            parse_offset("--offset", "-30m").unwrap(),
+            -1_800_000_000_000
+        );
+        assert_eq!(
+            parse_offset("--offset", "30d").unwrap(),
+            30 * 86_400 * 1_000_000_000
+        );
+        assert_eq!(format_offset(-1_800_000_000_000), "-30m");
+        assert_eq!(format_offset(1_500_000_000), "+1500ms");
+        let e = parse_offset("--offset", "--5s").unwrap_err();
+        assert_eq!(e.field, "--offset");
+        assert!(
+            parse_offset("--offset", "400d").is_err(),
+            "beyond the longest duration"
+        );
+    }
+
+    #[test]
+    fn clock_skew_refusals_name_the_field() {
+        let spec = |offset_ns, drift_ppm, target| FaultSpec {
+            kind: FaultKind::ClockSkew {
+                target,
+                name: String::new(),
+                offset_ns,
+                drift_ppm,
+                clocks: vec![SkewedClock::Realtime],
+            },
+            target: Target::none(),
+            duration: Duration::from_secs(10),
+        };
+        let field = |s: FaultSpec| s.validate(Duration::from_secs(3600)).unwrap_err().field;
+        assert_eq!(field(spec(0, 0, ProcessRef::Pid(42))), "--offset");
+        assert_eq!(
+            field(spec(1, 2_000_000, ProcessRef::Pid(42))),
+            "--drift-ppm"
+        );
+        assert_eq!(field(spec(1, 0, ProcessRef::Pid(1))), "--pid");
+        assert_eq!(
+            field(spec(1, 0, ProcessRef::Cgroup("/".into()))),
+            "--cgroup"
+        );
+        assert!(
+            spec(-1, 0, ProcessRef::Pid(42))
+                .validate(Duration::from_secs(3600))
+                .is_ok()
+        );
+        assert_eq!("tai".parse::<SkewedClock>().unwrap(), SkewedClock::Tai);
+        assert_eq!("utc".parse::<SkewedClock>().unwrap_err().field, "--clocks");
+    }
+
     #[test]
     fn error_lines_escape_control_characters_and_stop_at_the_limit() {
         assert_eq!(one_line("plain", 10), "plain");

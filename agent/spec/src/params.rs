@@ -4,8 +4,8 @@
 //! [`FaultKind`] the engine runs. A flag and its file key may be spelled differently
 //! (`--domain` repeated, `domains:` a list); the value and its parser are the same.
 use crate::{
-    CgroupRef, FaultKind, FillLevel, InvalidInput, MemorySize, MountRef, ProcessRef, kinds,
-    parse_millis, parse_percent, parse_rate,
+    CgroupRef, FaultKind, FillLevel, InvalidInput, MemorySize, MountRef, ProcessRef, SkewedClock,
+    kinds, parse_millis, parse_percent, parse_rate,
 };
 use clap::Args;
 use schemars::JsonSchema;
@@ -461,6 +461,51 @@ impl Params for ProcessKill {
             name: self.target.name(),
             signal: self.signal.as_deref().unwrap_or("KILL").parse()?,
             interval_ms,
+        })
+    }
+}
+
+/// Moves the clocks of the target processes only (their vDSO and system-call reads, their
+/// threads, what they fork and exec meanwhile); true time comes back at the end, or within 1 s
+/// of the engine's death.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, Args)]
+#[group(skip)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClockSkew {
+    /// How far to move the clocks: 2h, +90s, -30m, 30d.
+    #[arg(long, allow_hyphen_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+    /// Let the clocks also run fast (positive) or slow (negative) by N parts per million.
+    #[arg(long, allow_hyphen_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_ppm: Option<i64>,
+    /// The clocks to move, comma-separated: realtime (the default: also gettimeofday and
+    /// time), tai, monotonic, boottime.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clocks: Vec<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub target: ProcessTarget,
+}
+
+impl Kind for ClockSkew {
+    const NAME: &'static str = kinds::CLOCK_SKEW.name;
+}
+
+impl Params for ClockSkew {
+    fn kind(&self) -> Result<FaultKind, InvalidInput> {
+        let offset_ns = match &self.offset {
+            Some(text) => crate::parse_offset("--offset", text)?,
+            None => 0,
+        };
+        Ok(FaultKind::ClockSkew {
+            target: self.target.process_ref()?,
+            name: self.target.name(),
+            offset_ns,
+            drift_ppm: self.drift_ppm.unwrap_or(0),
+            clocks: SkewedClock::parse_list(&self.clocks)?,
         })
     }
 }

@@ -276,6 +276,15 @@ enum FaultArgs {
         #[command(flatten)]
         run: Run,
     },
+    /// Move the clocks of processes (--offset, --drift-ppm): their vDSO and system-call reads,
+    /// threads, children and exec'd programs; no other process. True time comes back at the
+    /// end, or within 1 s of the engine's death.
+    ClockSkew {
+        #[command(flatten)]
+        p: params::ClockSkew,
+        #[command(flatten)]
+        run: Run,
+    },
     /// Fill a filesystem to a level and hold it (one fallocated file of a reserved name, removed
     /// at the end, or by a guard process if the engine dies); writers get ENOSPC.
     DiskFill {
@@ -423,6 +432,7 @@ impl FaultArgs {
             FaultArgs::ProcessPause { p, run } => (p, params::ProcessPause::NAME, run),
             FaultArgs::ProcessKill { p, run } => (p, params::ProcessKill::NAME, run),
             FaultArgs::DiskFill { p, run } => (p, params::DiskFill::NAME, run),
+            FaultArgs::ClockSkew { p, run } => (p, params::ClockSkew::NAME, run),
             FaultArgs::PodKill { p, run } => (p, params::PodKill::NAME, run),
         }
     }
@@ -444,6 +454,7 @@ impl FaultArgs {
             | FaultArgs::ProcessPause { .. }
             | FaultArgs::ProcessKill { .. }
             | FaultArgs::DiskFill { .. }
+            | FaultArgs::ClockSkew { .. }
             | FaultArgs::PodKill { .. } => None,
         }
     }
@@ -499,6 +510,10 @@ impl FaultArgs {
             FaultArgs::ProcessKill { p, .. } => {
                 no_node_target(&p.target)?;
                 f.process_kill = Some(p.clone())
+            }
+            FaultArgs::ClockSkew { p, .. } => {
+                no_node_target(&p.target)?;
+                f.clock_skew = Some(p.clone())
             }
             FaultArgs::DiskFill { p, .. } => {
                 if p.pid.is_some() || p.pod_uid.is_some() {
@@ -1377,6 +1392,21 @@ mod tests {
                 "disk-fill",
                 &["--path", "/var/lib/data", "--leave", "10MiB", "--pid", "77"],
                 "disk-fill: {path: /var/lib/data, leave: 10MiB, pid: 77}",
+                false,
+            ),
+            (
+                "clock-skew",
+                &[
+                    "--offset",
+                    "-90s",
+                    "--drift-ppm",
+                    "-500",
+                    "--clocks",
+                    "realtime,monotonic",
+                    "--pid",
+                    "4242",
+                ],
+                "clock-skew: {offset: -90s, drift-ppm: -500, clocks: [realtime, monotonic], pid: 4242}",
                 false,
             ),
         ];

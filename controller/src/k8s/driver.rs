@@ -87,6 +87,7 @@ pub fn for_pod(mut spec: pb::FaultSpec, pod: &PodTarget) -> Result<pb::FaultSpec
     let process = match spec.kind.as_mut() {
         Some(pb::fault_spec::Kind::ProcessPause(p)) => p.target.as_mut(),
         Some(pb::fault_spec::Kind::ProcessKill(p)) => p.target.as_mut(),
+        Some(pb::fault_spec::Kind::ClockSkew(p)) => p.target.as_mut(),
         _ => None,
     };
     if let Some(t) = process
