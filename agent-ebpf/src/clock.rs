@@ -67,7 +67,7 @@ fn enter(call: ClockCall) {
 
 /// syscalls/sys_enter_clock_gettime: which_clock at 16, tp at 24.
 #[tracepoint]
-pub fn clock_gettime_enter(ctx: TracePointContext) -> u32 {
+pub fn chaos_clk_enter(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the tracepoint's format (the same on every architecture).
     let clockid: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
     let ptr: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
@@ -81,7 +81,7 @@ pub fn clock_gettime_enter(ctx: TracePointContext) -> u32 {
 
 /// syscalls/sys_enter_gettimeofday: tv at 16.
 #[tracepoint]
-pub fn gettimeofday_enter(ctx: TracePointContext) -> u32 {
+pub fn chaos_tod_enter(ctx: TracePointContext) -> u32 {
     // SAFETY: as above.
     let ptr: u64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
     enter(ClockCall {
@@ -122,7 +122,7 @@ fn shift(sec: i64, sub: i64, unit: u64, skew: i64) -> [i64; 2] {
 
 /// syscalls/sys_exit_clock_gettime and sys_exit_gettimeofday: ret at 16.
 #[tracepoint]
-pub fn clock_exit(ctx: TracePointContext) -> u32 {
+pub fn chaos_clk_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(call) = (unsafe { CLOCK_INFLIGHT.get(&id) }).copied() else {
@@ -163,7 +163,7 @@ pub fn clock_exit(ctx: TracePointContext) -> u32 {
 
 /// task/task_newtask: pid at 8, clone_flags at 32. A new process forked by a target is one.
 #[tracepoint]
-pub fn clock_newtask(ctx: TracePointContext) -> u32 {
+pub fn chaos_clk_fork(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the tracepoint's format.
     let flags: u64 = unsafe { ctx.read_at(32) }.unwrap_or(CLONE_THREAD);
     if flags & CLONE_THREAD != 0 || !is_target(tgid_of(bpf_get_current_pid_tgid())) {
@@ -182,7 +182,7 @@ pub fn clock_newtask(ctx: TracePointContext) -> u32 {
 
 /// sched/sched_process_exec: a target runs a new program, whose vDSO user space must patch.
 #[tracepoint]
-pub fn clock_exec(_ctx: TracePointContext) -> u32 {
+pub fn chaos_clk_exec(_ctx: TracePointContext) -> u32 {
     let tgid = tgid_of(bpf_get_current_pid_tgid());
     if is_target(tgid) {
         let _ = CLOCK_EXECS.output::<u32>(tgid, 0);
@@ -192,7 +192,7 @@ pub fn clock_exec(_ctx: TracePointContext) -> u32 {
 
 /// sched/sched_process_exit: a target's leader exits; its tgid may be reused.
 #[tracepoint]
-pub fn clock_task_exit(_ctx: TracePointContext) -> u32 {
+pub fn chaos_clk_gone(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     if id as u32 == tgid_of(id) {
         let _ = CLOCK_TARGETS.remove(&tgid_of(id));

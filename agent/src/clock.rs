@@ -63,13 +63,13 @@ fn kernel(context: impl Into<String>, e: impl std::fmt::Display) -> ClockError {
 
 /// The programs and the tracepoints they attach to.
 const ATTACH: [(&str, &str, &str); 7] = [
-    ("clock_gettime_enter", "syscalls", "sys_enter_clock_gettime"),
-    ("gettimeofday_enter", "syscalls", "sys_enter_gettimeofday"),
-    ("clock_exit", "syscalls", "sys_exit_clock_gettime"),
-    ("clock_exit", "syscalls", "sys_exit_gettimeofday"),
-    ("clock_newtask", "task", "task_newtask"),
-    ("clock_exec", "sched", "sched_process_exec"),
-    ("clock_task_exit", "sched", "sched_process_exit"),
+    ("chaos_clk_enter", "syscalls", "sys_enter_clock_gettime"),
+    ("chaos_tod_enter", "syscalls", "sys_enter_gettimeofday"),
+    ("chaos_clk_exit", "syscalls", "sys_exit_clock_gettime"),
+    ("chaos_clk_exit", "syscalls", "sys_exit_gettimeofday"),
+    ("chaos_clk_fork", "task", "task_newtask"),
+    ("chaos_clk_exec", "sched", "sched_process_exec"),
+    ("chaos_clk_gone", "sched", "sched_process_exit"),
 ];
 
 /// The processes (by tgid) some live clock fault of this engine holds, and which fault: two
@@ -302,8 +302,23 @@ pub struct ClockSkew {
 
 /// The kernel's lockdown mode, if securityfs shows one: in `integrity` or `confidentiality`
 /// mode bpf_probe_write_user is refused to everyone (Secure Boot machines run so).
+/// securityfs is mounted here if nothing has mounted it (a fresh boot often has not).
 pub fn lockdown() -> Option<String> {
-    let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+    const FILE: &str = "/sys/kernel/security/lockdown";
+    if !std::path::Path::new(FILE).exists() {
+        // SAFETY: constant NUL-terminated strings; no data argument. A failure leaves the
+        // file missing, read below as "no lockdown known" (the verifier then says no).
+        unsafe {
+            libc::mount(
+                c"securityfs".as_ptr(),
+                c"/sys/kernel/security".as_ptr(),
+                c"securityfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
+        };
+    }
+    let text = std::fs::read_to_string(FILE).ok()?;
     let mode = text.split_whitespace().find(|w| w.starts_with('['))?;
     Some(mode.trim_matches(['[', ']']).to_string())
 }
@@ -407,8 +422,18 @@ impl ClockSkew {
                     .and_then(|p| p.try_into().ok())
                     .ok_or_else(|| kernel("clock.bpf.o", format!("has no tracepoint {program}")))?;
             if prog.fd().is_err() {
-                prog.load()
-                    .map_err(|e| kernel(format!("load {program} (verifier)"), e))?;
+                prog.load().map_err(|e| {
+                    let text = format!("{e:#}");
+                    if text.contains("bpf_probe_write_user") {
+                        ClockError::Unsupported(
+                            "this kernel refuses bpf_probe_write_user, the helper that moves a \
+                             clock read's result; nothing was applied"
+                                .into(),
+                        )
+                    } else {
+                        kernel(format!("load {program} (verifier)"), e)
+                    }
+                })?;
             }
             prog.attach(category, tracepoint)
                 .map_err(|e| kernel(format!("attach {program} to {category}/{tracepoint}"), e))?;
