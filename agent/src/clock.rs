@@ -149,7 +149,6 @@ mod vdso {
 
     /// One function to patch: its offset in the image, the stub, and the true code (from the
     /// engine's own vDSO).
-    #[derive(Clone)]
     pub struct Site {
         pub offset: u64,
         pub code: &'static [u8],
@@ -212,10 +211,9 @@ mod vdso {
         Ok(sites)
     }
 
-    /// Writes `which` (the stub or the original) of every site into `pid`'s vDSO, if that
-    /// vDSO holds either form (a 32-bit process's does not: left alone). Returns the vDSO's
-    /// base when something was written.
-    pub fn write(pid: u32, sites: &[Site], stub: bool) -> io::Result<Option<u64>> {
+    /// Writes the stub (`stub`) or the true code of every site into `pid`'s vDSO, if that
+    /// vDSO holds either form (a 32-bit process's does not: left alone, and false).
+    pub fn write(pid: u32, sites: &[Site], stub: bool) -> io::Result<bool> {
         let (base, _) = mapping(&pid.to_string())?;
         let mem = std::fs::OpenOptions::new()
             .read(true)
@@ -225,28 +223,23 @@ mod vdso {
             let mut have = vec![0u8; site.code.len()];
             mem.read_exact_at(&mut have, base + site.offset)?;
             if have != site.original && have != site.code {
-                return Ok(None);
+                return Ok(false);
             }
         }
         for site in sites {
             let code: &[u8] = if stub { site.code } else { &site.original };
             mem.write_all_at(code, base + site.offset)?;
         }
-        Ok(Some(base))
+        Ok(true)
     }
-}
-
-/// A target whose vDSO is patched: which program (start time, vDSO base) it was.
-#[derive(Clone, Copy)]
-struct Patched {
-    start_time: u64,
 }
 
 /// What the fault's thread and its revert share.
 struct Shared {
     id: String,
     sites: Vec<vdso::Site>,
-    patched: Mutex<BTreeMap<u32, Patched>>,
+    /// The patched targets and the start time of each (a pid reused since is not ours).
+    patched: Mutex<BTreeMap<u32, u64>>,
     stop: AtomicBool,
 }
 
@@ -257,11 +250,11 @@ impl Shared {
             return;
         };
         match vdso::write(pid, &self.sites, true) {
-            Ok(Some(_)) => {
-                lock(&self.patched).insert(pid, Patched { start_time });
+            Ok(true) => {
+                lock(&self.patched).insert(pid, start_time);
                 lock(held()).insert(pid, self.id.clone());
             }
-            Ok(None) => tracing::debug!(pid, "vDSO of another kind: left alone"),
+            Ok(false) => tracing::debug!(pid, "vDSO of another kind: left alone"),
             Err(e) => tracing::debug!(pid, "patch vDSO: {e}"),
         }
     }
@@ -271,16 +264,16 @@ impl Shared {
         let patched = std::mem::take(&mut *lock(&self.patched));
         let mut held = lock(held());
         let mut restored = 0;
-        for (pid, p) in patched {
+        for (pid, start_time) in patched {
             if held.get(&pid) == Some(&self.id) {
                 held.remove(&pid);
             }
-            if journal::start_time(pid).ok() != Some(p.start_time) {
+            if journal::start_time(pid).ok() != Some(start_time) {
                 continue;
             }
             match vdso::write(pid, &self.sites, false) {
-                Ok(Some(_)) => restored += 1,
-                Ok(None) => {}
+                Ok(true) => restored += 1,
+                Ok(false) => {}
                 Err(e) => tracing::debug!(pid, "restore vDSO: {e}"),
             }
         }
@@ -306,17 +299,9 @@ pub struct ClockSkew {
 pub fn lockdown() -> Option<String> {
     const FILE: &str = "/sys/kernel/security/lockdown";
     if !std::path::Path::new(FILE).exists() {
-        // SAFETY: constant NUL-terminated strings; no data argument. A failure leaves the
-        // file missing, read below as "no lockdown known" (the verifier then says no).
-        unsafe {
-            libc::mount(
-                c"securityfs".as_ptr(),
-                c"/sys/kernel/security".as_ptr(),
-                c"securityfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            )
-        };
+        // A failure leaves the file missing, read below as "no lockdown known" (the verifier
+        // then says no).
+        let _ = mount_pseudo(c"securityfs", c"/sys/kernel/security");
     }
     let text = std::fs::read_to_string(FILE).ok()?;
     let mode = text.split_whitespace().find(|w| w.starts_with('['))?;
@@ -340,21 +325,27 @@ fn ensure_tracefs() -> Result<(), ClockError> {
     if events.exists() || std::path::Path::new("/sys/kernel/debug/tracing/events").exists() {
         return Ok(());
     }
-    // SAFETY: constant NUL-terminated strings; no data argument.
+    mount_pseudo(c"tracefs", c"/sys/kernel/tracing").map_err(|e| {
+        ClockError::Unsupported(format!(
+            "tracefs is not mounted and mounting it on /sys/kernel/tracing failed: {e}"
+        ))
+    })
+}
+
+/// Mounts the kernel pseudo-filesystem `fs` (its type and source alike) on `at`.
+fn mount_pseudo(fs: &std::ffi::CStr, at: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     let rc = unsafe {
         libc::mount(
-            c"tracefs".as_ptr(),
-            c"/sys/kernel/tracing".as_ptr(),
-            c"tracefs".as_ptr(),
+            fs.as_ptr(),
+            at.as_ptr(),
+            fs.as_ptr(),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             std::ptr::null(),
         )
     };
     if rc != 0 {
-        return Err(ClockError::Unsupported(format!(
-            "tracefs is not mounted and mounting it on /sys/kernel/tracing failed: {}",
-            io::Error::last_os_error()
-        )));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -626,14 +617,14 @@ mod tests {
         let originals: Vec<Vec<u8>> = sites.iter().map(|s| s.original.clone()).collect();
         let stubs: Vec<Vec<u8>> = sites.iter().map(|s| s.code.to_vec()).collect();
         assert_eq!(image_bytes(&pid.to_string(), &sites), originals);
-        assert!(vdso::write(pid, &sites, true).expect("patch").is_some());
+        assert!(vdso::write(pid, &sites, true).expect("patch"));
         assert_eq!(image_bytes(&pid.to_string(), &sites), stubs);
         assert_eq!(
             image_bytes("self", &sites),
             originals,
             "our own vDSO changed"
         );
-        assert!(vdso::write(pid, &sites, false).expect("restore").is_some());
+        assert!(vdso::write(pid, &sites, false).expect("restore"));
         assert_eq!(image_bytes(&pid.to_string(), &sites), originals);
         let _ = child.kill();
         let _ = child.wait();
@@ -689,7 +680,7 @@ mod tests {
             .expect("python runs");
         pl.recv_timeout(Duration::from_secs(10)).expect("perl runs");
         for pid in [python.id(), perl.id()] {
-            assert!(vdso::write(pid, &sites, true).expect("patch").is_some());
+            assert!(vdso::write(pid, &sites, true).expect("patch"));
         }
         while py.try_recv().is_ok() {}
         while pl.try_recv().is_ok() {}
@@ -717,7 +708,7 @@ mod tests {
             assert!((now / 1_000_000_000 - secs).abs() <= 1, "perl read {secs}");
         }
         for pid in [python.id(), perl.id()] {
-            assert!(vdso::write(pid, &sites, false).expect("restore").is_some());
+            assert!(vdso::write(pid, &sites, false).expect("restore"));
         }
         py.recv_timeout(Duration::from_secs(5))
             .expect("python runs after the restore");
