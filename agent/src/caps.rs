@@ -248,18 +248,19 @@ pub fn detect() -> Capabilities {
         fault_kinds: kinds_on("fallocate"),
         reason: String::new(),
     });
-    // clock-skew moves a read's result with bpf_probe_write_user, which a locked-down kernel
-    // refuses to everyone.
-    let lockdown = crate::clock::lockdown();
-    let writable = matches!(lockdown.as_deref(), None | Some("none"));
+    // clock-skew needs room for its stub in the vDSO; a locked-down kernel refuses
+    // bpf_probe_write_user, so there only the vDSO's reads move.
+    let room = crate::clock::room();
+    let writable = crate::clock::writes_allowed();
     caps.backends.push(Backend {
         name: "vdso+bpf",
-        available: writable,
+        available: room.is_ok(),
         fault_kinds: kinds_on("vdso+bpf"),
-        reason: match lockdown {
-            Some(mode) if !writable => format!(
-                "the kernel is locked down ({mode}): bpf_probe_write_user is refused, so clock \
-                 reads cannot be moved"
+        reason: match (room, crate::clock::lockdown()) {
+            (Err(e), _) => e,
+            (Ok(()), Some(mode)) if !writable => format!(
+                "the kernel is locked down ({mode}): reads through the vDSO move, direct \
+                 system calls keep true time"
             ),
             _ => String::new(),
         },

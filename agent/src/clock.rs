@@ -29,12 +29,10 @@ use crate::spec::{InvalidInput, ProcessRef, SkewedClock, invalid};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use chaos_abi::{ClockCounters, ClockRule};
+use chaos_abi::{CLOCK_HEARTBEAT_BOUND_NS, ClockCounters, ClockRule};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,6 +41,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/clock.bpf.o
 
 /// How often the processes of a cgroup or pod target are looked for again.
 const RESCAN: Duration = Duration::from_millis(500);
+/// How often each target's stub hears that the engine is alive (it stops moving the clock
+/// once the last beat is [`CLOCK_HEARTBEAT_BOUND_NS`] old).
+const BEAT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClockError {
@@ -61,16 +62,20 @@ fn kernel(context: impl Into<String>, e: impl std::fmt::Display) -> ClockError {
     }
 }
 
-/// The programs and the tracepoints they attach to.
+/// The programs and the tracepoints they attach to; the rewriting ones first (where the
+/// kernel refuses them, the rest still follow forks and execs).
 const ATTACH: [(&str, &str, &str); 7] = [
-    ("chaos_clk_enter", "syscalls", "sys_enter_clock_gettime"),
-    ("chaos_tod_enter", "syscalls", "sys_enter_gettimeofday"),
     ("chaos_clk_exit", "syscalls", "sys_exit_clock_gettime"),
     ("chaos_clk_exit", "syscalls", "sys_exit_gettimeofday"),
+    ("chaos_clk_enter", "syscalls", "sys_enter_clock_gettime"),
+    ("chaos_tod_enter", "syscalls", "sys_enter_gettimeofday"),
     ("chaos_clk_fork", "task", "task_newtask"),
     ("chaos_clk_exec", "sched", "sched_process_exec"),
     ("chaos_clk_gone", "sched", "sched_process_exit"),
 ];
+
+/// The programs that move results (bpf_probe_write_user) and those that only feed them.
+const REWRITERS: [&str; 3] = ["chaos_clk_exit", "chaos_clk_enter", "chaos_tod_enter"];
 
 /// The processes (by tgid) some live clock fault of this engine holds, and which fault: two
 /// faults on one process would compose their patches badly, so the second is refused.
@@ -83,179 +88,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The vDSO: where its clock functions are and what replaces them.
-mod vdso {
-    use super::*;
-
-    /// The replacement for one vDSO function: the same call as a system call.
-    pub struct Stub {
-        pub symbol: &'static str,
-        pub code: &'static [u8],
-    }
-
-    /// `mov eax, NR; syscall; ret`
-    #[cfg(target_arch = "x86_64")]
-    pub const STUBS: &[Stub] = &[
-        Stub {
-            symbol: "__vdso_clock_gettime",
-            code: &[0xb8, 0xe4, 0, 0, 0, 0x0f, 0x05, 0xc3],
-        },
-        Stub {
-            symbol: "__vdso_gettimeofday",
-            code: &[0xb8, 0x60, 0, 0, 0, 0x0f, 0x05, 0xc3],
-        },
-        // time(t): clock_gettime(CLOCK_REALTIME) into 16 bytes of stack, then the seconds in
-        // rax and *t. (The time system call returns its value in a register, which a
-        // tracepoint cannot change.)
-        Stub {
-            symbol: "__vdso_time",
-            code: &[
-                0x57, // push rdi
-                0x50, 0x50, // push rax; push rax
-                0x48, 0x89, 0xe6, // mov rsi, rsp
-                0x31, 0xff, // xor edi, edi
-                0xb8, 0xe4, 0, 0, 0, // mov eax, 228
-                0x0f, 0x05, // syscall
-                0x58, // pop rax (tv_sec)
-                0x5a, // pop rdx (tv_nsec)
-                0x5f, // pop rdi
-                0x48, 0x85, 0xff, // test rdi, rdi
-                0x74, 0x03, // je +3
-                0x48, 0x89, 0x07, // mov [rdi], rax
-                0xc3, // ret
-            ],
-        },
-    ];
-
-    /// `mov x8, #NR; svc #0; ret`
-    #[cfg(target_arch = "aarch64")]
-    pub const STUBS: &[Stub] = &[
-        Stub {
-            symbol: "__kernel_clock_gettime",
-            code: &[
-                0x28, 0x0e, 0x80, 0xd2, 0x01, 0, 0, 0xd4, 0xc0, 0x03, 0x5f, 0xd6,
-            ],
-        },
-        Stub {
-            symbol: "__kernel_gettimeofday",
-            code: &[
-                0x28, 0x15, 0x80, 0xd2, 0x01, 0, 0, 0xd4, 0xc0, 0x03, 0x5f, 0xd6,
-            ],
-        },
-    ];
-
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    pub const STUBS: &[Stub] = &[];
-
-    /// One function to patch: its offset in the image, the stub, and the true code (from the
-    /// engine's own vDSO).
-    pub struct Site {
-        pub offset: u64,
-        pub code: &'static [u8],
-        pub original: Vec<u8>,
-    }
-
-    /// The [vdso] mapping of `pid`: start and length.
-    pub fn mapping(pid: &str) -> io::Result<(u64, u64)> {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-        for line in maps.lines() {
-            if !line.ends_with("[vdso]") {
-                continue;
-            }
-            let range = line.split_whitespace().next().unwrap_or("");
-            let (a, b) = range.split_once('-').unwrap_or(("", ""));
-            let (a, b) = (
-                u64::from_str_radix(a, 16).map_err(io::Error::other)?,
-                u64::from_str_radix(b, 16).map_err(io::Error::other)?,
-            );
-            return Ok((a, b.saturating_sub(a)));
-        }
-        Err(io::Error::new(io::ErrorKind::NotFound, "no [vdso] mapping"))
-    }
-
-    /// The sites of the engine's own vDSO: every process on this kernel maps the same image.
-    pub fn sites() -> Result<Vec<Site>, ClockError> {
-        let (base, len) = mapping("self").map_err(|e| kernel("find this process's vDSO", e))?;
-        let mut image = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        File::open("/proc/self/mem")
-            .and_then(|f| f.read_exact_at(&mut image, base))
-            .map_err(|e| kernel("read this process's vDSO", e))?;
-        use object::{Object, ObjectSegment, ObjectSymbol};
-        let elf = object::File::parse(&*image).map_err(|e| kernel("parse the vDSO", e))?;
-        let vaddr = elf.segments().next().map_or(0, |s| s.address());
-        let mut sites = Vec::new();
-        for stub in STUBS {
-            let Some(sym) = elf.dynamic_symbols().find(|s| s.name() == Ok(stub.symbol)) else {
-                continue;
-            };
-            let offset = sym.address().saturating_sub(vaddr);
-            if sym.size() < stub.code.len() as u64 {
-                tracing::warn!(symbol = stub.symbol, "vDSO function too small to patch");
-                continue;
-            }
-            let start = usize::try_from(offset).unwrap_or(usize::MAX);
-            let Some(original) = image.get(start..start.saturating_add(stub.code.len())) else {
-                continue;
-            };
-            sites.push(Site {
-                offset,
-                code: stub.code,
-                original: original.to_vec(),
-            });
-        }
-        if sites.is_empty() {
-            return Err(ClockError::Unsupported(
-                "this architecture's vDSO has no clock function we can patch".into(),
-            ));
-        }
-        Ok(sites)
-    }
-
-    /// Writes the stub (`stub`) or the true code of every site into `pid`'s vDSO, if that
-    /// vDSO holds either form (a 32-bit process's does not: left alone, and false).
-    pub fn write(pid: u32, sites: &[Site], stub: bool) -> io::Result<bool> {
-        let (base, _) = mapping(&pid.to_string())?;
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))?;
-        for site in sites {
-            let mut have = vec![0u8; site.code.len()];
-            mem.read_exact_at(&mut have, base + site.offset)?;
-            if have != site.original && have != site.code {
-                return Ok(false);
-            }
-        }
-        for site in sites {
-            let code: &[u8] = if stub { site.code } else { &site.original };
-            mem.write_all_at(code, base + site.offset)?;
-        }
-        Ok(true)
-    }
-}
+mod halt;
+mod vdso;
 
 /// What the fault's thread and its revert share.
 struct Shared {
     id: String,
-    sites: Vec<vdso::Site>,
-    /// The patched targets and the start time of each (a pid reused since is not ours).
-    patched: Mutex<BTreeMap<u32, u64>>,
+    image: vdso::Image,
+    /// The stub's data as every target gets it (its heartbeat rewritten as it beats).
+    page: vdso::Page,
+    /// The patched targets, with the start time of each (a pid reused since is not ours).
+    patched: Mutex<BTreeMap<u32, (u64, vdso::Target)>>,
     stop: AtomicBool,
 }
 
 impl Shared {
     /// Patches `pid`'s vDSO (again, after an exec) and notes it.
-    fn patch(&self, pid: u32) {
-        let Ok(start_time) = journal::start_time(pid) else {
-            return;
+    fn patch(&self, pid: u32) -> io::Result<()> {
+        let start_time = journal::start_time(pid)?;
+        let page = vdso::Page {
+            heartbeat_ns: now_ns(),
+            ..self.page
         };
-        match vdso::write(pid, &self.sites, true) {
-            Ok(true) => {
-                lock(&self.patched).insert(pid, start_time);
+        match self.image.patch(pid, &page)? {
+            Some(target) => {
+                lock(&self.patched).insert(pid, (start_time, target));
                 lock(held()).insert(pid, self.id.clone());
             }
-            Ok(false) => tracing::debug!(pid, "vDSO of another kind: left alone"),
-            Err(e) => tracing::debug!(pid, "patch vDSO: {e}"),
+            None => tracing::debug!(pid, "vDSO of another kind: left alone"),
+        }
+        Ok(())
+    }
+
+    /// Tells every patched target's stub that the engine is alive.
+    fn beat(&self) {
+        let now = now_ns();
+        for (_, target) in lock(&self.patched).values() {
+            let _ = self.image.beat(target, now);
         }
     }
 
@@ -264,21 +133,25 @@ impl Shared {
         let patched = std::mem::take(&mut *lock(&self.patched));
         let mut held = lock(held());
         let mut restored = 0;
-        for (pid, start_time) in patched {
+        for (pid, (start_time, target)) in patched {
             if held.get(&pid) == Some(&self.id) {
                 held.remove(&pid);
             }
             if journal::start_time(pid).ok() != Some(start_time) {
                 continue;
             }
-            match vdso::write(pid, &self.sites, false) {
+            match self.image.restore(pid, &target) {
                 Ok(true) => restored += 1,
                 Ok(false) => {}
-                Err(e) => tracing::debug!(pid, "restore vDSO: {e}"),
+                Err(e) => tracing::warn!(pid, "restore vDSO: {e}"),
             }
         }
         restored
     }
+}
+
+fn now_ns() -> i64 {
+    i64::try_from(monotonic_ns()).unwrap_or(i64::MAX)
 }
 
 /// A live clock-skew fault.
@@ -308,14 +181,14 @@ pub fn lockdown() -> Option<String> {
     Some(mode.trim_matches(['[', ']']).to_string())
 }
 
-fn refuse_under_lockdown() -> Result<(), ClockError> {
-    match lockdown().as_deref() {
-        None | Some("none") => Ok(()),
-        Some(mode) => Err(ClockError::Unsupported(format!(
-            "the kernel is locked down ({mode}), which forbids bpf_probe_write_user, the \
-             helper that moves a clock read's result; nothing was applied"
-        ))),
-    }
+/// Whether this kernel's vDSO has room for the stub and functions to patch (the reason if not).
+pub fn room() -> Result<(), String> {
+    vdso::image().map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Whether the kernel lets a program write user memory (bpf_probe_write_user).
+pub fn writes_allowed() -> bool {
+    matches!(lockdown().as_deref(), None | Some("none"))
 }
 
 /// tracefs, where the tracepoints' ids are read; mounted if nothing has (the first attach in
@@ -375,8 +248,7 @@ impl ClockSkew {
                 .into());
             }
         }
-        refuse_under_lockdown()?;
-        let sites = vdso::sites()?;
+        let image = vdso::image()?;
         ensure_tracefs()?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
@@ -387,12 +259,13 @@ impl ClockSkew {
             .iter()
             .flat_map(|c| c.ids())
             .fold(0u32, |m, id| m | (1 << id));
+        let origin_ns = monotonic_ns();
         let rule = ClockRule {
             offset_ns,
             drift_ppm_abs: drift_ppm.unsigned_abs(),
             drift_negative: u32::from(drift_ppm < 0),
             clocks: mask,
-            origin_ns: monotonic_ns(),
+            origin_ns,
             deadline_ns: deadline_ns(deadline),
         };
         rule_map
@@ -407,36 +280,66 @@ impl ClockSkew {
         }
         let counters: PerCpuArray<MapData, ClockCounters> = take(&mut ebpf, "CLOCK_COUNTERS")?;
         let execs: RingBuf<MapData> = take(&mut ebpf, "CLOCK_EXECS")?;
+        // Where the kernel allows bpf_probe_write_user, its tracepoints move every read that
+        // reaches it, direct system calls too; where it does not (a locked-down kernel), the
+        // stub moves the vDSO's reads itself and the rewriting programs are left out.
+        let mut direct = writes_allowed();
         for (program, category, tracepoint) in ATTACH {
+            let rewrites = REWRITERS.contains(&program);
+            if rewrites && !direct {
+                continue;
+            }
             let prog: &mut TracePoint =
                 ebpf.program_mut(program)
                     .and_then(|p| p.try_into().ok())
                     .ok_or_else(|| kernel("clock.bpf.o", format!("has no tracepoint {program}")))?;
-            if prog.fd().is_err() {
-                prog.load().map_err(|e| {
-                    let text = format!("{e:#}");
-                    if text.contains("bpf_probe_write_user") {
-                        ClockError::Unsupported(
-                            "this kernel refuses bpf_probe_write_user, the helper that moves a \
-                             clock read's result; nothing was applied"
-                                .into(),
-                        )
-                    } else {
-                        kernel(format!("load {program} (verifier)"), e)
-                    }
-                })?;
+            if prog.fd().is_err()
+                && let Err(e) = prog.load()
+            {
+                if rewrites && format!("{e:#}").contains("bpf_probe_write_user") {
+                    direct = false;
+                    continue;
+                }
+                return Err(kernel(format!("load {program} (verifier)"), e));
             }
             prog.attach(category, tracepoint)
                 .map_err(|e| kernel(format!("attach {program} to {category}/{tracepoint}"), e))?;
         }
+        if !direct {
+            tracing::warn!(
+                "clock-skew: this kernel refuses bpf_probe_write_user (lockdown: {}), so the \
+                 targets' vDSO reads are moved and their direct system calls keep true time",
+                lockdown().unwrap_or_else(|| "unknown".into())
+            );
+        }
+        let page = vdso::Page {
+            clocks: if direct { 0 } else { u64::from(mask) },
+            offset_ns,
+            drift_ppm,
+            origin_ns: i64::try_from(origin_ns).unwrap_or(i64::MAX),
+            deadline_ns: i64::try_from(rule.deadline_ns).unwrap_or(i64::MAX),
+            bound_ns: i64::try_from(CLOCK_HEARTBEAT_BOUND_NS).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
         let shared = Arc::new(Shared {
             id: id.to_string(),
-            sites,
+            image,
+            page,
             patched: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
         });
+        let mut failures = Vec::new();
         for p in &found.procs {
-            shared.patch(p.owner.pid);
+            if let Err(e) = shared.patch(p.owner.pid) {
+                failures.push(format!("pid {}: {e}", p.owner.pid));
+            }
+        }
+        if !failures.is_empty() {
+            if lock(&shared.patched).is_empty() {
+                shared.restore();
+                return Err(kernel("patch the targets' vDSO", failures.join("; ")));
+            }
+            tracing::warn!(failures = %failures.join("; "), "clock-skew: some targets left alone");
         }
         let thread = {
             let shared = shared.clone();
@@ -466,6 +369,7 @@ impl ClockSkew {
                 skewed = skewed.saturating_add(c.skewed);
             }
         }
+
         crate::spec::Counters {
             seen: reads,
             matched: self.targets.max(lock(&self.shared.patched).len() as u64),
@@ -537,7 +441,12 @@ fn follow(
 ) {
     let rescan = !matches!(target, ProcessRef::Pid(_));
     let mut last_scan = Instant::now();
+    let mut last_beat = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
+        if last_beat.elapsed() >= BEAT {
+            last_beat = Instant::now();
+            shared.beat();
+        }
         let mut fds = [libc::pollfd {
             fd: execs.as_fd().as_raw_fd(),
             events: libc::POLLIN,
@@ -547,7 +456,10 @@ fn follow(
         unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
         while let Some(item) = execs.next() {
             if let Some(pid) = item.get(..4).and_then(|b| b.try_into().ok()) {
-                shared.patch(u32::from_ne_bytes(pid));
+                let pid = u32::from_ne_bytes(pid);
+                if let Err(e) = shared.patch(pid) {
+                    tracing::warn!(pid, "clock-skew: patch after exec: {e}");
+                }
             }
         }
         if rescan && last_scan.elapsed() >= RESCAN {
@@ -557,8 +469,11 @@ fn follow(
             };
             for Proc { owner, .. } in found.procs {
                 let known = lock(&shared.patched).contains_key(&owner.pid);
-                if !known && targets.insert(owner.pid, 1, 0).is_ok() {
-                    shared.patch(owner.pid);
+                if !known
+                    && targets.insert(owner.pid, 1, 0).is_ok()
+                    && let Err(e) = shared.patch(owner.pid)
+                {
+                    tracing::debug!(pid = owner.pid, "clock-skew: patch a newcomer: {e}");
                 }
             }
         }
@@ -568,69 +483,93 @@ fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
 
-    fn image_bytes(pid: &str, sites: &[vdso::Site]) -> Vec<Vec<u8>> {
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!(
+                "skipped: needs root (ptrace and /proc/PID/mem of a child), as the agent has"
+            );
+        }
+        root
+    }
+
+    /// The bytes at each entry, then the stub's bytes, in `pid`'s vDSO.
+    fn image_bytes(pid: &str, image: &vdso::Image) -> Vec<Vec<u8>> {
         let (base, _) = vdso::mapping(pid).expect("vdso");
         let mem = File::open(format!("/proc/{pid}/mem")).expect("mem");
-        sites
+        let read = |at: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            mem.read_exact_at(&mut b, base + at).expect("read");
+            b
+        };
+        let mut out: Vec<Vec<u8>> = image
+            .entries
             .iter()
-            .map(|s| {
-                let mut b = vec![0u8; s.code.len()];
-                mem.read_exact_at(&mut b, base + s.offset).expect("read");
-                b
-            })
-            .collect()
+            .map(|e| read(e.offset, e.jump.len()))
+            .collect();
+        out.push(read(image.stub_at, image.slack.len()));
+        out
     }
 
-    #[test]
-    fn the_vdso_has_the_clock_functions_we_patch() {
-        let sites = vdso::sites().expect("sites");
-        // clock_gettime and gettimeofday everywhere, time too on x86_64.
-        assert!(sites.len() >= 2, "{} sites", sites.len());
-        for s in &sites {
-            assert_ne!(s.original, s.code, "a site already holds its stub");
-        }
-    }
-
-    /// The patch goes into the target's own copy of the page and comes out again; this
-    /// process's vDSO (every other process's) never changes. Needs root (or ptrace rights over
-    /// the child), as the agent has.
-    #[test]
-    fn a_patch_is_the_target_s_alone_and_restores_exactly() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
-            return;
-        }
-        let sites = vdso::sites().expect("sites");
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+    fn spawned(program: &str, args: &[&str]) -> std::process::Child {
+        let child = std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("sleep");
-        let pid = child.id();
+            .expect(program);
         // The child's mappings are its own program's once it has exec'd.
         let started = Instant::now();
-        while vdso::mapping(&pid.to_string()).is_err() && started.elapsed() < Duration::from_secs(5)
+        while vdso::mapping(&child.id().to_string()).is_err()
+            && started.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let originals: Vec<Vec<u8>> = sites.iter().map(|s| s.original.clone()).collect();
-        let stubs: Vec<Vec<u8>> = sites.iter().map(|s| s.code.to_vec()).collect();
-        assert_eq!(image_bytes(&pid.to_string(), &sites), originals);
-        assert!(vdso::write(pid, &sites, true).expect("patch"));
-        assert_eq!(image_bytes(&pid.to_string(), &sites), stubs);
-        assert_eq!(
-            image_bytes("self", &sites),
-            originals,
-            "our own vDSO changed"
-        );
-        assert!(vdso::write(pid, &sites, false).expect("restore"));
-        assert_eq!(image_bytes(&pid.to_string(), &sites), originals);
+        child
+    }
+
+    #[test]
+    fn the_vdso_has_room_for_the_stub_and_the_functions_we_patch() {
+        let image = vdso::image().expect("image");
+        // clock_gettime and gettimeofday everywhere, time too on x86_64.
+        assert!(image.entries.len() >= 2, "{} entries", image.entries.len());
+        for e in &image.entries {
+            assert_ne!(e.original, e.jump, "an entry already holds its jump");
+        }
+        assert!(image.slack.iter().all(|b| *b == 0));
+    }
+
+    /// The patch goes into the target's own copy of the page and comes out again; this
+    /// process's vDSO (every other process's) never changes.
+    #[test]
+    fn a_patch_is_the_target_s_alone_and_restores_exactly() {
+        if !root() {
+            return;
+        }
+        let image = vdso::image().expect("image");
+        let mut child = spawned("sleep", &["30"]);
+        let pid = child.id();
+        let before = image_bytes(&pid.to_string(), &image);
+        let target = image
+            .patch(pid, &vdso::Page::default())
+            .expect("patch")
+            .expect("a vDSO like ours");
+        let after = image_bytes(&pid.to_string(), &image);
+        for (e, have) in image.entries.iter().zip(&after) {
+            assert_eq!(have, &e.jump);
+        }
+        assert_ne!(after.last(), before.last(), "the stub is not in the slack");
+        assert_eq!(image_bytes("self", &image), before, "our own vDSO changed");
+        assert!(image.restore(pid, &target).expect("restore"));
+        assert_eq!(image_bytes(&pid.to_string(), &image), before);
         let _ = child.kill();
         let _ = child.wait();
     }
 
-    /// Reads lines of `<seconds or ns> ...` from a child's stdout on a thread.
+    /// Reads lines from a child's stdout on a thread.
     fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -644,79 +583,180 @@ mod tests {
         rx
     }
 
-    /// The stubs are code that runs: a patched Python (clock_gettime through the vDSO) and
-    /// Perl (time) keep reading true time, through the system call now (the vDSO's own code
-    /// is gone), and keep running.
-    #[test]
-    fn patched_programs_keep_reading_true_time_through_the_stubs() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
-            return;
+    fn wall_ns() -> i64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_nanos() as i64
+    }
+
+    /// A Python printing time_ns and monotonic_ns (clock_gettime through the vDSO) and a Perl
+    /// printing time() (x86_64: the vDSO's time; elsewhere gettimeofday), every 20 ms.
+    struct Readers {
+        children: Vec<std::process::Child>,
+        python: std::sync::mpsc::Receiver<String>,
+        perl: std::sync::mpsc::Receiver<String>,
+    }
+
+    impl Readers {
+        fn start() -> Readers {
+            let mut python = spawned(
+                "python3",
+                &[
+                    "-u",
+                    "-c",
+                    "import time\nwhile True:\n print(time.time_ns(), time.monotonic_ns()); time.sleep(0.02)",
+                ],
+            );
+            let mut perl = spawned(
+                "perl",
+                &[
+                    "-e",
+                    "$|=1; while (1) { print time(), \"\\n\"; select(undef, undef, undef, 0.02) }",
+                ],
+            );
+            let (py, pl) = (lines_of(&mut python), lines_of(&mut perl));
+            py.recv_timeout(Duration::from_secs(10))
+                .expect("python runs");
+            pl.recv_timeout(Duration::from_secs(10)).expect("perl runs");
+            Readers {
+                children: vec![python, perl],
+                python: py,
+                perl: pl,
+            }
         }
-        let sites = vdso::sites().expect("sites");
-        let spawn = |program: &str, script: &str| {
-            std::process::Command::new(program)
-                .args(["-e", script])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect(program)
-        };
-        let mut python = std::process::Command::new("python3")
-            .args([
-                "-u",
-                "-c",
-                "import time\nwhile True:\n print(time.time_ns(), time.monotonic_ns()); time.sleep(0.02)",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut perl = spawn(
-            "perl",
-            "$|=1; while (1) { print time(), \"\\n\"; select(undef, undef, undef, 0.02) }",
-        );
-        let (py, pl) = (lines_of(&mut python), lines_of(&mut perl));
-        py.recv_timeout(Duration::from_secs(10))
-            .expect("python runs");
-        pl.recv_timeout(Duration::from_secs(10)).expect("perl runs");
-        for pid in [python.id(), perl.id()] {
-            assert!(vdso::write(pid, &sites, true).expect("patch"));
-        }
-        while py.try_recv().is_ok() {}
-        while pl.try_recv().is_ok() {}
-        for _ in 0..10 {
-            let line = py
+
+        /// The next fresh reads: (python's wall clock - ours, its monotonic - ours) in ns and
+        /// (perl's seconds - ours).
+        fn offsets(&self) -> (i64, i64, i64) {
+            while self.python.try_recv().is_ok() {}
+            while self.perl.try_recv().is_ok() {}
+            let line = self
+                .python
                 .recv_timeout(Duration::from_secs(5))
                 .expect("python still runs");
-            let real: i64 = line
+            let (wall, mono) = (wall_ns(), i64::try_from(monotonic_ns()).unwrap_or(0));
+            let mut v = line
                 .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .expect("ns");
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_nanos() as i64;
-            assert!(
-                (now - real).abs() < 1_000_000_000,
-                "python read {real}, true {now}"
-            );
-            let line = pl
+                .map(|v| v.parse::<i64>().expect("ns"));
+            let (w, m) = (v.next().expect("wall"), v.next().expect("mono"));
+            let secs: i64 = self
+                .perl
                 .recv_timeout(Duration::from_secs(5))
-                .expect("perl still runs");
-            let secs: i64 = line.trim().parse().expect("seconds");
-            assert!((now / 1_000_000_000 - secs).abs() <= 1, "perl read {secs}");
+                .expect("perl still runs")
+                .trim()
+                .parse()
+                .expect("seconds");
+            (w - wall, m - mono, secs - wall_ns() / 1_000_000_000)
         }
-        for pid in [python.id(), perl.id()] {
-            assert!(vdso::write(pid, &sites, false).expect("restore"));
+    }
+
+    impl Drop for Readers {
+        fn drop(&mut self) {
+            for c in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
-        py.recv_timeout(Duration::from_secs(5))
-            .expect("python runs after the restore");
-        pl.recv_timeout(Duration::from_secs(5))
-            .expect("perl runs after the restore");
-        for mut c in [python, perl] {
-            let _ = c.kill();
-            let _ = c.wait();
+    }
+
+    /// With no clock to move (where the kernel side moves results), the stub is the system
+    /// call: patched programs keep running and keep reading true time.
+    #[test]
+    fn patched_programs_keep_reading_true_time_through_the_stub() {
+        if !root() {
+            return;
         }
+        let image = vdso::image().expect("image");
+        let readers = Readers::start();
+        let targets: Vec<_> = readers
+            .children
+            .iter()
+            .map(|c| image.patch(c.id(), &vdso::Page::default()).expect("patch"))
+            .collect();
+        for _ in 0..5 {
+            let (wall, mono, secs) = readers.offsets();
+            assert!(
+                wall.abs() < 1_000_000_000,
+                "python's wall clock is {wall} ns off"
+            );
+            assert!(
+                mono.abs() < 1_000_000_000,
+                "python's monotonic is {mono} ns off"
+            );
+            assert!(secs.abs() <= 1, "perl's time() is {secs} s off");
+        }
+        for (c, t) in readers.children.iter().zip(targets) {
+            assert!(image.restore(c.id(), &t.expect("ours")).expect("restore"));
+        }
+        readers.offsets();
+    }
+
+    /// Where the kernel cannot move results, the stub moves the clocks it is told to: the
+    /// wall clock of the patched programs is an hour ahead, their monotonic clock untouched;
+    /// with no heartbeat for the bound, they are back on true time.
+    #[test]
+    fn the_stub_moves_the_wall_clock_until_its_heartbeat_stops() {
+        if !root() {
+            return;
+        }
+        const HOUR: i64 = 3_600_000_000_000;
+        let image = vdso::image().expect("image");
+        let readers = Readers::start();
+        let now = i64::try_from(monotonic_ns()).unwrap_or(0);
+        let page = vdso::Page {
+            clocks: 1 << libc::CLOCK_REALTIME,
+            offset_ns: HOUR,
+            origin_ns: now,
+            deadline_ns: now + 60_000_000_000,
+            bound_ns: 1_000_000_000,
+            heartbeat_ns: now,
+            ..Default::default()
+        };
+        let targets: Vec<_> = readers
+            .children
+            .iter()
+            .map(|c| image.patch(c.id(), &page).expect("patch").expect("ours"))
+            .collect();
+        let (wall, mono, secs) = readers.offsets();
+        assert!(
+            (wall - HOUR).abs() < 1_000_000_000,
+            "python's wall clock is {wall} ns off"
+        );
+        assert!(
+            mono.abs() < 1_000_000_000,
+            "python's monotonic moved by {mono} ns"
+        );
+        assert!((secs - 3600).abs() <= 1, "perl's time() is {secs} s off");
+        // No beat since `now`: once it is a second old the stub passes true time.
+        std::thread::sleep(Duration::from_millis(1_200));
+        let (wall, _, secs) = readers.offsets();
+        assert!(
+            wall.abs() < 1_000_000_000,
+            "still {wall} ns off without a heartbeat"
+        );
+        assert!(
+            secs.abs() <= 1,
+            "perl still {secs} s off without a heartbeat"
+        );
+        // A beat brings the skew back (the stub reads its heartbeat on every call).
+        for t in &targets {
+            image
+                .beat(t, i64::try_from(monotonic_ns()).unwrap_or(0))
+                .expect("beat");
+        }
+        let (wall, _, _) = readers.offsets();
+        assert!(
+            (wall - HOUR).abs() < 1_000_000_000,
+            "a beat did not bring it back: {wall}"
+        );
+        for (c, t) in readers.children.iter().zip(&targets) {
+            assert!(image.restore(c.id(), t).expect("restore"));
+        }
+        let (wall, _, secs) = readers.offsets();
+        assert!(
+            wall.abs() < 1_000_000_000 && secs.abs() <= 1,
+            "restored, yet {wall} ns off"
+        );
     }
 }

@@ -1,16 +1,21 @@
 //! clock-skew on the real kernel, through `chaosctl --local`. Targets are only processes these
-//! tests start (a C reader compiled from tests/apps/clockprobe.c).
+//! tests start (a C reader compiled from tests/apps/clockprobe.c, which reads the clock every
+//! 20 ms through the vDSO, a direct system call, gettimeofday and time).
 //!
-//! This host's kernel is locked down (integrity): bpf_probe_write_user, which moves a read's
-//! result, is refused to everyone, so here the fault must be refused in one line with nothing
-//! touched: no program loaded, the target's vDSO byte for byte as it was, the target still
-//! reading true time.
+//! This host's kernel is locked down (integrity), which refuses bpf_probe_write_user to
+//! everyone: here the stub in the vDSO moves the clock itself, and direct system calls keep
+//! true time. Where the kernel allows the helper (the VMs), direct calls move too; the tests
+//! read the lockdown mode and expect whichever applies.
 use chaos_tests::*;
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+const HOUR_MS: f64 = 3_600_000.0;
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("chaos-clock-{tag}-{}", std::process::id()));
@@ -63,100 +68,274 @@ fn vdso_image(pid: u32) -> Vec<u8> {
     image
 }
 
+/// One line of clockprobe, as errors against true time (ms) when it was read here.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    vdso: f64,
+    syscall: f64,
+    gettimeofday: f64,
+    time: f64,
+    monotonic: f64,
+    at: Instant,
+}
+
+/// A running clockprobe and the latest reading of each tag it prints (its own, a child's).
 struct Probe {
     child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    latest: Arc<Mutex<HashMap<String, Reading>>>,
+}
+
+fn wall_ns() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as f64
+}
+
+fn mono_ns() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
 }
 
 impl Probe {
-    fn start(bin: &std::path::Path) -> Probe {
+    fn start(bin: &std::path::Path, args: &[&str]) -> Probe {
         let mut child = Command::new(bin)
-            .arg("probe")
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("clockprobe");
         let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
+        let latest: Arc<Mutex<HashMap<String, Reading>>> = Default::default();
+        let sink = latest.clone();
         std::thread::spawn(move || {
             for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
+                let (wall, mono) = (wall_ns(), mono_ns());
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let n: Vec<f64> = f.iter().skip(2).filter_map(|v| v.parse().ok()).collect();
+                if n.len() < 5 {
+                    continue;
                 }
+                let r = Reading {
+                    vdso: (n[0] - wall) / 1e6,
+                    syscall: (n[1] - wall) / 1e6,
+                    gettimeofday: (n[2] * 1e3 - wall) / 1e6,
+                    // whole seconds: up to 1 s below
+                    time: (n[3] * 1e9 - wall) / 1e6,
+                    monotonic: (n[4] - mono) / 1e6,
+                    at: Instant::now(),
+                };
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(f[0].to_string(), r);
             }
         });
-        let p = Probe { child, lines };
-        p.lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("clockprobe prints");
+        let p = Probe { child, latest };
+        p.reading(args.first().copied().unwrap_or("probe"));
         p
     }
 
-    /// The next reading's vDSO and syscall realtime minus true time, in ms.
-    fn error_ms(&self) -> (f64, f64) {
-        while self.lines.try_recv().is_ok() {}
-        let line = self
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .expect("clockprobe still prints");
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_nanos() as f64;
-        let f: Vec<f64> = line
-            .split_whitespace()
-            .skip(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        ((f[0] - now) / 1e6, (f[1] - now) / 1e6)
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first reading of `tag` made after this call.
+    fn reading(&self, tag: &str) -> Reading {
+        let asked = Instant::now();
+        loop {
+            let got = self
+                .latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(tag)
+                .copied();
+            if let Some(r) = got.filter(|r| r.at > asked) {
+                return r;
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "{tag}: no reading (has the probe died?)"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// How long until a reading of `tag` satisfies `pred` (polled), None after `within`.
+    fn until(
+        &self,
+        tag: &str,
+        within: Duration,
+        pred: impl Fn(&Reading) -> bool,
+    ) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if pred(&self.reading(tag)) {
+                return Some(start.elapsed());
+            }
+        }
+        None
     }
 }
 
 impl Drop for Probe {
     fn drop(&mut self) {
+        // The process group: a forked child goes too.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Under lockdown: one line naming it, exit 1, nothing loaded, the target untouched.
+/// Whether this kernel lets the kernel side move direct system calls.
+fn direct_calls_move() -> bool {
+    matches!(lockdown().as_deref(), None | Some("none"))
+}
+
+/// Every vDSO read path of `r` is `want_ms` off true time (within 1 s; time() is whole
+/// seconds), the direct system call too where the kernel allows it, and monotonic untouched.
+fn assert_moved(what: &str, r: &Reading, want_ms: f64) {
+    let near = |v: f64, slack: f64| (v - want_ms).abs() < slack;
+    assert!(near(r.vdso, 1000.0), "{what}: vDSO clock_gettime {r:?}");
+    assert!(near(r.gettimeofday, 1000.0), "{what}: gettimeofday {r:?}");
+    assert!(near(r.time + 500.0, 1500.0), "{what}: time {r:?}");
+    let syscall_want = if direct_calls_move() { want_ms } else { 0.0 };
+    assert!(
+        (r.syscall - syscall_want).abs() < 1000.0,
+        "{what}: direct syscall {r:?} (want {syscall_want} ms)"
+    );
+    assert!(r.monotonic.abs() < 1000.0, "{what}: monotonic moved {r:?}");
+}
+
+fn on_true_time(r: &Reading) -> bool {
+    r.vdso.abs() < 1000.0 && r.syscall.abs() < 1000.0 && r.gettimeofday.abs() < 1000.0
+}
+
+/// `--pid`: the target, a child it forks after the fault began, and a program a child exec's
+/// read the moved clock; a process beside them does not; revert puts the target's vDSO back
+/// byte for byte and everyone on true time.
 #[test]
-fn a_locked_down_kernel_refuses_clock_skew_in_one_line_and_nothing_is_touched() {
+fn the_target_its_forks_and_execs_move_and_no_one_else() {
     let _serial = serial();
     require_root();
-    let Some(mode) = lockdown().filter(|m| m != "none") else {
-        eprintln!("skipped: this kernel is not locked down (the refusal is for locked-down ones)");
-        return;
-    };
-    let dir = tmpdir("lockdown");
-    let probe = Probe::start(&clockprobe(&dir));
-    let pid = probe.child.id();
-    let before = vdso_image(pid);
+    let dir = tmpdir("pid");
+    let bin = clockprobe(&dir);
+    let forks = Probe::start(&bin, &["fork", "fork", "1500"]);
+    let execs = Probe::start(&bin, &["exec", "exec", "1500"]);
+    let neighbour = Probe::start(&bin, &["neighbour"]);
+    let before = vdso_image(forks.pid());
     let programs = chaos_programs_loaded();
-    let out = Command::new(bin("chaosctl"))
-        .args(["inject", "clock-skew", "--offset", "+2h", "--pid"])
-        .arg(pid.to_string())
-        .args(["--duration", "5s", "--local"])
-        .env("CHAOS_JOURNAL_DIR", dir.join("journal"))
-        .output()
-        .expect("chaosctl");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let journal = dir.join("journal");
+    let mut faults = Vec::new();
+    for (probe, offset) in [(&forks, "+2h"), (&execs, "-30m")] {
+        let pid = probe.pid().to_string();
+        faults.push(LocalFault::start(
+            &[
+                "inject",
+                "clock-skew",
+                "--offset",
+                offset,
+                "--pid",
+                &pid,
+                "--duration",
+                "1m",
+            ],
+            &journal,
+        ));
+    }
+    assert_moved("target", &forks.reading("fork"), 2.0 * HOUR_MS);
+    assert_moved("target", &execs.reading("exec"), -0.5 * HOUR_MS);
     assert!(
-        err.contains(&format!("locked down ({mode})")) && err.contains("nothing was applied"),
-        "{err}"
+        on_true_time(&neighbour.reading("neighbour")),
+        "the neighbour moved"
+    );
+    // The fork inherits the patched page; the exec'd program gets a fresh vDSO, patched when
+    // the kernel side reports the exec.
+    assert_moved("forked child", &forks.reading("fork-fork"), 2.0 * HOUR_MS);
+    let patched_after = execs.until("exec-exec", Duration::from_secs(3), |r| {
+        (r.vdso + 0.5 * HOUR_MS).abs() < 1000.0
+    });
+    eprintln!("exec'd program on the moved clock after {patched_after:?}");
+    assert_moved(
+        "exec'd program",
+        &execs.reading("exec-exec"),
+        -0.5 * HOUR_MS,
+    );
+    for fault in faults {
+        let (status, _) = fault.stop();
+        assert!(status.success(), "revert: {status}");
+    }
+    assert!(
+        on_true_time(&forks.reading("fork")),
+        "target still moved after revert"
+    );
+    assert!(
+        on_true_time(&execs.reading("exec-exec")),
+        "exec'd program still moved"
+    );
+    assert!(
+        vdso_image(forks.pid()) == before,
+        "the target's vDSO is not as it was"
     );
     assert_eq!(
         chaos_programs_loaded(),
         programs,
         "a clock program stayed loaded"
     );
-    assert!(vdso_image(pid) == before, "the target's vDSO changed");
-    let (vdso, syscall) = probe.error_ms();
-    assert!(
-        vdso.abs() < 1000.0 && syscall.abs() < 1000.0,
-        "{vdso} {syscall} ms"
-    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Nothing stays skewed without its owner: kill -9 of the engine, and an engine stopped
+/// (SIGSTOP) with its fault's deadline far away, leave the target on true time within the
+/// heartbeat's bound (1 s) plus a read.
+#[test]
+fn a_dead_or_frozen_engine_leaves_true_time_within_a_second() {
+    let _serial = serial();
+    require_root();
+    let dir = tmpdir("owner");
+    let bin = clockprobe(&dir);
+    for (what, signal) in [("kill -9", libc::SIGKILL), ("SIGSTOP", libc::SIGSTOP)] {
+        let probe = Probe::start(&bin, &["probe"]);
+        let pid = probe.pid().to_string();
+        let fault = LocalFault::start(
+            &[
+                "inject",
+                "clock-skew",
+                "--offset",
+                "+1h",
+                "--pid",
+                &pid,
+                "--duration",
+                "5m",
+            ],
+            &dir.join("journal"),
+        );
+        assert_moved(what, &probe.reading("probe"), HOUR_MS);
+        // Past the bound, a live engine's beats keep it moved.
+        std::thread::sleep(Duration::from_millis(1_500));
+        assert_moved(
+            &format!("{what}, 1.5 s on"),
+            &probe.reading("probe"),
+            HOUR_MS,
+        );
+        fault.signal(signal);
+        let back = probe.until("probe", Duration::from_secs(5), on_true_time);
+        eprintln!("{what} of the engine: true time again after {back:?}");
+        let back = back.unwrap_or_else(|| panic!("{what}: still skewed 5 s after"));
+        assert!(
+            back < Duration::from_millis(1_500),
+            "{what}: true time after {back:?}"
+        );
+        if signal == libc::SIGSTOP {
+            fault.signal(libc::SIGCONT);
+            let (status, _) = fault.stop();
+            assert!(status.success(), "revert after SIGCONT: {status}");
+        } else {
+            let _ = fault.wait(Duration::from_secs(5));
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1235,8 +1235,10 @@ async fn doctor(agent: Option<&str>, json: bool) -> Result<ExitCode> {
     }
     println!("backends:");
     for b in &caps.backends {
-        let state = if b.available {
+        let state = if b.available && b.reason.is_empty() {
             "ready".to_string()
+        } else if b.available {
+            format!("ready ({})", b.reason)
         } else {
             format!("unavailable: {}", b.reason)
         };
