@@ -181,6 +181,21 @@ pub fn lockdown() -> Option<String> {
     Some(mode.trim_matches(['[', ']']).to_string())
 }
 
+/// Restores the vDSO of a process an earlier engine patched and left (it died): true if it
+/// was still that process and still held the patch.
+pub fn restore_left(owner: &journal::Owner) -> bool {
+    if journal::start_time(owner.pid).ok() != Some(owner.start_time) {
+        return false;
+    }
+    let Ok(image) = vdso::image() else {
+        return false;
+    };
+    match image.patched(owner.pid) {
+        Ok(Some(target)) => image.restore(owner.pid, &target).unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// Whether this kernel's vDSO has room for the stub and functions to patch (the reason if not).
 pub fn room() -> Result<(), String> {
     vdso::image().map(|_| ()).map_err(|e| e.to_string())
@@ -376,6 +391,19 @@ impl ClockSkew {
             affected: skewed,
             ..Default::default()
         }
+    }
+
+    /// The targets patched so far, for a later engine to restore if we cannot.
+    pub fn undo(&self) -> Vec<crate::undo::Undo> {
+        lock(&self.shared.patched)
+            .iter()
+            .map(|(pid, (start_time, _))| {
+                crate::undo::Undo::Vdso(journal::Owner {
+                    pid: *pid,
+                    start_time: *start_time,
+                })
+            })
+            .collect()
     }
 
     /// Ends the skew at once: the rule passes every read, the thread stops, each vDSO is

@@ -289,10 +289,10 @@ impl Installed {
         match self {
             Installed::Paused(p) => p.undo(),
             Installed::Filled(f) => f.undo(),
+            Installed::Skewed(c) => c.undo(),
             Installed::Net(_)
             | Installed::Cpu(_)
             | Installed::Memory(_)
-            | Installed::Skewed(_)
             | Installed::Killed(_)
             | Installed::Killing(_) => Vec::new(),
         }

@@ -19,6 +19,9 @@ pub enum Undo {
     /// A disk-fill's file, by the path the engine sees it at and its identity (a file that is
     /// not this one by device and inode is never unlinked).
     File { path: PathBuf, dev: u64, ino: u64 },
+    /// A process whose vDSO holds the clock-skew stub (it reads true time once its owner's
+    /// heartbeat is old, but through a system call: slower until restored).
+    Vdso(Owner),
 }
 
 impl Undo {
@@ -28,6 +31,7 @@ impl Undo {
             Undo::CgroupV1(_) => "freezer/v1",
             Undo::Stopped(_) => "signal/stop",
             Undo::File { .. } => "fallocate",
+            Undo::Vdso(_) => "vdso+bpf",
         }
     }
 }
@@ -37,7 +41,7 @@ pub fn freezer_file(f: &Undo) -> Option<(PathBuf, &'static [u8], &'static [u8])>
     match f {
         Undo::CgroupV2(d) => Some((d.join("cgroup.freeze"), b"1", b"0")),
         Undo::CgroupV1(d) => Some((d.join("freezer.state"), b"FROZEN", b"THAWED")),
-        Undo::Stopped(_) | Undo::File { .. } => None,
+        Undo::Stopped(_) | Undo::File { .. } | Undo::Vdso(_) => None,
     }
 }
 
@@ -51,6 +55,11 @@ pub fn reclaim(undo: &[Undo]) -> usize {
                 let ours = std::fs::symlink_metadata(path)
                     .is_ok_and(|m| m.is_file() && m.dev() == *dev && m.ino() == *ino);
                 if ours && std::fs::remove_file(path).is_ok() {
+                    thawed += 1;
+                }
+            }
+            Undo::Vdso(o) => {
+                if crate::clock::restore_left(o) {
                     thawed += 1;
                 }
             }

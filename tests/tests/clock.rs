@@ -299,6 +299,8 @@ fn a_dead_or_frozen_engine_leaves_true_time_within_a_second() {
     for (what, signal) in [("kill -9", libc::SIGKILL), ("SIGSTOP", libc::SIGSTOP)] {
         let probe = Probe::start(&bin, &["probe"]);
         let pid = probe.pid().to_string();
+        let before = vdso_image(probe.pid());
+        let journal = dir.join(format!("journal-{signal}"));
         let fault = LocalFault::start(
             &[
                 "inject",
@@ -310,7 +312,7 @@ fn a_dead_or_frozen_engine_leaves_true_time_within_a_second() {
                 "--duration",
                 "5m",
             ],
-            &dir.join("journal"),
+            &journal,
         );
         assert_moved(what, &probe.reading("probe"), HOUR_MS);
         // Past the bound, a live engine's beats keep it moved.
@@ -334,7 +336,24 @@ fn a_dead_or_frozen_engine_leaves_true_time_within_a_second() {
             assert!(status.success(), "revert after SIGCONT: {status}");
         } else {
             let _ = fault.wait(Duration::from_secs(5));
+            // The stub is still there (true time, through the system call): the next engine
+            // on the journal puts the true vDSO back.
+            assert!(vdso_image(probe.pid()) != before, "nothing left to restore");
+            let (_engine, reclaimed) = chaos_agent::Engine::start(chaos_agent::EngineConfig {
+                journal_dir: journal.clone(),
+                ..Default::default()
+            })
+            .expect("engine");
+            assert_eq!(reclaimed.undone, 1, "{reclaimed:?}");
+            assert!(
+                vdso_image(probe.pid()) == before,
+                "the next engine left the stub"
+            );
         }
+        assert!(
+            vdso_image(probe.pid()) == before,
+            "{what}: the vDSO is not as it was"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

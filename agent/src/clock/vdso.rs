@@ -282,6 +282,26 @@ impl Image {
         Ok(Some(Target { base, mem }))
     }
 
+    /// `pid` if its vDSO holds this image's jumps (a patch some engine left), to restore.
+    pub fn patched(&self, pid: u32) -> io::Result<Option<Target>> {
+        let (base, len) = mapping(&pid.to_string())?;
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))?;
+        if len != self.len {
+            return Ok(None);
+        }
+        for e in &self.entries {
+            let mut have = vec![0u8; e.jump.len()];
+            mem.read_exact_at(&mut have, base + e.offset)?;
+            if have != e.jump {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Target { base, mem }))
+    }
+
     /// Puts the true vDSO back; false if the process has gone (or exec'd: a new image).
     pub fn restore(&self, pid: u32, target: &Target) -> io::Result<bool> {
         if mapping(&pid.to_string()).ok().map(|m| m.0) != Some(target.base) {
