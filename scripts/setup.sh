@@ -22,6 +22,9 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v buildah >/dev/null  || need+=(buildah)
 command -v clang >/dev/null    || need+=(clang)
 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+# clock-skew's vDSO stub: the test suite rebuilds it with clang and compares (llvm-objcopy,
+# llvm-nm, llvm-objdump).
+command -v llvm-objcopy >/dev/null || need+=(llvm)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2

@@ -9,6 +9,7 @@ echo "== format, lints, eBPF object freshness"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo xtask check-ebpf
+./scripts/clock-stub.sh --check
 
 echo "== build"
 cargo build --workspace --locked

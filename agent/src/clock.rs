@@ -1,27 +1,35 @@
 //! clock-skew: the clocks of exactly the target processes move; no other process's do.
 //!
 //! **Two halves.** A program reads the clock either through the vDSO (no system call: nothing
-//! in the kernel sees it) or through a system call. So each target's vDSO has its
-//! clock_gettime and gettimeofday (and on x86_64 time) replaced by a few instructions that make
-//! the system call (written through /proc/PID/mem, which gives that process its own copy of
-//! the page; every other process keeps the shared one). The calls then reach the tracepoints
-//! of [clock.bpf.o](../../agent-ebpf/src/clock.rs), which move the result of a target's read
-//! before it returns to user space: one mechanism for vDSO reads, direct system calls, Go's
-//! runtime (it calls the vDSO too), x86_64 and arm64 alike.
+//! in the kernel sees it) or through a system call. Each target's vDSO clock functions
+//! (clock_gettime, gettimeofday, on x86_64 time) become jumps to [a stub](clock/stub.c) placed
+//! in the slack after the vDSO image, written through /proc/PID/mem (which gives that process
+//! its own copy of the page; every other process keeps the shared one) while the target's
+//! threads are [held](halt) outside the bytes that change. The stub makes the system call.
+//! Where the kernel allows bpf_probe_write_user, the tracepoints of
+//! [clock.bpf.o](../../agent-ebpf/src/clock.rs) move the result of every read that reaches
+//! the kernel: vDSO reads (now system calls), direct system calls, Go's runtime (it calls the
+//! vDSO too). Where the kernel is locked down (Secure Boot machines; this project's CI host)
+//! the helper is refused to everyone, so the stub moves the result itself, from the data the
+//! engine wrote beside it (offset, drift, clocks, deadline, heartbeat); direct system calls
+//! then keep true time, and `doctor` says so.
 //!
 //! **Which processes.** The target's processes at apply (`--pid`: the process and its
-//! descendants), then whatever they fork (the kernel side adds a fork's tgid at once, in
-//! task_newtask; threads share their tgid already). A fork inherits the patched page; an exec
-//! maps a fresh vDSO, so the kernel side reports every exec of a target and a thread here
-//! patches the new program (its system calls are moved from the first one). For a cgroup or a
-//! pod, processes that join it later are found by a rescan every [`RESCAN`].
+//! descendants), then whatever they fork (a fork inherits the patched page; the kernel side
+//! adds its tgid at once, in task_newtask; threads share their tgid already). An exec maps a
+//! fresh vDSO, so the kernel side reports every exec of a target and a thread here patches the
+//! new program (its direct system calls are moved from the first one, its vDSO reads once
+//! patched: tens of ms). For a cgroup or a pod, processes that join it later are found by a
+//! rescan every [`RESCAN`].
 //!
 //! **How it ends.** Revert disarms the rule (one map write), restores each vDSO from the
 //! engine's own (every process maps the same image), and detaches the programs. Without us:
 //! the programs are attached through the engine's descriptors, so they go with a killed
-//! engine; a frozen one stops beating, and the rule passes reads untouched once its heartbeat
-//! is 1 s old; the deadline is in the rule. A vDSO left patched still reads true time, through
-//! the system call (slower: that is the only thing left).
+//! engine; the rule and the stub both pass true time past the deadline and once the engine's
+//! heartbeat (every [`BEAT`]) is [`CLOCK_HEARTBEAT_BOUND_NS`] old, so a killed or frozen
+//! engine leaves true time within a second. A stub left behind reads true time through the
+//! system call (slower); the journal names each patched process and the next engine restores
+//! its vDSO.
 use crate::heartbeat::{Beat, deadline_ns, monotonic_ns};
 use crate::journal;
 use crate::process::{self, Proc};
