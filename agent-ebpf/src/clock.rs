@@ -16,7 +16,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_write_user,
-        generated::bpf_ktime_get_ns,
+        generated::{bpf_ktime_get_ns, bpf_send_signal},
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -30,6 +30,7 @@ use chaos_abi::{
 const BPF_F_NO_PREALLOC: u32 = 1;
 const CLONE_THREAD: u64 = 0x0001_0000;
 const NS_PER_SEC: u64 = 1_000_000_000;
+const SIGSTOP: u32 = 19;
 
 #[map]
 static CLOCK_RULE: Array<ClockRule> = Array::with_max_entries(1, 0);
@@ -181,11 +182,19 @@ pub fn chaos_clk_fork(ctx: TracePointContext) -> u32 {
 }
 
 /// sched/sched_process_exec: a target runs a new program, whose vDSO user space must patch.
+/// While the rule is live the program is stopped (SIGSTOP, taken before its first
+/// instruction) so that even a short one (`date`) reads the moved clock: user space patches
+/// it and sends SIGCONT. The event says whether it was stopped.
 #[tracepoint]
 pub fn chaos_clk_exec(_ctx: TracePointContext) -> u32 {
     let tgid = tgid_of(bpf_get_current_pid_tgid());
     if is_target(tgid) {
-        let _ = CLOCK_EXECS.output::<u32>(tgid, 0);
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let hold = CLOCK_RULE.get(0).is_some_and(|r| live(r, now))
+            // SAFETY: signals the current task, which is in exec.
+            && unsafe { bpf_send_signal(SIGSTOP) } == 0;
+        let _ = CLOCK_EXECS.output::<[u32; 2]>(&[tgid, u32::from(hold)], 0);
     }
     0
 }

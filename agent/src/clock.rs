@@ -17,9 +17,9 @@
 //! **Which processes.** The target's processes at apply (`--pid`: the process and its
 //! descendants), then whatever they fork (a fork inherits the patched page; the kernel side
 //! adds its tgid at once, in task_newtask; threads share their tgid already). An exec maps a
-//! fresh vDSO, so the kernel side reports every exec of a target and a thread here patches the
-//! new program (its direct system calls are moved from the first one, its vDSO reads once
-//! patched: tens of ms). For a cgroup or a pod, processes that join it later are found by a
+//! fresh vDSO, so the kernel side stops a target at exec (SIGSTOP, taken before the new
+//! program's first instruction, while the rule is live) and reports it; a thread here patches
+//! the new program and sends SIGCONT (~4 ms here), so even `date` reads the moved clock. For a cgroup or a pod, processes that join it later are found by a
 //! rescan every [`RESCAN`].
 //!
 //! **How it ends.** Revert disarms the rule (one map write), restores each vDSO from the
@@ -491,10 +491,22 @@ fn follow(
         // SAFETY: one valid pollfd; a 50 ms wait, so a stop is seen soon.
         unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
         while let Some(item) = execs.next() {
-            if let Some(pid) = item.get(..4).and_then(|b| b.try_into().ok()) {
-                let pid = u32::from_ne_bytes(pid);
+            let word = |at: usize| {
+                item.get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+            };
+            if let Some(pid) = word(0) {
                 if let Err(e) = shared.patch(pid) {
                     tracing::warn!(pid, "clock-skew: patch after exec: {e}");
+                }
+                // The kernel side stopped it before its first instruction: patched (or not
+                // ours), it runs on.
+                if word(4) == Some(1)
+                    && let Ok(pid) = i32::try_from(pid)
+                {
+                    // SAFETY: kill with a plain pid and signal.
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
                 }
             }
         }

@@ -405,3 +405,110 @@ fn bad_clock_skew_input_is_one_line_and_exit_2() {
     assert_eq!(chaos_programs_loaded(), programs);
     let _ = std::fs::remove_dir_all(&journal);
 }
+
+/// Real programs a target starts while the fault is on: `date` and `openssl x509 -checkend`
+/// (a certificate valid for one more day reads as expired two days ahead), each a fresh exec
+/// that lives for milliseconds; before the fault and after revert, true time.
+#[test]
+fn date_and_openssl_started_by_the_target_see_the_moved_clock() {
+    let _serial = serial();
+    require_root();
+    let dir = tmpdir("exec");
+    let cert = dir.join("cert.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=chaos-clock-test",
+            "-keyout",
+        ])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let script = format!(
+        "while :; do echo \"$(date +%s) $(openssl x509 -checkend 0 -noout -in {} >/dev/null \
+         && echo valid || echo expired)\"; sleep 0.05; done",
+        cert.display()
+    );
+    let mut shell = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let out = shell.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((l, wall_ns())).is_err() {
+                break;
+            }
+        }
+    });
+    // The next line printed after now: (date's error in s, openssl's verdict).
+    let next = || {
+        while lines.try_recv().is_ok() {}
+        let (line, at) = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the script prints");
+        let (secs, verdict) = line.split_once(' ').expect("two fields");
+        let secs: f64 = secs.parse().expect("date +%s");
+        (secs - at / 1e9, verdict.to_string())
+    };
+    let (err, verdict) = next();
+    assert!(
+        err.abs() < 2.0 && verdict == "valid",
+        "before: {err} s, {verdict}"
+    );
+    let pid = shell.id().to_string();
+    let fault = LocalFault::start(
+        &[
+            "inject",
+            "clock-skew",
+            "--offset",
+            "+2d",
+            "--pid",
+            &pid,
+            "--duration",
+            "1m",
+        ],
+        &dir.join("journal"),
+    );
+    // A line printed now may hold a `date` run before the apply: past one round of the loop.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let (err, verdict) = next();
+        assert!(
+            (err - 172_800.0).abs() < 2.0,
+            "date is {err} s off, not two days"
+        );
+        assert_eq!(verdict, "expired", "openssl two days ahead");
+    }
+    let (status, _) = fault.stop();
+    assert!(status.success(), "revert: {status}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (err, verdict) = next();
+    assert!(
+        err.abs() < 2.0 && verdict == "valid",
+        "after: {err} s, {verdict}"
+    );
+    let _ = shell.kill();
+    let _ = shell.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
