@@ -207,6 +207,13 @@ fn assert_moved(what: &str, r: &Reading, want_ms: f64) {
         "{what}: direct syscall {r:?} (want {syscall_want} ms)"
     );
     assert!(r.monotonic.abs() < 1000.0, "{what}: monotonic moved {r:?}");
+    // The offset itself, to the millisecond: the vDSO and the direct call are read
+    // microseconds apart, so their difference is the offset (moved minus true, or nothing).
+    let between = r.vdso - r.syscall - (want_ms - syscall_want);
+    assert!(
+        between.abs() < 1.0,
+        "{what}: the offset is {between} ms off {r:?}"
+    );
 }
 
 fn on_true_time(r: &Reading) -> bool {
