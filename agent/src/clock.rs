@@ -807,4 +807,46 @@ mod tests {
             "restored, yet {wall} ns off"
         );
     }
+
+    /// Drift: the stub's offset grows with the time since the fault's origin (here 10 s ago at
+    /// +500,000 ppm: 5 s ahead, half a second more each second).
+    #[test]
+    fn the_stub_drifts_from_its_origin() {
+        if !root() {
+            return;
+        }
+        let image = vdso::image().expect("image");
+        let readers = Readers::start();
+        let now = i64::try_from(monotonic_ns()).unwrap_or(0);
+        let page = vdso::Page {
+            clocks: 1 << libc::CLOCK_REALTIME,
+            drift_ppm: 500_000,
+            origin_ns: now - 10_000_000_000,
+            deadline_ns: now + 60_000_000_000,
+            bound_ns: 60_000_000_000,
+            heartbeat_ns: now,
+            ..Default::default()
+        };
+        let target = image
+            .patch(readers.children[0].id(), &page)
+            .expect("patch")
+            .expect("ours");
+        let (first, _, _) = readers.offsets();
+        std::thread::sleep(Duration::from_secs(1));
+        let (second, _, _) = readers.offsets();
+        assert!(
+            (first - 5_000_000_000).abs() < 500_000_000,
+            "{first} ns ahead, not ~5 s"
+        );
+        let grew = second - first;
+        assert!(
+            (grew - 500_000_000).abs() < 250_000_000,
+            "grew {grew} ns in ~1 s, not ~0.5 s"
+        );
+        assert!(
+            image
+                .restore(readers.children[0].id(), &target)
+                .expect("restore")
+        );
+    }
 }
