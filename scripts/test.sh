@@ -58,6 +58,14 @@ for l in d["loads"]:
     o, s = l["ours"], l["stress_ng"]
     print(f"  cpu {l['requested_percent']:.0f} %: ours {o['median_percent']:.2f} % ({o['error_pp']:+.2f} pp), stress-ng {s['median_percent']:.2f} % ({s['error_pp']:+.2f} pp); agent {l['agent_percent_of_one_cpu']:.2f} % of one CPU")
 PY
+env -u RUST_BACKTRACE ./target/release/chaos-bench-clock --trials "${CHAOS_BENCH_CLOCK_TRIALS:-5}" --out bench-out/clock.json >/dev/null 2>&1
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/clock.json"))
+c, e = d["cost_ns_per_call"], d["offset_error_ms"]
+r, m = c["realtime"], c["monotonic_unmoved"]
+print(f"  clock-skew ({d['lockdown']}; direct system calls moved: {d['direct_system_calls_moved']}): clock_gettime {r['before']:.0f} ns before, {r['during']:.0f} ns moved, {m['during']:.0f} ns unmoved clock, {r['after']:.0f} ns after; offset error p99 {e['p99']*1000:.1f} us over {e['readings']} reads; exec'd program's first read moved {sum(d['exec_first_read_moved'])}/{len(d['exec_first_read_moved'])}; kill -9 to true time {max(d['kill9_until_true_time_ms']['trials']):.0f} ms at most")
+PY
 ./target/release/chaos-bench-fleet --rounds "${CHAOS_BENCH_FLEET_ROUNDS:-30}" --out bench-out/fleet.json >/dev/null
 python3 - <<'PY'
 import json
