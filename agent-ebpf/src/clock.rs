@@ -31,6 +31,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const CLONE_THREAD: u64 = 0x0001_0000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const SIGSTOP: u32 = 19;
+/// The second word of a CLOCK_EXECS event: 0 an exec, 1 an exec held stopped, 2 a fork.
+const EVENT_FORK: u32 = 2;
 
 #[map]
 static CLOCK_RULE: Array<ClockRule> = Array::with_max_entries(1, 0);
@@ -45,7 +47,8 @@ static CLOCK_TARGETS: HashMap<u32, u32> =
 static CLOCK_INFLIGHT: LruHashMap<u64, ClockCall> = LruHashMap::with_max_entries(16_384, 0);
 #[map]
 static CLOCK_COUNTERS: PerCpuArray<ClockCounters> = PerCpuArray::with_max_entries(1, 0);
-/// The tgids of targets that exec'd: their new vDSO needs the patch.
+/// Targets that exec'd (their new vDSO needs the patch) or were forked (their copy of the
+/// patched page needs the heartbeat), by tgid.
 #[map]
 static CLOCK_EXECS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
@@ -171,13 +174,18 @@ pub fn chaos_clk_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let child: i32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
-    if child > 0
-        && CLOCK_TARGETS.insert(&(child as u32), &1, 0).is_err()
-        && let Some(c) = CLOCK_COUNTERS.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU, as above.
-        unsafe { (*c).lost_forks += 1 };
+    if child <= 0 {
+        return 0;
     }
+    if CLOCK_TARGETS.insert(&(child as u32), &1, 0).is_err() {
+        if let Some(c) = CLOCK_COUNTERS.get_ptr_mut(0) {
+            // SAFETY: per-CPU, as above.
+            unsafe { (*c).lost_forks += 1 };
+        }
+        return 0;
+    }
+    // User space keeps the fork's copy of the patched page beating and restores it.
+    let _ = CLOCK_EXECS.output::<[u32; 2]>(&[child as u32, EVENT_FORK], 0);
     0
 }
 

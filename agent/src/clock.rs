@@ -47,6 +47,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../agent-ebpf/clock.bpf.o");
 
+/// A CLOCK_EXECS event's second word for a fork (an exec is 0, or 1 if held stopped).
+const FORKED: u32 = 2;
+
 /// How often the processes of a cgroup or pod target are looked for again.
 const RESCAN: Duration = Duration::from_millis(500);
 /// How often each target's stub hears that the engine is alive (it stops moving the clock
@@ -126,6 +129,19 @@ impl Shared {
             None => tracing::debug!(pid, "vDSO of another kind: left alone"),
         }
         Ok(())
+    }
+
+    /// Notes a fork of a target: it inherited the patched page (its own copy now, which the
+    /// heartbeat must reach and revert must restore).
+    fn adopt(&self, pid: u32) {
+        let Ok(start_time) = journal::start_time(pid) else {
+            return;
+        };
+        if let Ok(Some(target)) = self.image.patched(pid) {
+            let _ = self.image.beat(&target, now_ns());
+            lock(&self.patched).insert(pid, (start_time, target));
+            lock(held()).insert(pid, self.id.clone());
+        }
     }
 
     /// Tells every patched target's stub that the engine is alive.
@@ -496,7 +512,9 @@ fn follow(
                     .and_then(|b| b.try_into().ok())
                     .map(u32::from_ne_bytes)
             };
-            if let Some(pid) = word(0) {
+            if let (Some(pid), Some(FORKED)) = (word(0), word(4)) {
+                shared.adopt(pid);
+            } else if let Some(pid) = word(0) {
                 if let Err(e) = shared.patch(pid) {
                     tracing::warn!(pid, "clock-skew: patch after exec: {e}");
                 }

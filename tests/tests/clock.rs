@@ -261,6 +261,13 @@ fn the_target_its_forks_and_execs_move_and_no_one_else() {
     // The fork inherits the patched page; the exec'd program gets a fresh vDSO, patched when
     // the kernel side reports the exec.
     assert_moved("forked child", &forks.reading("fork-fork"), 2.0 * HOUR_MS);
+    // Past the heartbeat's bound: the fork's own copy of the page hears the beats too.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_moved(
+        "forked child, 1.5 s on",
+        &forks.reading("fork-fork"),
+        2.0 * HOUR_MS,
+    );
     let patched_after = execs.until("exec-exec", Duration::from_secs(3), |r| {
         (r.vdso + 0.5 * HOUR_MS).abs() < 1000.0
     });
@@ -281,6 +288,10 @@ fn the_target_its_forks_and_execs_move_and_no_one_else() {
     assert!(
         on_true_time(&execs.reading("exec-exec")),
         "exec'd program still moved"
+    );
+    assert!(
+        on_true_time(&forks.reading("fork-fork")),
+        "forked child still moved after revert"
     );
     assert!(
         vdso_image(forks.pid()) == before,
