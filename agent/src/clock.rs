@@ -56,7 +56,7 @@ const RESCAN: Duration = Duration::from_millis(500);
 /// once the last beat is [`CLOCK_HEARTBEAT_BOUND_NS`] old).
 const BEAT: Duration = Duration::from_millis(250);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClockError {
     #[error("{0}")]
     Invalid(#[from] InvalidInput),
@@ -105,7 +105,7 @@ mod vdso;
 /// What the fault's thread and its revert share.
 struct Shared {
     id: String,
-    image: vdso::Image,
+    image: &'static vdso::Image,
     /// The stub's data as every target gets it (its heartbeat rewritten as it beats).
     page: vdso::Page,
     /// The patched targets, with the start time of each (a pid reused since is not ours).
@@ -618,19 +618,19 @@ mod tests {
         let image = vdso::image().expect("image");
         let mut child = spawned("sleep", &["30"]);
         let pid = child.id();
-        let before = image_bytes(&pid.to_string(), &image);
+        let before = image_bytes(&pid.to_string(), image);
         let target = image
             .patch(pid, &vdso::Page::default())
             .expect("patch")
             .expect("a vDSO like ours");
-        let after = image_bytes(&pid.to_string(), &image);
+        let after = image_bytes(&pid.to_string(), image);
         for (e, have) in image.entries.iter().zip(&after) {
             assert_eq!(have, &e.jump);
         }
         assert_ne!(after.last(), before.last(), "the stub is not in the slack");
-        assert_eq!(image_bytes("self", &image), before, "our own vDSO changed");
+        assert_eq!(image_bytes("self", image), before, "our own vDSO changed");
         assert!(image.restore(pid, &target).expect("restore"));
-        assert_eq!(image_bytes(&pid.to_string(), &image), before);
+        assert_eq!(image_bytes(&pid.to_string(), image), before);
         let _ = child.kill();
         let _ = child.wait();
     }

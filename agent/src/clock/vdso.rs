@@ -163,8 +163,14 @@ fn file_end(image: &[u8], elf: &object::File) -> u64 {
         .fold(headers, u64::max)
 }
 
-/// This kernel's vDSO, read from the engine's own.
-pub fn image() -> Result<Image, ClockError> {
+/// This kernel's vDSO, read from the engine's own once (it is the kernel's, the same for every
+/// process until reboot).
+pub fn image() -> Result<&'static Image, ClockError> {
+    static IMAGE: std::sync::OnceLock<Result<Image, ClockError>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(read_image).as_ref().map_err(Clone::clone)
+}
+
+fn read_image() -> Result<Image, ClockError> {
     let (stub, layout) = STUB;
     let (base, len) = mapping("self").map_err(|e| kernel("find this process's vDSO", e))?;
     let mut image = vec![0u8; usize::try_from(len).unwrap_or(0)];
@@ -252,21 +258,11 @@ impl Image {
     /// Patches `pid` with `page` as the stub's data; None if its vDSO is not this image (a
     /// 32-bit process's) and so was left alone.
     pub fn patch(&self, pid: u32, page: &Page) -> io::Result<Option<Target>> {
-        let (base, len) = mapping(&pid.to_string())?;
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))?;
-        if len != self.len {
+        let Some(target) = self.open_if(pid, |e, have| have == e.original || have == e.jump)?
+        else {
             return Ok(None);
-        }
-        for e in &self.entries {
-            let mut have = vec![0u8; e.jump.len()];
-            mem.read_exact_at(&mut have, base + e.offset)?;
-            if have != e.original && have != e.jump {
-                return Ok(None);
-            }
-        }
+        };
+        let (base, mem) = (target.base, &target.mem);
         let mut stub = STUB.0.to_vec();
         let data = usize::try_from(STUB.1.data).unwrap_or(usize::MAX);
         if let Some(slot) = stub.get_mut(data..data.saturating_add(PAGE_LEN)) {
@@ -279,11 +275,21 @@ impl Image {
             }
             Ok(())
         })?;
-        Ok(Some(Target { base, mem }))
+        Ok(Some(target))
     }
 
     /// `pid` if its vDSO holds this image's jumps (a patch some engine left), to restore.
     pub fn patched(&self, pid: u32) -> io::Result<Option<Target>> {
+        self.open_if(pid, |e, have| have == e.jump)
+    }
+
+    /// `pid`'s memory, held open, if its vDSO is this image and every entry's bytes pass
+    /// `accept`; None otherwise (a 32-bit process's vDSO, or code we did not write).
+    fn open_if(
+        &self,
+        pid: u32,
+        accept: impl Fn(&Entry, &[u8]) -> bool,
+    ) -> io::Result<Option<Target>> {
         let (base, len) = mapping(&pid.to_string())?;
         let mem = std::fs::OpenOptions::new()
             .read(true)
@@ -295,7 +301,7 @@ impl Image {
         for e in &self.entries {
             let mut have = vec![0u8; e.jump.len()];
             mem.read_exact_at(&mut have, base + e.offset)?;
-            if have != e.jump {
+            if !accept(e, &have) {
                 return Ok(None);
             }
         }
