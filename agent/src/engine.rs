@@ -1199,9 +1199,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Freezes or signals the target processes, or fills a disk. A pause or a fill is journaled
-    /// before it acts (its guard undoes it if we die before the second write) and again with
-    /// what it must undo.
+    /// Freezes or signals the target processes, or fills a disk. A fill is journaled before it
+    /// acts (its guard undoes it if we die before the second write) and again with what it must
+    /// undo; a pause only after, with what it must undo.
     fn install_host(
         &self,
         st: &mut State,
@@ -1211,15 +1211,12 @@ impl Engine {
         netns: Netns,
     ) -> Result<(), EngineError> {
         let installed = match &spec.kind {
+            // Journaled once, after the freeze, with what to undo: an entry written before
+            // could name nothing to thaw, and its fsync (10-30 ms here) would stand between
+            // the apply and the freeze. Until the write, the guard (forked before the first
+            // SIGSTOP or freezer write) is what thaws if this engine dies.
             FaultKind::ProcessPause { target, name } => {
-                self.write_journal(st, Some(entry(id, &spec, deadline, &netns, None)))?;
-                match crate::process::Paused::start(target, name, deadline) {
-                    Ok(p) => Installed::Paused(p),
-                    Err(e) => {
-                        self.rewrite_journal_after_failure(st);
-                        return Err(e.into());
-                    }
-                }
+                Installed::Paused(crate::process::Paused::start(target, name, deadline)?)
             }
             FaultKind::ProcessKill {
                 target,

@@ -98,8 +98,54 @@ fn all_pids() -> Vec<u32> {
         .collect()
 }
 
-/// `pid` and its descendants, from every process's parent.
+/// Whether `pid` has a SIGSTOP pending: it stops the moment it leaves the kernel, so it runs
+/// none of its own code until a SIGCONT (which discards the pending stop). A shell that
+/// vfork()ed a child we stopped before its exec waits so, in state D, until that child runs.
+fn stop_pending(pid: u32) -> bool {
+    const SIGSTOP_BIT: u64 = 1 << (libc::SIGSTOP - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|t| {
+        t.lines()
+            .filter_map(|l| {
+                l.strip_prefix("SigPnd:")
+                    .or_else(|| l.strip_prefix("ShdPnd:"))
+            })
+            .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .any(|mask| mask & SIGSTOP_BIT != 0)
+    })
+}
+
+/// `pid` and its descendants: down from `pid` through each thread's
+/// `/proc/PID/task/TID/children`, a few reads however many processes the node runs (a full
+/// scan of /proc took 2-3 ms of the 10 ms in which a pause should have frozen its target).
+/// Children forked meanwhile may be missed; the pause's next round finds them. Where the
+/// kernel has no such files (CONFIG_PROC_CHILDREN), from every process's parent.
 fn tree(pid: u32) -> BTreeSet<u32> {
+    if !Path::new("/proc/thread-self/children").exists() {
+        return tree_by_parents(pid);
+    }
+    let mut out = BTreeSet::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        if !out.insert(p) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                todo.extend(
+                    text.split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `pid` and its descendants, from every process's parent.
+fn tree_by_parents(pid: u32) -> BTreeSet<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for p in all_pids() {
         if let Some(s) = stat(p) {
@@ -385,14 +431,15 @@ impl Paused {
         Ok(paused)
     }
 
-    /// Waits until every stopped process that still lives shows state T.
+    /// Waits until every stopped process that still lives shows state T, or holds our SIGSTOP
+    /// in the kernel (see [`stop_pending`]).
     fn wait_stopped(&self) -> Result<(), ProcessError> {
         let started = Instant::now();
         loop {
-            let pending = self
-                .stopped
-                .iter()
-                .find(|p| stat(p.owner.pid).is_some_and(|s| s.state != 'T' && s.state != 'Z'));
+            let pending = self.stopped.iter().find(|p| {
+                stat(p.owner.pid).is_some_and(|s| !matches!(s.state, 'T' | 'Z'))
+                    && !stop_pending(p.owner.pid)
+            });
             let Some(p) = pending else { return Ok(()) };
             if started.elapsed() > FREEZE_TIMEOUT {
                 return Err(ProcessError::FreezeTimeout {
@@ -608,6 +655,46 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("this engine or one of its ancestors"), "{err}");
+    }
+
+    /// The walk down the children files finds what the scan of every process's parent finds:
+    /// a child and its grandchildren; and the child of a thread that is not the main one (its
+    /// own task's children file names it).
+    #[test]
+    fn the_tree_walk_finds_what_the_full_scan_finds() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .expect("sh");
+        let (spawned, done) = (mpsc::channel(), mpsc::channel::<()>());
+        let thread = std::thread::spawn(move || {
+            let mut c = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep");
+            let _ = spawned.0.send(c.id());
+            let _ = done.1.recv();
+            let _ = c.kill();
+            let _ = c.wait();
+        });
+        let from_thread = spawned.1.recv().expect("spawned");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tree_by_parents(child.id()).len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (walked, scanned) = (tree(child.id()), tree_by_parents(child.id()));
+        let own = (
+            tree(std::process::id()),
+            tree_by_parents(std::process::id()),
+        );
+        let _ = done.0.send(());
+        let _ = thread.join();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(scanned.len(), 3, "{scanned:?}");
+        assert_eq!(walked, scanned);
+        assert!(own.1.contains(&from_thread), "{:?}", own.1);
+        assert!(own.0.contains(&from_thread), "{:?}", own.0);
     }
 
     #[test]
