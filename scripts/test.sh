@@ -66,6 +66,19 @@ c, e = d["cost_ns_per_call"], d["offset_error_ms"]
 r, m = c["realtime"], c["monotonic_unmoved"]
 print(f"  clock-skew ({d['lockdown']}; direct system calls moved: {d['direct_system_calls_moved']}): clock_gettime {r['before']:.0f} ns before, {r['during']:.0f} ns moved, {m['during']:.0f} ns unmoved clock, {r['after']:.0f} ns after; offset error p99 {e['p99']*1000:.1f} us over {e['readings']} reads; exec'd program's first read moved {sum(d['exec_first_read_moved'])}/{len(d['exec_first_read_moved'])}; kill -9 to true time {max(d['kill9_until_true_time_ms']['trials']):.0f} ms at most")
 PY
+env -u RUST_BACKTRACE ./target/release/chaos-bench-host --trials "${CHAOS_BENCH_HOST_TRIALS:-5}" --out bench-out/host.json >/dev/null 2>&1
+python3 - <<'PY'
+import json
+d = json.load(open("bench-out/host.json"))
+f = d["disk_fill"]
+print(f"  disk-fill 1 GiB ext4 to 90 %: ours {f['ours']['ms']:.0f} ms ({f['ours']['percent']:.2f} %), dd {f['dd']['ms']:.0f} ms ({f['dd']['percent']:.2f} %): {f['ours_over_dd']:.4f} of dd's time")
+m = d["memory"]
+o, s = m["ours"], m["stress_ng_vm_keep"]
+print(f"  memory {m['asked_mib']} MiB: ours held {o['held_mib']:.1f} MiB ({o['error_percent']:+.2f} %) at {o['cpu_percent_of_one_while_holding']:.2f} % of one CPU; stress-ng --vm-keep {s['held_mib']:.1f} MiB ({s['error_percent']:+.2f} %) at {s['cpu_percent_of_one_while_holding']:.1f} %")
+p = d["process_pause"]
+cg = ", ".join(f"{k} {v['apply_to_frozen_ms']['max']:.1f} ms" for k, v in p["cgroup"].items())
+print(f"  process-pause: apply to frozen max --pid {p['pid_sigstop']['apply_to_frozen_ms']['max']:.2f} ms (kill -STOP command {p['kill_stop_command']['to_frozen_ms']['max']:.2f} ms), {cg}; kill -9 of the engine to thawed max {p['kill9_of_engine_to_thawed_ms']['max']:.2f} ms")
+PY
 ./target/release/chaos-bench-fleet --rounds "${CHAOS_BENCH_FLEET_ROUNDS:-30}" --out bench-out/fleet.json >/dev/null
 python3 - <<'PY'
 import json

@@ -188,3 +188,53 @@ pub fn all_workers() -> Vec<u32> {
         })
         .collect()
 }
+
+/// A cgroup with memory accounting (the v1 memory hierarchy here, v2 where it has the
+/// controller) and the directory whose accounting counts.
+pub fn memory_cgroup(tag: &str) -> (TestCgroup, PathBuf) {
+    let cg = TestCgroup::in_hierarchies(tag, |h| {
+        h.controllers.iter().any(|c| c == "memory")
+            || (h.v2
+                && std::fs::read_to_string(h.mount.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")))
+    });
+    let dir = cg
+        .dirs
+        .iter()
+        .find(|d| d.join("memory.limit_in_bytes").is_file() || d.join("memory.max").is_file())
+        .cloned()
+        .expect("a cgroup with memory accounting");
+    (cg, dir)
+}
+
+/// The memory a cgroup is charged for, as its own accounting counts it (v1 or v2).
+pub fn memory_usage(dir: &std::path::Path) -> u64 {
+    ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .expect("memory usage")
+}
+
+/// A process's state letter (R, S, T, Z...); '?' when it is gone.
+pub fn run_state(pid: u32) -> char {
+    stat_fields(pid)
+        .and_then(|f| f.first().and_then(|s| s.chars().next()))
+        .unwrap_or('?')
+}
+
+/// Whether `pid` is paused by a SIGSTOP: stopped (T), or holding the SIGSTOP pending, which it
+/// acts on before it runs any of its own code again (a shell waits so in vfork, state D, for a
+/// child stopped before its exec).
+pub fn sigstopped(pid: u32) -> bool {
+    run_state(pid) == 'T'
+        || std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|t| {
+            t.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("SigPnd:")
+                        .or_else(|| l.strip_prefix("ShdPnd:"))
+                })
+                .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .any(|m| m & (1 << (libc::SIGSTOP - 1)) != 0)
+        })
+}

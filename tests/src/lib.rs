@@ -10,6 +10,7 @@ pub mod apps;
 pub mod cgroups;
 pub mod kube_api;
 pub mod kube_rbac;
+pub mod mounts;
 pub mod pods;
 
 use chaos_agent::datapath::{self, AttachMode, Hook};
@@ -186,6 +187,21 @@ pub fn residue_on(ns: &str, dev: &str) -> Vec<String> {
         found.push(format!("{links} BPF links to chaos_* programs"));
     }
     found
+}
+
+/// tests/apps/NAME.c compiled (cc -O2) into `dir`: the real C programs the clock tests read
+/// time with.
+pub fn c_app(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("apps/{name}.c"));
+    let st = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(st.success(), "cc {name}.c");
+    out
 }
 
 /// An engine in this process on `journal`, started as the agent and `chaosctl --local` start

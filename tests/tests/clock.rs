@@ -24,29 +24,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// The clock reader, built once per test run.
-fn clockprobe(dir: &std::path::Path) -> PathBuf {
-    let out = dir.join("clockprobe");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("apps/clockprobe.c");
-    let st = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc");
-    assert!(st.success(), "cc clockprobe.c");
-    out
-}
-
-fn lockdown() -> Option<String> {
-    if !std::path::Path::new("/sys/kernel/security/lockdown").exists() {
-        sh("mount -t securityfs securityfs /sys/kernel/security");
-    }
-    let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
-    let mode = text.split_whitespace().find(|w| w.starts_with('['))?;
-    Some(mode.trim_matches(['[', ']']).to_string())
-}
-
 /// The process's whole [vdso] mapping.
 fn vdso_image(pid: u32) -> Vec<u8> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
@@ -191,7 +168,10 @@ impl Drop for Probe {
 
 /// Whether this kernel lets the kernel side move direct system calls.
 fn direct_calls_move() -> bool {
-    matches!(lockdown().as_deref(), None | Some("none"))
+    matches!(
+        chaos_agent::clock::lockdown().as_deref(),
+        None | Some("none")
+    )
 }
 
 /// Every vDSO read path of `r` is `want_ms` off true time (within 1 s; time() is whole
@@ -228,7 +208,7 @@ fn the_target_its_forks_and_execs_move_and_no_one_else() {
     let _serial = serial();
     require_root();
     let dir = tmpdir("pid");
-    let bin = clockprobe(&dir);
+    let bin = c_app(&dir, "clockprobe");
     let forks = Probe::start(&bin, &["fork", "fork", "1500"]);
     let execs = Probe::start(&bin, &["exec", "exec", "1500"]);
     let neighbour = Probe::start(&bin, &["neighbour"]);
@@ -313,7 +293,7 @@ fn a_dead_or_frozen_engine_leaves_true_time_within_a_second() {
     let _serial = serial();
     require_root();
     let dir = tmpdir("owner");
-    let bin = clockprobe(&dir);
+    let bin = c_app(&dir, "clockprobe");
     for (what, signal) in [("kill -9", libc::SIGKILL), ("SIGSTOP", libc::SIGSTOP)] {
         let probe = Probe::start(&bin, &["probe"]);
         let pid = probe.pid().to_string();

@@ -85,14 +85,6 @@ impl Drop for Ticker {
     }
 }
 
-fn state(pid: u32) -> char {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
-        .and_then(|r| r.chars().next())
-        .unwrap_or('?')
-}
-
 /// How long until `pred` holds, polled every millisecond; None after `within`.
 fn time_until(within: Duration, pred: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
@@ -112,7 +104,7 @@ fn guards() -> Vec<u32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| comm(*p) == "chaos-guard" && state(*p) != 'Z')
+        .filter(|p| comm(*p) == "chaos-guard" && run_state(*p) != 'Z')
         .collect()
 }
 
@@ -131,7 +123,7 @@ fn pause_by_pid_stops_the_tree_and_not_its_neighbour() {
         &dir.join("journal"),
     );
     let applied_after = started.elapsed();
-    assert_eq!(state(target.pid()), 'T', "target not stopped at apply");
+    assert!(sigstopped(target.pid()), "target not stopped at apply");
     assert!(fault.applied.contains("signal/stop"), "{}", fault.applied);
     assert!(
         !target.ticks_within(Duration::from_millis(400)),
@@ -293,7 +285,7 @@ fn a_stopped_engine_still_ends_the_pause_at_its_deadline() {
     );
     let applied = Instant::now();
     fault.signal(libc::SIGSTOP);
-    let thawed = time_until(Duration::from_secs(6), || state(target.pid()) != 'T');
+    let thawed = time_until(Duration::from_secs(6), || !sigstopped(target.pid()));
     fault.signal(libc::SIGCONT);
     let (status, out) = fault.wait(Duration::from_secs(10));
     let thawed = thawed.expect("never thawed while the engine was stopped");

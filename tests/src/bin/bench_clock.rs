@@ -11,7 +11,7 @@
 //! - `kill9_until_true_time_ms`: from kill -9 of the engine to the target's first true read.
 //!
 //! Usage: chaos-bench-clock [--out FILE] [--trials N]
-use chaos_tests::{LocalFault, arg};
+use chaos_tests::{LocalFault, arg, c_app};
 use serde_json::json;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -20,19 +20,6 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime};
 
 const OFFSET_MS: f64 = 3_600_000.0;
-
-fn build(dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("apps/{name}.c"));
-    let st = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc");
-    assert!(st.success(), "cc {name}.c");
-    out
-}
 
 /// A child printing lines, each with the wall time (ns) it was read here.
 fn spawn(bin: &Path, args: &[&str]) -> (Child, Receiver<(String, f64)>) {
@@ -103,14 +90,7 @@ fn skew(pid: u32, journal: &Path, duration: &str) -> LocalFault {
 }
 
 fn lockdown() -> String {
-    std::fs::read_to_string("/sys/kernel/security/lockdown")
-        .ok()
-        .and_then(|t| {
-            t.split_whitespace()
-                .find(|w| w.starts_with('['))
-                .map(|m| m.trim_matches(['[', ']']).to_string())
-        })
-        .unwrap_or_else(|| "none".into())
+    chaos_agent::clock::lockdown().unwrap_or_else(|| "none".into())
 }
 
 fn kill(mut c: Child) {
@@ -124,7 +104,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("chaos-bench-clock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let journal = dir.join("journal");
-    let (cost, probe) = (build(&dir, "clockcost"), build(&dir, "clockprobe"));
+    let (cost, probe) = (c_app(&dir, "clockcost"), c_app(&dir, "clockprobe"));
     let locked = lockdown() != "none";
     let between_want = if locked { OFFSET_MS } else { 0.0 };
 
