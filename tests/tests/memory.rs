@@ -240,3 +240,54 @@ fn kill_9_of_the_engine_frees_the_memory() {
     eprintln!("kill -9: memory back after {freed:?}");
     assert!(freed.expect("memory outlived the engine") < Duration::from_secs(1));
 }
+
+/// `--ramp 2s`: the held bytes grow with time, not at once: sampled every 100 ms, each sample's
+/// share of the ask is within 0.15 of the ramp's elapsed share, and the whole ask is held once
+/// the ramp is over.
+#[test]
+fn ramp_reaches_the_ask_over_its_duration() {
+    let _g = serial();
+    let (cg, dir) = memory_cgroup("ramp");
+    let before = memory_usage(&dir);
+    const ASK: u64 = 64 * MIB;
+    const RAMP: Duration = Duration::from_secs(2);
+    let fault = LocalFault::start(
+        &[
+            "inject",
+            "memory",
+            "--bytes",
+            "64MiB",
+            "--workers",
+            "2",
+            "--ramp",
+            "2s",
+            "--cgroup",
+            &cg.path,
+            "--duration",
+            "1m",
+        ],
+        &journal("ramp"),
+    );
+    let applied = Instant::now();
+    let mut samples = Vec::new();
+    while applied.elapsed() < RAMP + Duration::from_millis(800) {
+        let share = memory_usage(&dir).saturating_sub(before) as f64 / ASK as f64;
+        let due = (applied.elapsed().as_secs_f64() / RAMP.as_secs_f64()).min(1.0);
+        samples.push((due, share));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, out) = fault.stop();
+    assert!(status.success(), "{out}");
+    let line: Vec<String> = samples
+        .iter()
+        .map(|(d, s)| format!("{d:.2}:{s:.2}"))
+        .collect();
+    eprintln!("ramp 2 s, (elapsed share: held share) {}", line.join(" "));
+    let off: Vec<&(f64, f64)> = samples
+        .iter()
+        .filter(|(d, s)| (s - d).abs() > 0.15)
+        .collect();
+    assert!(off.is_empty(), "samples off the ramp: {off:?}");
+    let last = samples.last().map_or(0.0, |s| s.1);
+    assert!(last >= 0.98, "held {last:.2} of the ask after the ramp");
+}
