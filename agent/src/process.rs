@@ -24,7 +24,7 @@ use crate::guard::{Guard, Op};
 use crate::journal::{self, Owner};
 use crate::spec::{InvalidInput, ProcessRef, invalid, name_pattern};
 use crate::stress::{pidfd_open, pidfd_send_signal};
-use crate::undo::{Undo, freezer_file};
+use crate::undo::{Undo, cgroup_frozen, freezer_file};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -101,7 +101,7 @@ fn all_pids() -> Vec<u32> {
 /// Whether `pid` has a SIGSTOP pending: it stops the moment it leaves the kernel, so it runs
 /// none of its own code until a SIGCONT (which discards the pending stop). A shell that
 /// vfork()ed a child we stopped before its exec waits so, in state D, until that child runs.
-fn stop_pending(pid: u32) -> bool {
+pub fn stop_pending(pid: u32) -> bool {
     const SIGSTOP_BIT: u64 = 1 << (libc::SIGSTOP - 1);
     std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|t| {
         t.lines()
@@ -362,12 +362,7 @@ impl Paused {
         })?;
         let started = Instant::now();
         loop {
-            let done = match &frozen {
-                Undo::CgroupV2(d) => std::fs::read_to_string(d.join("cgroup.events"))
-                    .is_ok_and(|t| t.lines().any(|l| l == "frozen 1")),
-                _ => std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == "FROZEN"),
-            };
-            if done {
+            if cgroup_frozen(&frozen) {
                 return Ok(());
             }
             if started.elapsed() > FREEZE_TIMEOUT {

@@ -45,6 +45,19 @@ pub fn freezer_file(f: &Undo) -> Option<(PathBuf, &'static [u8], &'static [u8])>
     }
 }
 
+/// Whether a freezer cgroup is frozen through and through (v2: `cgroup.events` says so once
+/// every task is; v1: `freezer.state` reads FROZEN, not FREEZING). False for anything else.
+pub fn cgroup_frozen(f: &Undo) -> bool {
+    match f {
+        Undo::CgroupV2(d) => std::fs::read_to_string(d.join("cgroup.events"))
+            .is_ok_and(|t| t.lines().any(|l| l == "frozen 1")),
+        Undo::CgroupV1(d) => {
+            std::fs::read_to_string(d.join("freezer.state")).is_ok_and(|t| t.trim() == "FROZEN")
+        }
+        Undo::Stopped(_) | Undo::File { .. } | Undo::Vdso(_) => false,
+    }
+}
+
 /// Undoes what an earlier engine's journal names. Returns how many were undone.
 pub fn reclaim(undo: &[Undo]) -> usize {
     let mut thawed = 0;

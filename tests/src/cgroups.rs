@@ -227,14 +227,16 @@ pub fn run_state(pid: u32) -> char {
 /// acts on before it runs any of its own code again (a shell waits so in vfork, state D, for a
 /// child stopped before its exec).
 pub fn sigstopped(pid: u32) -> bool {
-    run_state(pid) == 'T'
-        || std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|t| {
-            t.lines()
-                .filter_map(|l| {
-                    l.strip_prefix("SigPnd:")
-                        .or_else(|| l.strip_prefix("ShdPnd:"))
-                })
-                .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .any(|m| m & (1 << (libc::SIGSTOP - 1)) != 0)
-        })
+    run_state(pid) == 'T' || chaos_agent::process::stop_pending(pid)
+}
+
+/// Whether the test's freezer cgroup `dir` (v2 or v1) is frozen, as the engine judges it.
+pub fn cgroup_frozen(dir: &std::path::Path, v2: bool) -> bool {
+    use chaos_agent::undo::Undo;
+    let dir = dir.to_path_buf();
+    chaos_agent::undo::cgroup_frozen(&if v2 {
+        Undo::CgroupV2(dir)
+    } else {
+        Undo::CgroupV1(dir)
+    })
 }

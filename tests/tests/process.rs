@@ -185,15 +185,7 @@ fn a_whole_cgroup_is_frozen_by_the_freezer() {
         let target = Ticker::start(&dir, label.replace('/', "-").as_str());
         cg.add(target.pid());
         let cgdir = cg.dirs[0].clone();
-        let frozen = || {
-            if v2 {
-                std::fs::read_to_string(cgdir.join("cgroup.events"))
-                    .is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
-            } else {
-                std::fs::read_to_string(cgdir.join("freezer.state"))
-                    .is_ok_and(|t| t.trim() == "FROZEN")
-            }
-        };
+        let frozen = || cgroup_frozen(&cgdir, v2);
         let fault = LocalFault::start(
             &[
                 "inject",

@@ -18,7 +18,7 @@
 use chaos_agent::spec::{CgroupRef, FillLevel, MemorySize, MountRef, ProcessRef, Target};
 use chaos_agent::{Engine, FaultKind, FaultSpec};
 use chaos_tests::cgroups::{
-    TestCgroup, comm, measure_percent, memory_cgroup, memory_usage, sigstopped,
+    TestCgroup, cgroup_frozen, comm, measure_percent, memory_cgroup, memory_usage, sigstopped,
 };
 use chaos_tests::mounts::TestMount;
 use chaos_tests::{LocalFault, arg, median};
@@ -227,15 +227,6 @@ impl Drop for Ticker {
             libc::kill(-(self.0.id() as i32), libc::SIGKILL);
         }
         let _ = self.0.wait();
-    }
-}
-
-fn cgroup_frozen(dir: &Path, v2: bool) -> bool {
-    if v2 {
-        std::fs::read_to_string(dir.join("cgroup.events"))
-            .is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
-    } else {
-        std::fs::read_to_string(dir.join("freezer.state")).is_ok_and(|t| t.trim() == "FROZEN")
     }
 }
 
