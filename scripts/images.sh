@@ -6,20 +6,16 @@
 # platforms are checked, and each binary runs `--version` from the unpacked root file system
 # (arm64 under qemu-user). Running the containers themselves is not possible on these machines.
 #
-# ring (rustls) is C: clang cross-compiles it for both musl targets, so no musl gcc is needed.
+# The binaries come from scripts/static.sh, the one static build (shared with the VM test and the
+# benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/images
 mkdir -p "$out"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-export CC_x86_64_unknown_linux_musl=clang CC_aarch64_unknown_linux_musl=clang
-# Images carry stripped binaries, built apart from the debug-info release build.
-export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 declare -A arch_of=([x86_64-unknown-linux-musl]=amd64 [aarch64-unknown-linux-musl]=arm64)
 for target in "${!arch_of[@]}"; do
-  rustup target add "$target" >/dev/null 2>&1
-  cargo build --release --locked --target "$target" --target-dir target/oci \
-    -p chaos-agent --bin chaos-agent -p chaos-controller --bin chaos-controller -p chaosctl --bin chaosctl
+  ./scripts/static.sh "$target" >/dev/null
 done
 
 # A buildah store of our own (vfs: no overlay mounts needed), removed afterwards.

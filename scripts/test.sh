@@ -4,38 +4,41 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Each phase says when it began, so a slow run shows where its time went.
+phase() { echo "== $* (at $((SECONDS / 60))m$((SECONDS % 60))s)"; }
 
-echo "== format, lints, eBPF object freshness"
+phase "format, lints, eBPF object freshness"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo xtask check-ebpf
 ./scripts/clock-stub.sh --check
 
-echo "== build"
+phase "build"
 cargo build --workspace --locked
 
-echo "== unit tests"
+phase "unit tests"
 cargo test --workspace --locked --lib --bins
 
-echo "== kernel integration tests (namespaces on this host)"
+phase "kernel integration tests (namespaces on this host)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "kernel tests need root: re-run as root" >&2
   exit 1
 fi
 cargo test -p chaos-tests --locked --tests -- --test-threads=1
 
-echo "== Kubernetes manifests: every overlay rendered and validated for Kubernetes 1.29+"
+phase "Kubernetes manifests: every overlay rendered and validated for Kubernetes 1.29+"
 ./scripts/k8s-check.sh --self-test
 
-echo "== OCI images (buildah, linux/amd64 + linux/arm64), unpacked and run"
+phase "OCI images (buildah, linux/amd64 + linux/arm64), unpacked and run"
 ./scripts/images.sh
 
-echo "== real Debian kernels (6.1, no TCX: clsact path) under QEMU, x86_64 and arm64"
+phase "real Debian kernels (6.1, no TCX: clsact path) under QEMU, x86_64 and arm64"
 cargo xtask vm-test
 
-echo "== benchmark (JSON in bench-out/, not a pass/fail gate)"
-cargo build --release --workspace --locked
-./target/release/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-5}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null
+phase "benchmark (JSON in bench-out/, not a pass/fail gate)"
+# On the static build the images ship (built by images.sh; only the benchmarks' own bins are new).
+bin=$(./scripts/static.sh "$(uname -m)-unknown-linux-musl" --benches)
+"$bin"/chaos-bench --rounds "${CHAOS_BENCH_ROUNDS:-5}" --seconds 2 --runs 200 --out bench-out/bench.json >/dev/null
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/bench.json"))
@@ -50,7 +53,7 @@ n = d["dns_failure"]
 i, s = n["injected_answer_ms"], n["server_answer_ms"]
 print(f"  dns: {n['matching_answered_nxdomain']}/{n['queries_each']} matching answered NXDOMAIN, {n['other_answered_by_server']}/{n['queries_each']} others by the server; injected p50 {i['p50']:.3f} p99 {i['p99']:.3f} ms, server p50 {s['p50']:.3f} p99 {s['p99']:.3f} ms")
 PY
-./target/release/chaos-bench-cpu --rounds "${CHAOS_BENCH_CPU_ROUNDS:-1}" --seconds 10 --out bench-out/cpu.json >/dev/null
+"$bin"/chaos-bench-cpu --rounds "${CHAOS_BENCH_CPU_ROUNDS:-1}" --seconds 10 --out bench-out/cpu.json >/dev/null
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/cpu.json"))
@@ -58,7 +61,7 @@ for l in d["loads"]:
     o, s = l["ours"], l["stress_ng"]
     print(f"  cpu {l['requested_percent']:.0f} %: ours {o['median_percent']:.2f} % ({o['error_pp']:+.2f} pp), stress-ng {s['median_percent']:.2f} % ({s['error_pp']:+.2f} pp); agent {l['agent_percent_of_one_cpu']:.2f} % of one CPU")
 PY
-env -u RUST_BACKTRACE ./target/release/chaos-bench-clock --trials "${CHAOS_BENCH_CLOCK_TRIALS:-5}" --out bench-out/clock.json >/dev/null 2>&1
+env -u RUST_BACKTRACE "$bin"/chaos-bench-clock --trials "${CHAOS_BENCH_CLOCK_TRIALS:-5}" --out bench-out/clock.json >/dev/null 2>&1
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/clock.json"))
@@ -66,7 +69,7 @@ c, e = d["cost_ns_per_call"], d["offset_error_ms"]
 r, m = c["realtime"], c["monotonic_unmoved"]
 print(f"  clock-skew ({d['lockdown']}; direct system calls moved: {d['direct_system_calls_moved']}): clock_gettime {r['before']:.0f} ns before, {r['during']:.0f} ns moved, {m['during']:.0f} ns unmoved clock, {r['after']:.0f} ns after; offset error p99 {e['p99']*1000:.1f} us over {e['readings']} reads; exec'd program's first read moved {sum(d['exec_first_read_moved'])}/{len(d['exec_first_read_moved'])}; kill -9 to true time {max(d['kill9_until_true_time_ms']['trials']):.0f} ms at most")
 PY
-env -u RUST_BACKTRACE ./target/release/chaos-bench-host --trials "${CHAOS_BENCH_HOST_TRIALS:-5}" --out bench-out/host.json >/dev/null 2>&1
+env -u RUST_BACKTRACE "$bin"/chaos-bench-host --trials "${CHAOS_BENCH_HOST_TRIALS:-5}" --out bench-out/host.json >/dev/null 2>&1
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/host.json"))
@@ -79,7 +82,7 @@ p = d["process_pause"]
 cg = ", ".join(f"{k} {v['apply_to_frozen_ms']['max']:.1f} ms" for k, v in p["cgroup"].items())
 print(f"  process-pause: apply to frozen max --pid {p['pid_sigstop']['apply_to_frozen_ms']['max']:.2f} ms (kill -STOP command {p['kill_stop_command']['to_frozen_ms']['max']:.2f} ms), {cg}; kill -9 of the engine to thawed max {p['kill9_of_engine_to_thawed_ms']['max']:.2f} ms")
 PY
-./target/release/chaos-bench-fleet --rounds "${CHAOS_BENCH_FLEET_ROUNDS:-30}" --out bench-out/fleet.json >/dev/null
+"$bin"/chaos-bench-fleet --rounds "${CHAOS_BENCH_FLEET_ROUNDS:-30}" --out bench-out/fleet.json >/dev/null
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/fleet.json"))
@@ -93,7 +96,7 @@ worst = max(h["cases"], key=lambda c: c["controller_cpu_ms_per_request"])
 q, f = h["list_agents_ms_quiet"], h["list_agents_ms_during_floods"]
 print(f"  hostile experiments: worst {worst['case']} {worst['controller_cpu_ms_per_request']:.1f} ms controller CPU per request (small invalid {h['baseline_small_invalid_cpu_ms_per_request']:.2f}); ListAgents p99 {f['p99']:.1f} ms during, {q['p99']:.1f} quiet; {h['agents_rejoined']} agents re-joined, {h['agents_that_lost_their_fault']} lost their fault")
 PY
-env -u RUST_BACKTRACE ./target/release/chaos-bench-owner --trials "${CHAOS_BENCH_OWNER_TRIALS:-100}" --out bench-out/owner.json >/dev/null
+env -u RUST_BACKTRACE "$bin"/chaos-bench-owner --trials "${CHAOS_BENCH_OWNER_TRIALS:-100}" --out bench-out/owner.json >/dev/null
 python3 - <<'PY'
 import json
 d = json.load(open("bench-out/owner.json"))
@@ -106,4 +109,4 @@ print(f"  agent apply: first on an interface p50 {f['p50']:.1f} p99 {f['p99']:.1
 w = d["sweep"]
 print(f"  sweep of {w['namespaces_swept']} namespaces: removing {w['namespaces_of_ours']} dead roots p50 {w['remove_ms']['p50']:.0f} p99 {w['remove_ms']['p99']:.0f} ms (all removed: {w['every_dead_root_removed']}); idle p50 {w['idle_ms']['p50']:.1f} ms ({w['idle_share_of_one_cpu_every_3s_percent']:.2f} % of a CPU every 3 s)")
 PY
-echo "all tests passed"
+phase "all tests passed"
