@@ -16,6 +16,10 @@ bins=(--bin chaos-vmtest)
 export CC_x86_64_unknown_linux_musl=clang CC_aarch64_unknown_linux_musl=clang
 # Stripped, without debug info: apart from the debug-info release build of target/release.
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
+# Under `cargo xtask` (cargo run), cargo has set CARGO_PKG_*, CARGO_MANIFEST_* and the like for
+# xtask. ring's build script declares rerun-if-env-changed on several of them, so they would
+# rebuild ring and everything above it (4.5 min per target here): not ours to pass on.
+while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^CARGO_(PKG_|MANIFEST_|CRATE_|BIN_|PRIMARY_)')
 rustup target add "$target" >/dev/null 2>&1
 # The same packages on every call (features resolve over the packages named): only the bins differ.
 cargo build --release --locked --target "$target" --target-dir target/oci \
