@@ -214,7 +214,8 @@ fn vm_test(root: &Path) -> Result<()> {
                 .find_map(|l| l.strip_prefix(prefix))
                 .unwrap_or("null")
         };
-        let (delay, dest, clock) = (bench("BENCH "), bench("BENCH_DEST "), bench("BENCH_CLOCK "));
+        let (delay, dest) = (bench("BENCH "), bench("BENCH_DEST "));
+        let (clock, pause) = (bench("BENCH_CLOCK "), bench("BENCH_PAUSE "));
         let dir = root.join("bench-out");
         std::fs::create_dir_all(&dir)?;
         let arch = target.split('-').next().unwrap_or(target);
@@ -222,7 +223,7 @@ fn vm_test(root: &Path) -> Result<()> {
             dir.join(format!("vm-{arch}.json")),
             format!(
                 "{{\"added_delay_vs_tc_netem\":{delay},\"per_destination_map_vs_u32\":{dest},\
-                 \"clock_skew\":{clock}}}\n"
+                 \"clock_skew\":{clock},\"process_pause\":{pause}}}\n"
             ),
         )?;
         if !out.status.success() {

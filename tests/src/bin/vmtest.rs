@@ -1,8 +1,9 @@
 //! chaos-vmtest: the eBPF faults on real Debian kernels under QEMU (tests/vm), x86_64 and arm64
 //! (a Raspberry Pi class CPU). The VM's init has made namespaces `a` and `b` joined by veth
 //! `va` (10.0.0.1) <-> `vb` (10.0.0.2). Debian's 6.1 kernel has no TCX, so this is also where
-//! the clsact path and its crash recovery run natively. Last comes clock-skew, the only place
-//! its arm64 stub runs (`chaos-vmtest clock` runs only that). Prints one line per check; exits
+//! the clsact path and its crash recovery run natively. Then process-pause (`pause.rs`; the
+//! cgroup v2 freezer), and last clock-skew, the only place its arm64 stub runs
+//! (`chaos-vmtest pause` and `chaos-vmtest clock` run only that one). Prints one line per check; exits
 //! 1 if any failed.
 use chaos_agent::datapath::AttachMode;
 use chaos_agent::spec::{Direction, FaultKind, FaultSpec, NetnsRef, Protocol, Target};
@@ -13,6 +14,9 @@ use chaos_tests::{
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+
+#[path = "vmtest/pause.rs"]
+mod pause;
 
 const B: &str = "10.0.0.2";
 const OTHER: &str = "10.0.0.3";
@@ -1772,19 +1776,30 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("clock-reader") => clock_reader(&std::env::args().nth(2).unwrap_or_default()),
         Some("hold-clock") => hold_clock(),
+        Some("pause-tick") => pause::tick(),
+        Some("hold-pause") => pause::hold(),
         _ => {}
     }
-    // `chaos-vmtest clock`: only the clock-skew test (`vm-run BINARY clock`).
-    let only_clock = std::env::args().nth(1).as_deref() == Some("clock");
+    // `chaos-vmtest clock` / `pause`: only that test (`vm-run BINARY clock`).
+    let only = std::env::args().nth(1);
+    let (only_clock, only_pause) = (
+        only.as_deref() == Some("clock"),
+        only.as_deref() == Some("pause"),
+    );
     let mut c = Checks(0);
     let found = caps::detect();
     let kernel = found.kernel.clone();
     println!("kernel {kernel} arch {}", found.arch);
-    if !only_clock {
+    if !only_clock && !only_pause {
         network(&mut c, &found);
     }
+    if !only_clock {
+        pause::process_pause(&mut c);
+    }
     // Last: its second half raises the kernel's lockdown, which cannot be lowered again.
-    clock_skew(&mut c);
+    if !only_pause {
+        clock_skew(&mut c);
+    }
     if c.0 > 0 {
         println!("{} checks failed", c.0);
         std::process::exit(1);
