@@ -45,6 +45,49 @@ pub fn require_root() {
     }
 }
 
+/// How long until `pred` holds, polled every millisecond; None after `within`.
+pub fn time_until(within: Duration, pred: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if pred() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// Watches for `pred` from another thread, every `every` while the caller acts (an apply);
+/// the handle gives the instant it first held (None after 5 s). Polling after the act returns
+/// would time the whole act, journal write included, not the moment it took effect.
+pub fn watch(
+    every: Duration,
+    pred: impl Fn() -> bool + Send + 'static,
+) -> std::thread::JoinHandle<Option<Instant>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let _ = tx.send(());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if pred() {
+                return Some(Instant::now());
+            }
+            std::thread::sleep(every);
+        }
+        None
+    });
+    let _ = rx.recv();
+    h
+}
+
+/// ms from `t` to what `watch` saw; NaN if it never held.
+pub fn ms_after(t: Instant, w: std::thread::JoinHandle<Option<Instant>>) -> f64 {
+    match w.join().ok().flatten() {
+        Some(at) => at.saturating_duration_since(t).as_secs_f64() * 1e3,
+        None => f64::NAN,
+    }
+}
+
 /// A workspace binary next to the running one (target/<profile>/, or its parent for tests in
 /// target/<profile>/deps/).
 pub fn bin(name: &str) -> PathBuf {

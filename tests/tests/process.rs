@@ -85,18 +85,6 @@ impl Drop for Ticker {
     }
 }
 
-/// How long until `pred` holds, polled every millisecond; None after `within`.
-fn time_until(within: Duration, pred: impl Fn() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if pred() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    None
-}
-
 /// Processes named chaos-thaw (the guards): none may outlive its pause.
 fn guards() -> Vec<u32> {
     std::fs::read_dir("/proc")

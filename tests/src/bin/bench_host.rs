@@ -21,7 +21,7 @@ use chaos_tests::cgroups::{
     TestCgroup, cgroup_frozen, comm, measure_percent, memory_cgroup, memory_usage, sigstopped,
 };
 use chaos_tests::mounts::TestMount;
-use chaos_tests::{LocalFault, arg, median};
+use chaos_tests::{LocalFault, arg, median, ms_after, watch};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,34 +47,6 @@ fn until(since: Instant, pred: impl Fn() -> bool) -> Option<f64> {
         std::thread::sleep(Duration::from_micros(100));
     }
     None
-}
-
-/// Watches for `pred` from another thread, every 50 µs while the caller applies; the
-/// handle gives the instant it first held (None after 5 s). (Polling after `apply` returns
-/// would time the whole apply, journal write included, not the freeze.)
-fn watch(pred: impl Fn() -> bool + Send + 'static) -> std::thread::JoinHandle<Option<Instant>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(());
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if pred() {
-                return Some(Instant::now());
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        None
-    });
-    let _ = rx.recv();
-    h
-}
-
-/// ms from `t` to what `watch` saw; NaN if it never held.
-fn since(t: Instant, w: std::thread::JoinHandle<Option<Instant>>) -> f64 {
-    match w.join().ok().flatten() {
-        Some(at) => ms(at.saturating_duration_since(t)),
-        None => f64::NAN,
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -243,7 +215,7 @@ fn process_pause(engine: &Arc<Engine>, trials: usize, journal: &Path) -> serde_j
     for _ in 0..trials {
         let s = Ticker::start();
         let pid = s.pid();
-        let w = watch(move || sigstopped(pid));
+        let w = watch(Duration::from_micros(50), move || sigstopped(pid));
         let t = Instant::now();
         let status = engine
             .apply(spec(FaultKind::ProcessPause {
@@ -252,17 +224,17 @@ fn process_pause(engine: &Arc<Engine>, trials: usize, journal: &Path) -> serde_j
             }))
             .expect("process-pause --pid");
         apply_pid.push(ms(t.elapsed()));
-        by_pid.push(since(t, w));
+        by_pid.push(ms_after(t, w));
         engine.revert(&status.id).expect("revert pause");
 
-        let w = watch(move || sigstopped(pid));
+        let w = watch(Duration::from_micros(50), move || sigstopped(pid));
         let t = Instant::now();
         let st = Command::new("kill")
             .args(["-STOP", &pid.to_string()])
             .status()
             .expect("kill");
         assert!(st.success(), "kill -STOP");
-        by_kill_stop.push(since(t, w));
+        by_kill_stop.push(ms_after(t, w));
         // SAFETY: our own child.
         unsafe { libc::kill(s.pid() as i32, libc::SIGCONT) };
 
@@ -301,7 +273,7 @@ fn process_pause(engine: &Arc<Engine>, trials: usize, journal: &Path) -> serde_j
         let mut apply = Vec::new();
         for _ in 0..trials {
             let d = dir.clone();
-            let w = watch(move || cgroup_frozen(&d, v2));
+            let w = watch(Duration::from_micros(50), move || cgroup_frozen(&d, v2));
             let t = Instant::now();
             let status = engine
                 .apply(spec(FaultKind::ProcessPause {
@@ -310,7 +282,7 @@ fn process_pause(engine: &Arc<Engine>, trials: usize, journal: &Path) -> serde_j
                 }))
                 .expect("process-pause --cgroup");
             apply.push(ms(t.elapsed()));
-            frozen.push(since(t, w));
+            frozen.push(ms_after(t, w));
             engine.revert(&status.id).expect("revert pause");
         }
         freezers.insert(

@@ -1376,12 +1376,17 @@ impl Drop for ClockReader {
 
 /// An engine in a child process holding the skew of `pid`, once applied.
 fn clock_holder(pid: u32, journal: &str) -> Result<std::process::Child, String> {
+    held_child(&["hold-clock", &pid.to_string(), journal])
+}
+
+/// This binary in a holding mode (`args`), once it printed `held`: the fault is on.
+fn held_child(args: &[&str]) -> Result<std::process::Child, String> {
     let me = std::env::current_exe().expect("exe");
     let mut child = Command::new(me)
-        .args(["hold-clock", &pid.to_string(), journal])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("hold-clock child");
+        .map_err(|e| format!("{}: {e}", args[0]))?;
     let mut line = String::new();
     let read = std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
@@ -1390,7 +1395,7 @@ fn clock_holder(pid: u32, journal: &str) -> Result<std::process::Child, String> 
     if read.is_err() || line.trim() != "held" {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(format!("hold-clock: {read:?}: {}", line.trim()));
+        return Err(format!("{}: {read:?}: {}", args.join(" "), line.trim()));
     }
     Ok(child)
 }

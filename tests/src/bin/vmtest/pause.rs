@@ -5,6 +5,7 @@
 use super::{Checks, engine};
 use chaos_agent::spec::{FaultKind, FaultSpec, ProcessRef, Target};
 use chaos_tests::cgroups::{TestCgroup, cgroup_frozen, sigstopped};
+use chaos_tests::{ms_after, time_until, watch};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -155,43 +156,6 @@ impl Drop for Ticker {
     }
 }
 
-/// How long until `pred` holds, polled every millisecond; None after `within`.
-fn time_until(within: Duration, pred: impl Fn() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if pred() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    None
-}
-
-/// From another thread, every 100 µs while the caller applies: when `pred` first held.
-fn watch(pred: impl Fn() -> bool + Send + 'static) -> std::thread::JoinHandle<Option<Instant>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(());
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if pred() {
-                return Some(Instant::now());
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        None
-    });
-    let _ = rx.recv();
-    h
-}
-
-fn ms_since(t: Instant, w: std::thread::JoinHandle<Option<Instant>>) -> f64 {
-    match w.join().ok().flatten() {
-        Some(at) => at.saturating_duration_since(t).as_secs_f64() * 1e3,
-        None => f64::NAN,
-    }
-}
-
 /// Live guards (the process that thaws without the engine): none may outlive its pause.
 fn guards() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -227,22 +191,7 @@ fn mount_cgroup2() -> Result<(), String> {
 
 /// An engine in its own process holding a pause of `target` for `secs`.
 fn holder(target: &str, secs: u64) -> Result<Child, String> {
-    let mut child = Command::new(std::env::current_exe().expect("exe"))
-        .args(["hold-pause", JOURNAL, target, &secs.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    let read = std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    );
-    if read.is_err() || line.trim() != "held" {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!("hold-pause {target}: {read:?}: {}", line.trim()));
-    }
-    Ok(child)
+    super::held_child(&["hold-pause", JOURNAL, target, &secs.to_string()])
 }
 
 pub fn process_pause(c: &mut Checks) {
@@ -253,11 +202,13 @@ pub fn process_pause(c: &mut Checks) {
     let target = Ticker::start("target", true);
     let neighbour = Ticker::start("neighbour", false);
     let (pid, child) = (target.pid(), target.child_pid().unwrap_or(0));
-    let w = watch(move || sigstopped(pid) && sigstopped(child));
+    let w = watch(Duration::from_micros(100), move || {
+        sigstopped(pid) && sigstopped(child)
+    });
     let t = Instant::now();
     let applied = e.apply(pause(ProcessRef::Pid(pid), Duration::from_secs(120)));
     let apply_ms = t.elapsed().as_secs_f64() * 1e3;
-    let stopped_ms = ms_since(t, w);
+    let stopped_ms = ms_after(t, w);
     match applied {
         Ok(f) => {
             let at_return = sigstopped(pid) && sigstopped(child);
@@ -306,14 +257,14 @@ pub fn process_pause(c: &mut Checks) {
         cg.add(frozen_t.pid());
         let dir = cg.dirs[0].clone();
         let d = dir.clone();
-        let w = watch(move || cgroup_frozen(&d, true));
+        let w = watch(Duration::from_micros(100), move || cgroup_frozen(&d, true));
         let t = Instant::now();
         let applied = e.apply(pause(
             ProcessRef::Cgroup(cg.path.clone()),
             Duration::from_secs(120),
         ));
         let apply_ms = t.elapsed().as_secs_f64() * 1e3;
-        let frozen_ms = ms_since(t, w);
+        let frozen_ms = ms_after(t, w);
         match applied {
             Ok(f) => {
                 let at_return = cgroup_frozen(&dir, true);
