@@ -15,6 +15,8 @@ command -v stress-ng >/dev/null || need+=(stress-ng)
 # Host faults' tests: an ext4 image to fill (disk.rs), a Python process to OOM-kill (memory.rs).
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v python3 >/dev/null  || need+=(python3)
+# clock-skew's test of a static Go binary (the Go runtime calls the vDSO itself; no libc).
+command -v go >/dev/null       || need+=(golang-go)
 # Real applications for the experiment tests: the system under test and the metrics probe.
 command -v nginx >/dev/null    || need+=(nginx)
 command -v prometheus >/dev/null || need+=(prometheus)

@@ -1,6 +1,7 @@
 //! clock-skew on the real kernel, through `chaosctl --local`. Targets are only processes these
 //! tests start (a C reader compiled from tests/apps/clockprobe.c, which reads the clock every
-//! 20 ms through the vDSO, a direct system call, gettimeofday and time).
+//! 20 ms through the vDSO, a direct system call, gettimeofday and time; and its Go twin,
+//! tests/apps/clockprobe.go, built static).
 //!
 //! This host's kernel is locked down (integrity), which refuses bpf_probe_write_user to
 //! everyone: here the stub in the vDSO moves the clock itself, and direct system calls keep
@@ -196,6 +197,23 @@ fn assert_moved(what: &str, r: &Reading, want_ms: f64) {
     );
 }
 
+/// `chaosctl --local` moving `pid`'s clocks by `offset` for a minute, on `journal`.
+fn skew(pid: &str, offset: &str, journal: &std::path::Path) -> LocalFault {
+    LocalFault::start(
+        &[
+            "inject",
+            "clock-skew",
+            "--offset",
+            offset,
+            "--pid",
+            pid,
+            "--duration",
+            "1m",
+        ],
+        journal,
+    )
+}
+
 fn on_true_time(r: &Reading) -> bool {
     r.vdso.abs() < 1000.0 && r.syscall.abs() < 1000.0 && r.gettimeofday.abs() < 1000.0
 }
@@ -218,19 +236,7 @@ fn the_target_its_forks_and_execs_move_and_no_one_else() {
     let mut faults = Vec::new();
     for (probe, offset) in [(&forks, "+2h"), (&execs, "-30m")] {
         let pid = probe.pid().to_string();
-        faults.push(LocalFault::start(
-            &[
-                "inject",
-                "clock-skew",
-                "--offset",
-                offset,
-                "--pid",
-                &pid,
-                "--duration",
-                "1m",
-            ],
-            &journal,
-        ));
+        faults.push(skew(&pid, offset, &journal));
     }
     assert_moved("target", &forks.reading("fork"), 2.0 * HOUR_MS);
     assert_moved("target", &execs.reading("exec"), -0.5 * HOUR_MS);
@@ -475,19 +481,7 @@ fn date_and_openssl_started_by_the_target_see_the_moved_clock() {
         "before: {err} s, {verdict}"
     );
     let pid = shell.id().to_string();
-    let fault = LocalFault::start(
-        &[
-            "inject",
-            "clock-skew",
-            "--offset",
-            "+2d",
-            "--pid",
-            &pid,
-            "--duration",
-            "1m",
-        ],
-        &dir.join("journal"),
-    );
+    let fault = skew(&pid, "+2d", &dir.join("journal"));
     // A line printed now may hold a `date` run before the apply: past one round of the loop.
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..5 {
@@ -508,5 +502,47 @@ fn date_and_openssl_started_by_the_target_see_the_moved_clock() {
     );
     let _ = shell.kill();
     let _ = shell.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A static Go binary (CGO_ENABLED=0: no libc; the runtime finds and calls the vDSO's
+/// functions itself, on its own stack) reads the moved clock through `time.Now()` and
+/// `syscall.Gettimeofday`, its direct system calls as this kernel allows, and true time again
+/// after revert, with its vDSO as it was.
+#[test]
+fn a_static_go_binary_reads_the_moved_clock() {
+    let _serial = serial();
+    require_root();
+    let dir = tmpdir("go");
+    let bin = dir.join("clockprobe-go");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("apps/clockprobe.go");
+    let st = Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("GO111MODULE", "off")
+        .status()
+        .expect("go (golang-go; scripts/setup.sh installs it)");
+    assert!(st.success(), "go build clockprobe.go");
+    let go = Probe::start(&bin, &["go"]);
+    let before = vdso_image(go.pid());
+    let pid = go.pid().to_string();
+    let fault = skew(&pid, "+3d", &dir.join("journal"));
+    assert_moved("Go target", &go.reading("go"), 72.0 * HOUR_MS);
+    let (status, _) = fault.stop();
+    assert!(status.success(), "revert: {status}");
+    assert!(
+        on_true_time(&go.reading("go")),
+        "the Go target is still moved after revert"
+    );
+    assert!(
+        vdso_image(go.pid()) == before,
+        "the Go target's vDSO is not as it was"
+    );
+    drop(go);
     let _ = std::fs::remove_dir_all(&dir);
 }
